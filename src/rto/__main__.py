@@ -1,0 +1,3 @@
+from rto.cli import main
+
+raise SystemExit(main())

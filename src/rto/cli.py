@@ -1,0 +1,142 @@
+"""`rto <stage> [--config FILE] [--key value ...]`: one subcommand per pipeline stage.
+
+Each stage's options are generated from its config dataclass, so `rto <stage> --help` lists
+every key with its type, default and help, and a YAML file uses the same dotted names as
+nested sections. Imports of torch and transformers happen only when a stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rto import __version__
+from rto.config import core
+from rto.errors import ConfigError, RtoError
+
+
+@dataclass
+class Stage:
+    name: str
+    config: str  # "module:Class"
+    runner: str  # "module:function"
+    help: str
+
+    def config_class(self) -> type:
+        module, cls = self.config.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def run_function(self) -> Callable[..., Any]:
+        module, fn = self.runner.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+STAGES = [
+    Stage("sft", "rto.config.stages:SFTConfig", "rto.stages.sft:run", "Supervised fine-tuning of a causal LM."),
+]
+TASK_STAGES = {
+    "sentiment": Stage(
+        "sentiment",
+        "rto.config.stages:SentimentTaskConfig",
+        "rto.stages.task:run",
+        "Short reviews from a grammar; gold reward = VADER compound score; tiny Llama base model.",
+    )
+}
+
+
+def _help_text(tp: Any, default: Any, meta: dict[str, Any]) -> str:
+    parts = [f"[{core.type_name(tp)}, default: {default!r}]"]
+    if meta.get("choices"):
+        parts.append("{" + ", ".join(map(str, meta["choices"])) + "}")
+    text = meta.get("help", "")
+    if meta.get("paper"):
+        text += f" (paper: {meta['paper']})"
+    parts.append(text)
+    return " ".join(parts).replace("%", "%%")
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config values (command-line options override it).")
+    groups: dict[str, Any] = {}
+    for key, tp, default, meta in core.iter_leaves(cls):
+        section_name = key.split(".")[0] if "." in key else ""
+        group = groups.get(section_name)
+        if group is None:
+            title = f"{section_name} options" if section_name else "options"
+            group = groups[section_name] = parser.add_argument_group(title)
+        kwargs: dict[str, Any] = {"dest": f"cfg:{key}", "default": argparse.SUPPRESS, "metavar": "V"}
+        if tp is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        group.add_argument(f"--{key}", help=_help_text(tp, default, meta), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rto",
+        description="RLHF with token-level rewards: SFT -> reward model -> DPO -> RTO/PPO -> evaluation.",
+        epilog="Run `rto <stage> --help` for a stage's options. Docs: README.md",
+    )
+    parser.add_argument("--version", action="version", version=f"rto {__version__}")
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>")
+    task = sub.add_parser("task", help="Write a built-in task's data and base model (offline).")
+    task_sub = task.add_subparsers(dest="task_name", metavar="<task>")
+    for name, stage in TASK_STAGES.items():
+        p = task_sub.add_parser(name, help=stage.help, description=stage.help)
+        add_config_options(p, stage.config_class())
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        add_config_options(p, stage.config_class())
+    return parser
+
+
+def _suggest_unknown(unknown: list[str], cls: type) -> ConfigError:
+    keys = [k for k, *_ in core.iter_leaves(cls)]
+    flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+    name = flag.lstrip("-").split("=")[0]
+    close = difflib.get_close_matches(name, keys, n=3)
+    hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown option {flag}.{hint} See the list with --help.")
+
+
+def load_config(stage: Stage, args: argparse.Namespace, unknown: list[str]) -> Any:
+    cls = stage.config_class()
+    if unknown:
+        raise _suggest_unknown(unknown, cls)
+    cli_values = {k[len("cfg:") :]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    file_values = core.load_yaml(args.config) if args.config else None
+    return core.build(cls, file_values=file_values, file_name=args.config, cli_values=cli_values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if not args.stage:
+        parser.print_help()
+        return 0
+    try:
+        if args.stage == "task":
+            if not args.task_name:
+                parser.parse_args(["task", "--help"])
+            stage = TASK_STAGES[args.task_name]
+            cfg = load_config(stage, args, unknown)
+            stage.run_function()(cfg, args.task_name)
+            return 0
+        stage = next(s for s in STAGES if s.name == args.stage)
+        cfg = load_config(stage, args, unknown)
+        stage.run_function()(cfg)
+        return 0
+    except RtoError as exc:
+        print(f"rto {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rto {args.stage}: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

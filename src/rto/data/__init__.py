@@ -1,0 +1,1 @@
+"""Data: sources (files, folders, hub), row formats, tokenisation and collators."""

@@ -1,0 +1,2 @@
+"""The training engine shared by every stage: accelerate, optimiser and schedule, checkpoints,
+metrics and progress."""

@@ -1,0 +1,111 @@
+"""Metrics: `metrics.jsonl` (one JSON object per logged step), `summary.json` (final), an
+optional TensorBoard / wandb mirror, and a progress bar with the key numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rto.engine.files import write_atomic, write_json
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf: keep them readable
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, log_cfg: Any, *, enabled: bool, total_steps: int, run_config: dict[str, Any], progress_keys: tuple[str, ...] = ()):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.progress_keys = progress_keys
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        name = log_cfg.run_name or Path(out_dir).resolve().name
+        if log_cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("log.tensorboard needs tensorboard: pip install 'rto[tensorboard]'") from None
+            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard" / name))
+        if log_cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("log.wandb needs wandb: pip install 'rto[wandb]'") from None
+            self._wandb = wandb.init(project=log_cfg.wandb_project, name=name, config=run_config, resume="allow")
+        if log_cfg.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, dynamic_ncols=True, file=sys.stderr, leave=True)
+
+    def start_at(self, step: int) -> None:
+        """Drop lines logged after `step` (work lost by an interruption, about to be redone)."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if row.get("step", 0) <= step:
+                    kept.append(line + "\n")
+            write_atomic(self.path, "".join(kept))
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._bar is not None:
+            shown = {k.split("/")[-1]: f"{row[k]:.4g}" for k in self.progress_keys if isinstance(row.get(k), (int, float))}
+            if shown:
+                self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def write(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
+    write_json(Path(out_dir) / "summary.json", {k: _clean(v) for k, v in summary.items()})

@@ -1,0 +1,274 @@
+"""The training engine every stage shares.
+
+`Engine` owns the accelerate set-up (one CPU, one GPU, DDP, DeepSpeed or FSDP, chosen by
+`accelerate launch` and its config), optimisers, the learning-rate schedule, checkpoints and
+`--resume`, metrics and the progress bar. `Engine.fit` is the supervised loop (SFT, reward
+model, DPO family); the RL stage drives the same pieces from its own loop.
+
+Data order is a pure function of (seed, epoch): each epoch is a seeded permutation, so a resumed
+run sees exactly the batches the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rto.engine.checkpoint import Checkpoints
+from rto.engine.logger import MetricsLogger, write_summary
+from rto.engine.schedule import lr_at
+from rto.errors import ConfigError, RtoError, TrainingError
+
+LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def mixed_precision_mode(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+class Engine:
+    def __init__(
+        self,
+        train: Any,
+        log: Any,
+        out_dir: Path,
+        *,
+        seed: int,
+        run_config: dict[str, Any],
+        progress_keys: tuple[str, ...] = ("loss",),
+    ):
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import set_seed
+
+        self.train = train
+        self.out = Path(out_dir)
+        self.seed = seed
+        world = PartialState().num_processes
+        per_step = train.micro_batch_size * world
+        if train.batch_size % per_step:
+            raise ConfigError(
+                f"config key 'train.batch_size' ({train.batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({train.micro_batch_size}) x processes ({world}) = {per_step}"
+            )
+        self.accumulation = train.batch_size // per_step
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision_mode(train.mixed_precision),
+            gradient_accumulation_steps=self.accumulation,
+            step_scheduler_with_optimizer=False,
+        )
+        set_seed(seed)
+        self.world = world
+        self.rank = self.accelerator.process_index
+        self.checkpoints = Checkpoints(self.out, self.accelerator, train.keep_checkpoints)
+        self.log_cfg = log
+        self.run_config = run_config
+        self.progress_keys = progress_keys
+        self.logger: MetricsLogger | None = None
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def optimizer(self, model: Any, lr: float | None = None) -> torch.optim.Optimizer:
+        t = self.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params,
+            lr=lr if lr is not None else t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            weight_decay=t.weight_decay,
+        )
+
+    def start_logging(self, total_steps: int) -> MetricsLogger:
+        self.logger = MetricsLogger(
+            self.out,
+            self.log_cfg,
+            enabled=self.is_main,
+            total_steps=total_steps,
+            run_config=self.run_config,
+            progress_keys=self.progress_keys,
+        )
+        return self.logger
+
+    def say(self, message: str) -> None:
+        if self.logger is not None:
+            self.logger.write(message)
+        elif self.is_main:
+            import sys
+
+            print(message, file=sys.stderr, flush=True)
+
+    def set_lr(self, optimizer: Any, step: int, total_steps: int, peak: float) -> float:
+        t = self.train
+        lr = lr_at(step, total_steps, peak, kind=t.schedule, warmup_ratio=t.warmup_ratio, min_ratio=t.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def resume_or_start(self, resume: bool) -> dict[str, Any]:
+        """Load the latest complete checkpoint when resuming; return its trainer state."""
+        self.checkpoints.clean_partial()
+        if not resume:
+            return {"step": 0}
+        latest = self.checkpoints.latest()
+        if latest is None:
+            self.say(f"[rto] --resume: no checkpoint in {self.checkpoints.root}; starting from the beginning")
+            return {"step": 0}
+        state = self.checkpoints.load(latest)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.say(f"[rto] resumed from {latest} (step {state['step']})")
+        return state
+
+    def save_checkpoint(self, step: int, extra: dict[str, Any] | None = None) -> None:
+        state = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps, **(extra or {})}
+        self.checkpoints.save(step, state)
+
+    def record_step_health(self, finite: bool, step: int) -> None:
+        """Count non-finite steps; stop with a clear error when they keep coming."""
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        self.say(f"[rto] step {step}: non-finite loss or gradient; update skipped ({self.nonfinite_in_a_row} in a row)")
+        if self.nonfinite_in_a_row >= self.train.max_nonfinite:
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient, so "
+                "training stopped; lower train.lr, check the data for extreme rows, or use float32 "
+                "(model.dtype float32, train.mixed_precision no). The last checkpoint is in "
+                f"{self.checkpoints.root} and resumes with --resume"
+            )
+
+    def any_true(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def finish(self, summary: dict[str, Any], *, keep_checkpoints: bool = False) -> None:
+        if not keep_checkpoints:
+            self.checkpoints.remove_all()
+        if self.is_main:
+            write_summary(self.out, summary)
+        if self.logger is not None:
+            self.logger.close()
+
+    # ------------------------------------------------------------------ data order
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        if n_examples < self.train.batch_size:
+            raise RtoError(
+                f"only {n_examples} training examples for train.batch_size {self.train.batch_size}; "
+                "lower train.batch_size (and train.micro_batch_size) or add data"
+            )
+        return n_examples // self.train.batch_size
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.train.max_steps:
+            return self.train.max_steps
+        return max(1, int(math.floor(self.train.epochs * self.steps_per_epoch(n_examples))))
+
+    def batch_indices(self, step: int, n_examples: int) -> list[int]:
+        """This process's share of global batch `step`, in a seeded per-epoch order."""
+        spe = self.steps_per_epoch(n_examples)
+        epoch, within = divmod(step, spe)
+        order = list(range(n_examples))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        b = self.train.batch_size
+        batch = order[within * b : (within + 1) * b]
+        share = b // self.world
+        return batch[self.rank * share : (self.rank + 1) * share]
+
+    def micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
+        m = self.train.micro_batch_size
+        return [list(indices[i : i + m]) for i in range(0, len(indices), m)]
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ supervised loop
+
+    def fit(
+        self,
+        model: Any,
+        examples: list[Any],
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        loss_fn: LossFn,
+        *,
+        resume: bool,
+        evaluate: Callable[[Any], dict[str, float]] | None = None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Train `model` on `examples`; returns the (prepared) model and the final metrics."""
+        t = self.train
+        total = self.total_steps(len(examples))
+        optimizer = self.optimizer(model)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        state = self.resume_or_start(resume)
+        start = state["step"]
+        logger = self.start_logging(total)
+        logger.start_at(start)
+        last_metrics: dict[str, Any] = {}
+        began = time.time()
+        for step in range(start, total):
+            lr = self.set_lr(optimizer, step, total, t.lr)
+            sums: dict[str, float] = defaultdict(float)
+            finite = True
+            micro = self.micro_batches(self.batch_indices(step, len(examples)))
+            model.train()
+            for ids in micro:
+                batch = self.to_device(collate([examples[i] for i in ids]))
+                with self.accelerator.accumulate(model):
+                    with self.accelerator.autocast():
+                        loss, metrics = loss_fn(model, batch)
+                    if not torch.isfinite(loss.detach()).all():
+                        finite = False
+                        loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+                        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                        finite = not self.any_true(not finite) and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+                        if finite:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                sums["loss"] += float(loss.detach()) / len(micro)
+                for k, v in metrics.items():
+                    sums[k] += float(v) / len(micro)
+            self.record_step_health(finite, step)
+            row = dict(sums)
+            row.update({"lr": lr, "grad_norm": float(grad_norm), "epoch": (step + 1) / self.steps_per_epoch(len(examples))})
+            done = step + 1
+            if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < total:
+                row.update({f"eval/{k}": v for k, v in evaluate(model).items()})
+                model.train()
+            if done % t.log_every == 0 or done == total:
+                logger.log(done, row)
+            last_metrics = row
+            logger.advance()
+            if t.save_every and done % t.save_every == 0 and done < total:
+                self.save_checkpoint(done)
+        final: dict[str, Any] = {f"train/{k}": v for k, v in last_metrics.items()}
+        if evaluate is not None:
+            final.update({f"eval/{k}": v for k, v in evaluate(model).items()})
+            logger.log(total, {k: v for k, v in final.items() if k.startswith("eval/")})
+        final.update({"steps": total, "skipped_steps": self.skipped_steps, "train_seconds": round(time.time() - began, 1)})
+        return model, final

@@ -1,0 +1,1 @@
+"""Models: loading and saving, token log-probabilities, score and value heads."""

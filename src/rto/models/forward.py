@@ -1,0 +1,116 @@
+"""Forward passes every stage shares: token log-probabilities, entropies, and scores read from
+a sequence-classification model at every position or at the last real token.
+
+Padding may be on either side: positions are always computed from the attention mask, so a
+left-padded row gets the same positions (and the same numbers) as the unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last 1 in each row of a 0/1 mask (0 for an all-zero row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.long()).argmax(dim=1)
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[targets], computed in float32 without a (B, L, V) log-softmax copy."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def causal_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def next_token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L-1): log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
+    logits = causal_logits(model, input_ids, attention_mask)
+    return gather_logprobs(logits[:, :-1], input_ids[:, 1:])
+
+
+def response_logits(
+    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T, V) logits predicting each response token, for the RL layout: prompts left-padded
+    to P columns, responses right-padded to T columns."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    logits = causal_logits(model, ids, mask)
+    p = prompt_ids.shape[1]
+    return logits[:, p - 1 : -1]
+
+
+def response_logprobs(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """(B, T) log-prob of each response token under `model`, zero outside the response mask."""
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    return gather_logprobs(logits, response_ids, temperature) * response_mask
+
+
+class TokenScorer(nn.Module):
+    """A sequence-classification model (one output) read at every position: (B, L) scores.
+
+    Reward models and critics both use it: the reward is the score at the last real token, the
+    critic's values are the scores at every position. Wrapping the whole model in one module
+    keeps DDP / DeepSpeed / FSDP wrapping correct (the forward goes through the wrapper).
+    """
+
+    def __init__(self, hf_model: Any):
+        super().__init__()
+        self.hf = hf_model
+
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self.hf, self.hf.base_model_prefix)
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return self.hf.score(hidden).squeeze(-1).float()
+
+
+def sequence_scores(scorer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) score at the last real token of each row, whatever the padding side."""
+    scores = scorer(input_ids, attention_mask)
+    idx = last_real_index(attention_mask)
+    return scores.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,137 @@
+"""Sampling responses: left-padded prompts in, (B, T) responses with a mask out.
+
+Every stage that samples (SFT's held-out metrics, `rto pairs`, the RL rollout, `rto eval`)
+goes through `sample`, so a response means the same everywhere: the tokens up to and including
+the first EOS; a response that reached `max_new_tokens` without one is marked truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rto.data.tokenize import pad
+
+
+@dataclass
+class Samples:
+    """One batch of sampled responses.
+
+    prompt_ids, prompt_mask:     (B, P)  left-padded prompts
+    response_ids, response_mask: (B, T)  right-padded responses; mask 1 up to and including EOS
+    truncated:                   (B,)    True where no EOS was generated
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    truncated: torch.Tensor
+
+
+def stop_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_cfg = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(extra)
+    return sorted(i for i in ids if i is not None)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): mask keeps tokens up to and including the first EOS of each row."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
+    seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    mask = (~seen_before).long()
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    device: torch.device | str = "cpu",
+) -> Samples:
+    from transformers import GenerationConfig
+
+    prompt_ids, prompt_mask = pad(prompts, pad_id, side="left")
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    greedy = temperature == 0
+    gen_cfg = GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None if greedy or not top_k else top_k,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+    if was_training:
+        model.train()
+    response_ids = out[:, prompt_ids.shape[1] :]
+    if response_ids.shape[1] == 0:  # nothing generated at all (max_new_tokens reached at once)
+        response_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=prompt_ids.device)
+    mask, truncated = response_mask_from_ids(response_ids, eos)
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return Samples(prompt_ids, prompt_mask, response_ids, mask, truncated)
+
+
+def decode_responses(tokenizer: Any, samples: Samples, eos: list[int]) -> list[str]:
+    """Response texts without the EOS token."""
+    texts = []
+    for ids, mask in zip(samples.response_ids.tolist(), samples.response_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m and t not in eos]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=False))
+    return texts
+
+
+def sample_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    gen: Any,
+    *,
+    device: torch.device | str,
+    seed: int | None = None,
+) -> tuple[list[str], list[bool], list[int]]:
+    """Sample one response per prompt in batches of gen.batch_size.
+
+    Returns (texts, truncated flags, response lengths in tokens)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos = stop_ids(tokenizer, model)
+    texts: list[str] = []
+    truncated: list[bool] = []
+    lengths: list[int] = []
+    for i in range(0, len(prompts), gen.batch_size):
+        s = sample(
+            model,
+            prompts[i : i + gen.batch_size],
+            pad_id=tokenizer.pad_token_id,
+            eos=eos,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            top_k=gen.top_k,
+            device=device,
+        )
+        texts += decode_responses(tokenizer, s, eos)
+        truncated += s.truncated.tolist()
+        lengths += s.response_mask.sum(1).tolist()
+    return texts, truncated, lengths

@@ -1,0 +1,225 @@
+"""Loading and saving models and tokenizers, from the hub, a local folder or a GGUF file.
+
+Whatever the source, a model goes through `from_pretrained`, and everything rto writes is a
+plain Hugging Face folder that transformers alone can load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rto.errors import ModelError
+
+_QUIET = False
+
+
+def quiet_transformers() -> None:
+    """Silence load reports and progress bars (rto prints its own, shorter, messages)."""
+    global _QUIET
+    if _QUIET:
+        return
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
+    except Exception:  # pragma: no cover - optional behaviour of the hub client
+        pass
+    _QUIET = True
+
+
+def resolve_dtype(name: str, *, trainable: bool) -> torch.dtype:
+    """auto: float32 for weights that are trained (autocast gives the speed), bfloat16 for frozen
+    models on a GPU that supports it, float32 on CPU."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float16":
+        return torch.float16
+    if not trainable and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _pretrained_kwargs(section: Any, *, path: str | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code}
+    if section.revision:
+        kwargs["revision"] = section.revision
+    if section.gguf_file and (path is None or path == section.path):
+        kwargs["gguf_file"] = section.gguf_file
+    return kwargs
+
+
+def _explain_load_error(what: str, path: str, exc: Exception) -> ModelError:
+    hint = ""
+    if not Path(path).exists():
+        hint = (
+            " It is not a local folder, so it was looked up on the Hugging Face hub: check the id, "
+            "your network, and `huggingface-cli login` for gated models."
+        )
+    return ModelError(f"could not load the {what} from {path}: {type(exc).__name__}: {exc}.{hint}")
+
+
+def load_tokenizer(section: Any, path: str | None = None) -> Any:
+    """The tokenizer of `section` (or of `path`), with a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    source = path or section.tokenizer or section.path
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(section, path=source))
+    except Exception as exc:
+        raise _explain_load_error("tokenizer", source, exc) from None
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            raise ModelError(f"tokenizer {source} has neither a pad, an EOS nor an UNK token to pad with")
+    return tok
+
+
+def load_causal_lm(section: Any, path: str | None = None, *, trainable: bool = True) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    source = path or section.path
+    kwargs = _pretrained_kwargs(section, path=source)
+    kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise _explain_load_error("causal language model", source, exc) from None
+    _prepare(model, section, trainable)
+    return model
+
+
+def load_sequence_scorer(
+    section: Any, path: str, *, trainable: bool, require_head: bool, role: str
+) -> Any:
+    """A sequence-classification model with one output (a reward model or a critic).
+
+    `require_head=True` refuses a checkpoint without a trained score head (e.g. a plain causal LM
+    given as the reward model), which transformers would otherwise fill with random weights.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    kwargs = _pretrained_kwargs(section, path=path)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise _explain_load_error(role, path, exc) from None
+    if require_head:
+        archs = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ModelError(
+                f"the {role} at {path} has no score head (its architecture is {', '.join(archs) or 'unknown'}); "
+                "train one with `rto rm`, or give a reward model saved as AutoModelForSequenceClassification"
+            )
+        if getattr(config, "num_labels", 1) != 1:
+            raise ModelError(
+                f"the {role} at {path} has {config.num_labels} outputs; rto needs a scalar score (num_labels=1)"
+            )
+    config.num_labels = 1
+    if getattr(config, "pad_token_id", None) is None:  # transformers' own pooling needs one
+        eos = getattr(config, "eos_token_id", None)
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    load_kwargs = dict(kwargs)
+    load_kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, output_loading_info=True, **load_kwargs
+        )
+    except Exception as exc:
+        raise _explain_load_error(role, path, exc) from None
+    missing = {k for k in info.get("missing_keys", set()) if "score" in k}
+    if require_head and missing:
+        raise ModelError(
+            f"the {role} at {path} is missing its score head weights ({', '.join(sorted(missing))}); "
+            "train one with `rto rm`"
+        )
+    if not hasattr(model, "score"):
+        raise ModelError(
+            f"the {role} at {path} ({type(model).__name__}) has no linear `score` head; rto supports decoder "
+            "models whose sequence-classification head is called `score` (Llama, Mistral, Qwen, Gemma, GPT-2 ...)"
+        )
+    if not require_head:  # a fresh head: start from small weights so initial scores are near zero
+        with torch.no_grad():
+            torch.nn.init.normal_(model.score.weight, std=0.1 / model.score.weight.shape[1] ** 0.5)
+            if getattr(model.score, "bias", None) is not None:
+                model.score.bias.zero_()
+    _prepare(model, section, trainable)
+    return model
+
+
+def _prepare(model: Any, section: Any, trainable: bool) -> None:
+    if trainable:
+        model.train()
+        if section.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+    else:
+        model.eval()
+        model.requires_grad_(False)
+
+
+def save_pretrained(model: Any, tokenizer: Any, out_dir: str | Path, accelerator: Any = None) -> None:
+    """Save model + tokenizer as a plain Hugging Face folder (safetensors)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator is None:
+        target = getattr(model, "hf", model)  # a TokenScorer saves its Hugging Face model
+        target.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    target = unwrapped
+    if hasattr(unwrapped, "hf"):
+        target = unwrapped.hf
+        state = {k[len("hf.") :]: v for k, v in state.items() if k.startswith("hf.")} if state else state
+    if accelerator.is_main_process:
+        target.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- tokenizer identity
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """A hash of what maps text to ids: the vocabulary, added tokens and special tokens."""
+    payload = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(tok_a: Any, name_a: str, tok_b: Any, name_b: str) -> None:
+    """Token ids go from one model to another unchanged, so the tokenizers must be the same."""
+    if tokenizer_fingerprint(tok_a) == tokenizer_fingerprint(tok_b):
+        return
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    diff = f"vocabulary sizes {len(va)} and {len(vb)}"
+    if len(va) == len(vb):
+        n = sum(1 for k, v in va.items() if vb.get(k) != v)
+        diff = f"{n} tokens with different ids" if n else "different special tokens"
+    raise ModelError(
+        f"the {name_a} ({getattr(tok_a, 'name_or_path', '?')}) and the {name_b} ({getattr(tok_b, 'name_or_path', '?')}) "
+        f"use different tokenizers ({diff}); token ids are passed between these models unchanged, so they "
+        "must share one tokenizer: train both from the same base model"
+    )

@@ -1,0 +1,115 @@
+"""`rto sft`: supervised fine-tuning of a causal LM.
+
+Loss: token-mean cross-entropy on the response tokens ({prompt, completion} and {messages}
+rows; all tokens for {text} rows, or everywhere with completion_only_loss=false).
+Summary: held-out perplexity next to the unigram perplexity of the same tokens (a model that
+ignores context), and, when held-out prompts are given, the gold reward and fluency of sampled
+responses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rto.config.stages import SFTConfig
+from rto.data.sources import load_rows, split_rows, subsample
+from rto.data.tokenize import IGNORE, build_sft, collate_sft
+from rto.engine.run import prepare_out_dir, resolved_config
+from rto.engine.trainer import Engine
+from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
+from rto.engine.files import write_jsonl
+from rto.models.forward import causal_logits
+from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
+
+
+def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of target tokens) of the labelled tokens."""
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return nll, (labels != IGNORE).sum()
+
+
+def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    nll, n = token_nll(model, batch)
+    return nll / n.clamp(min=1), {"tokens": float(n)}
+
+
+@torch.no_grad()
+def held_out_perplexity(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any) -> dict[str, float]:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(examples[i : i + batch_size], pad_id).items()}
+        nll, n = token_nll(model, batch)
+        total += float(nll)
+        count += int(n)
+    model.train()
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def unigram_perplexity(train: list[dict[str, Any]], held_out: list[dict[str, Any]], vocab_size: int) -> float:
+    """Perplexity of the held-out target tokens under add-one smoothed training token frequencies."""
+    counts = Counter(t for e in train for t in e["labels"] if t != IGNORE)
+    total = sum(counts.values()) + vocab_size
+    nll, n = 0.0, 0
+    for e in held_out:
+        for t in e["labels"]:
+            if t != IGNORE:
+                nll -= math.log((counts.get(t, 0) + 1) / total)
+                n += 1
+    return math.exp(nll / max(n, 1))
+
+
+def run(cfg: SFTConfig) -> dict[str, Any]:
+    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg), progress_keys=("loss", "lr"))
+    out = prepare_out_dir(cfg, "sft", is_main=engine.is_main)
+    tokenizer = load_tokenizer(cfg.model)
+    source = cfg.model.tokenizer or cfg.model.path
+
+    rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
+    if cfg.data.eval_path or cfg.data.eval_split:
+        train_rows = rows
+        eval_rows = load_rows(cfg.data.eval_path or cfg.data.path, cfg.data.eval_split or cfg.data.split)
+    else:
+        train_rows, eval_rows = split_rows(rows, cfg.data.eval_fraction, cfg.seed)
+    build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                 completion_only=cfg.completion_only_loss, source=source)
+    train, train_report = build_sft(train_rows, tokenizer, **build)
+    engine.say("[rto] " + train_report.describe())
+    held_out, eval_report = [], None
+    if eval_rows is not None:
+        held_out, eval_report = build_sft(subsample(eval_rows, cfg.data.max_eval_rows, cfg.seed), tokenizer, **build)
+        engine.say("[rto] held-out " + eval_report.describe())
+
+    model = load_causal_lm(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    evaluate = None
+    if held_out:
+        def evaluate(m: Any) -> dict[str, float]:
+            return held_out_perplexity(m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device)
+
+    model, final = engine.fit(
+        model, train, lambda ex: collate_sft(ex, pad_id), sft_loss, resume=cfg.resume, evaluate=evaluate
+    )
+    save_pretrained(model, tokenizer, out, engine.accelerator)
+
+    summary: dict[str, Any] = {"stage": "sft", **final, "data": {"train": train_report.to_dict()}}
+    if eval_report is not None:
+        summary["data"]["eval"] = eval_report.to_dict()
+        summary["eval/unigram_perplexity"] = unigram_perplexity(train, held_out, len(tokenizer))
+    if cfg.eval.prompts and engine.is_main:
+        prompts = load_eval_prompts(cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source)
+        policy = engine.accelerator.unwrap_model(model)
+        metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed)
+        summary.update({f"sample/{k}": v for k, v in metrics.items()})
+        write_jsonl(out / "samples.jsonl", records)
+        engine.say("[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    engine.finish(summary)
+    return summary

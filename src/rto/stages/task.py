@@ -1,0 +1,20 @@
+"""`rto task NAME`: write a built-in task's datasets and base model folder."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from rto.engine.logger import write_summary
+from rto.engine.run import prepare_out_dir
+from rto.tasks import TASKS
+
+
+def run(cfg: Any, name: str = "sentiment") -> dict[str, Any]:
+    out = prepare_out_dir(cfg, f"task {name}")
+    began = time.time()
+    info = importlib.import_module(TASKS[name]).build(cfg)
+    summary = {"stage": "task", **info, "seconds": round(time.time() - began, 1)}
+    write_summary(out, summary)
+    return summary

@@ -1,0 +1,135 @@
+"""The built-in `sentiment` task: a complete RLHF problem that runs offline on a laptop CPU.
+
+* Texts: short reviews from a small grammar (grammar.py).
+* Gold reward: VADER's compound score of the response, in [-1, 1].
+* Fluency: whether prompt + response is a well-formed text of the grammar.
+* Data: SFT rows {prompt, completion}, train / held-out prompt rows {prompt}.
+* Model: a BPE tokenizer trained here and a tiny Llama-style causal LM (random init), both saved
+  in Hugging Face format, so every later stage loads them like a user's hub model.
+
+The same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from rto.engine.files import write_json, write_jsonl
+from rto.tasks.sentiment.grammar import generate_text, is_well_formed, parse_sentences, prompt_cuts
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def _vader() -> Any:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """VADER compound score of each response, in [-1, 1]."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(r.strip())["compound"]) for r in responses]
+
+
+def fluency(prompts: list[str], responses: list[str]) -> list[bool]:
+    """Whether prompt + response is a well-formed review of the grammar."""
+    return [is_well_formed(p + r) for p, r in zip(prompts, responses)]
+
+
+def word_valence(word: str) -> float:
+    """VADER's lexicon valence of a single word (0 for words outside the lexicon)."""
+    return float(_vader().lexicon.get(word.lower(), 0.0))
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def _texts(rng: random.Random, n: int) -> list[list[str]]:
+    out = []
+    while len(out) < n:
+        words = generate_text(rng)
+        if is_well_formed(" ".join(words)):
+            out.append(words)
+    return out
+
+
+def _split(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    cut = rng.choice(prompt_cuts(words))
+    return " ".join(words[:cut]), " " + " ".join(words[cut:])
+
+
+def _balanced_rows(rng: random.Random, n: int) -> list[dict[str, str]]:
+    """n {prompt, completion} rows with as many positive as negative completions (gold reward
+    sign), so the corpus mean gold reward is near zero."""
+    pos: list[dict[str, str]] = []
+    neg: list[dict[str, str]] = []
+    neutral: list[dict[str, str]] = []
+    n_neutral = n // 10
+    half = (n - n_neutral) // 2
+    while len(pos) < half or len(neg) < n - n_neutral - half or len(neutral) < n_neutral:
+        for words in _texts(rng, 256):
+            prompt, completion = _split(rng, words)
+            score = gold_reward([prompt], [completion])[0]
+            bucket = pos if score > 0 else neg if score < 0 else neutral
+            bucket.append({"prompt": prompt, "completion": completion})
+    rows = pos[:half] + neg[: n - n_neutral - half] + neutral[:n_neutral]
+    rng.shuffle(rows)
+    return rows
+
+
+def build(cfg: Any) -> dict[str, Any]:
+    """Write the task's data and base model into cfg.out; return a description of what was made."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    sft_train = _balanced_rows(rng, cfg.num_sft)
+    sft_eval = _balanced_rows(rng, cfg.num_sft_eval)
+    seen = {r["prompt"] + r["completion"] for r in sft_train}
+    sft_eval = [r for r in sft_eval if r["prompt"] + r["completion"] not in seen] or sft_eval
+    prompts_train = [{"prompt": _split(rng, w)[0]} for w in _texts(rng, cfg.num_train_prompts)]
+    prompts_eval = [{"prompt": _split(rng, w)[0]} for w in _texts(rng, cfg.num_eval_prompts)]
+    write_jsonl(out / "sft_train.jsonl", sft_train)
+    write_jsonl(out / "sft_eval.jsonl", sft_eval)
+    write_jsonl(out / "prompts_train.jsonl", prompts_train)
+    write_jsonl(out / "prompts_eval.jsonl", prompts_eval)
+
+    from rto.tasks.sentiment.model import build_base_model
+
+    corpus = [r["prompt"] + r["completion"] for r in sft_train]
+    model_info = build_base_model(corpus, out / "base_model", cfg)
+    gold = gold_reward([], [r["completion"] for r in sft_train])
+    info = {
+        "task": "sentiment",
+        "seed": cfg.seed,
+        "gold_reward": "sentiment",
+        "fluency": "sentiment",
+        "files": {
+            "sft_train": "sft_train.jsonl",
+            "sft_eval": "sft_eval.jsonl",
+            "prompts_train": "prompts_train.jsonl",
+            "prompts_eval": "prompts_eval.jsonl",
+            "base_model": "base_model",
+        },
+        "sizes": {
+            "sft_train": len(sft_train),
+            "sft_eval": len(sft_eval),
+            "prompts_train": len(prompts_train),
+            "prompts_eval": len(prompts_eval),
+        },
+        "corpus_gold_reward_mean": round(sum(gold) / len(gold), 4),
+        "corpus_positive_share": round(sum(g > 0 for g in gold) / len(gold), 4),
+        "model": model_info,
+    }
+    write_json(out / "task.json", info)
+    return info
+
+
+__all__ = ["build", "fluency", "gold_reward", "parse_sentences", "word_valence", "CHAT_TEMPLATE"]
