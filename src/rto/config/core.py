@@ -209,8 +209,11 @@ def apply(cfg: Any, updates: dict[str, Any], *, prefix: str = "", from_text: boo
         if f.metadata.get("section"):
             apply(getattr(cfg, key), value, prefix=dotted + ".", from_text=from_text, where=where)
             continue
-        new = coerce(value, hints[key], dotted + where, from_text=from_text)
-        _check_range(new, f.metadata, dotted)
+        try:
+            new = coerce(value, hints[key], dotted, from_text=from_text)
+            _check_range(new, f.metadata, dotted)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{where}") from None
         setattr(cfg, key, new)
 
 

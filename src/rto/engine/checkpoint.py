@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rto.engine.faults import maybe_fault
 from rto.engine.files import read_json, write_json
 
 STATE_FILE = "trainer_state.json"
@@ -60,6 +61,7 @@ class Checkpoints:
         if acc.is_main_process:
             write_json(partial / STATE_FILE, {"step": step, **state})
             _fsync_tree(partial)
+            maybe_fault("kill_during_save", step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from rto.engine.checkpoint import Checkpoints
+from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
 from rto.engine.schedule import lr_at
 from rto.errors import ConfigError, RtoError, TrainingError
@@ -266,6 +267,7 @@ class Engine:
             logger.advance()
             if t.save_every and done % t.save_every == 0 and done < total:
                 self.save_checkpoint(done)
+            maybe_fault("kill_after_step", done)
         final: dict[str, Any] = {f"train/{k}": v for k, v in last_metrics.items()}
         if evaluate is not None:
             final.update({f"eval/{k}": v for k, v in evaluate(model).items()})
