@@ -38,6 +38,10 @@ class Stage:
 
 STAGES = [
     Stage("sft", "rto.config.stages:SFTConfig", "rto.stages.sft:run", "Supervised fine-tuning of a causal LM."),
+    Stage("pairs", "rto.config.stages:PairsConfig", "rto.stages.pairs:run",
+          "Preference pairs: sample k responses per prompt, judge with a gold reward, label with a simulated annotator."),
+    Stage("rm", "rto.config.stages:RMConfig", "rto.stages.rm:run", "Train a Bradley-Terry reward model (sequence classifier)."),
+    Stage("dpo", "rto.config.stages:DPOConfig", "rto.stages.dpo:run", "Train the DPO family: dpo, ipo, rdpo, simpo, tdpo."),
 ]
 TASK_STAGES = {
     "sentiment": Stage(

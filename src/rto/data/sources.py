@@ -186,3 +186,16 @@ def subsample(rows: Rows, limit: int | None, seed: int) -> Rows:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return rows.select(sorted(order[:limit]))
+
+
+def load_train_eval(data: Any, seed: int) -> tuple[Rows, Rows | None]:
+    """Training rows and held-out rows for a stage's `data` section: the held-out rows come from
+    `eval_path` / `eval_split` when given, else a seeded `eval_fraction` of the training rows."""
+    rows = subsample(load_rows(data.path, data.split), data.max_rows, seed)
+    if data.eval_path or data.eval_split:
+        eval_rows = load_rows(data.eval_path or data.path, data.eval_split or data.split)
+    else:
+        rows, eval_rows = split_rows(rows, data.eval_fraction, seed)
+    if eval_rows is not None:
+        eval_rows = subsample(eval_rows, data.max_eval_rows, seed)
+    return rows, eval_rows

@@ -111,8 +111,10 @@ def load_sequence_scorer(
 ) -> Any:
     """A sequence-classification model with one output (a reward model or a critic).
 
-    `require_head=True` refuses a checkpoint without a trained score head (e.g. a plain causal LM
-    given as the reward model), which transformers would otherwise fill with random weights.
+    From a causal LM checkpoint the score head is new (small random weights); from a reward model
+    checkpoint it is kept. `require_head=True` refuses a checkpoint without a trained score head
+    (e.g. a plain causal LM given as the reward model), which transformers would otherwise fill
+    with random weights silently.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -146,6 +148,7 @@ def load_sequence_scorer(
     except Exception as exc:
         raise _explain_load_error(role, path, exc) from None
     missing = {k for k in info.get("missing_keys", set()) if "score" in k}
+    fresh_head = bool(missing)
     if require_head and missing:
         raise ModelError(
             f"the {role} at {path} is missing its score head weights ({', '.join(sorted(missing))}); "
@@ -156,7 +159,7 @@ def load_sequence_scorer(
             f"the {role} at {path} ({type(model).__name__}) has no linear `score` head; rto supports decoder "
             "models whose sequence-classification head is called `score` (Llama, Mistral, Qwen, Gemma, GPT-2 ...)"
         )
-    if not require_head:  # a fresh head: start from small weights so initial scores are near zero
+    if fresh_head:  # a new head: start from small weights so that initial scores are near zero
         with torch.no_grad():
             torch.nn.init.normal_(model.score.weight, std=0.1 / model.score.weight.shape[1] ** 0.5)
             if getattr(model.score, "bias", None) is not None:

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from rto.config.stages import SFTConfig
-from rto.data.sources import load_rows, split_rows, subsample
+from rto.data.sources import load_train_eval
 from rto.data.tokenize import IGNORE, build_sft, collate_sft
 from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.trainer import Engine
-from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
 from rto.engine.files import write_jsonl
+from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
 from rto.models.forward import causal_logits
 from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
 
@@ -73,19 +73,14 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     source = cfg.model.tokenizer or cfg.model.path
 
-    rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
-    if cfg.data.eval_path or cfg.data.eval_split:
-        train_rows = rows
-        eval_rows = load_rows(cfg.data.eval_path or cfg.data.path, cfg.data.eval_split or cfg.data.split)
-    else:
-        train_rows, eval_rows = split_rows(rows, cfg.data.eval_fraction, cfg.seed)
+    train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                  completion_only=cfg.completion_only_loss, source=source)
     train, train_report = build_sft(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())
     held_out, eval_report = [], None
     if eval_rows is not None:
-        held_out, eval_report = build_sft(subsample(eval_rows, cfg.data.max_eval_rows, cfg.seed), tokenizer, **build)
+        held_out, eval_report = build_sft(eval_rows, tokenizer, **build)
         engine.say("[rto] held-out " + eval_report.describe())
 
     model = load_causal_lm(cfg.model)

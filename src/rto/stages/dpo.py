@@ -1,0 +1,159 @@
+"""`rto dpo`: the direct preference family (DPO, IPO, R-DPO, SimPO, TDPO), one loss per config
+value (`loss`); the formulas live in rto.preference.losses.
+
+The trained policy is both a baseline and, for RTO, pi_dpo: its log-ratio against the reference
+is the token reward (rto.preference.token_reward). Metrics follow the field's names:
+rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rto.config.stages import DPOConfig
+from rto.data.sources import load_train_eval
+from rto.data.tokenize import build_pairs, collate_pairs
+from rto.engine.files import write_json, write_jsonl
+from rto.engine.run import prepare_out_dir, resolved_config
+from rto.engine.trainer import Engine
+from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
+from rto.models.forward import causal_logits, gather_logprobs
+from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained
+from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
+from rto.stages.rm import gold_ceiling
+
+INFO_FILE = "dpo.json"
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed response log-probs (2B,), response lengths (2B,), response logits (2B, L-1, V))."""
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    mask = batch["response_mask"][:, 1:].float()
+    logps = gather_logprobs(logits, batch["input_ids"][:, 1:]) * mask
+    return logps.sum(-1), mask.sum(-1), logits
+
+
+class PreferenceObjective:
+    """The loss of one DPO-family method over a collated pair batch (chosen rows, then rejected)."""
+
+    def __init__(self, cfg: DPOConfig, ref: Any | None):
+        self.kind = cfg.loss
+        self.beta = cfg.resolved_beta
+        self.alpha = cfg.resolved_alpha
+        self.gamma = cfg.simpo_gamma
+        self.ref = ref
+
+    def stats(self, model: Any, batch: dict[str, torch.Tensor]) -> PairStats:
+        pi, n, logits = sequence_logps(model, batch)
+        half = pi.shape[0] // 2
+        s = PairStats(pi_w=pi[:half], pi_l=pi[half:], n_w=n[:half].clamp(min=1), n_l=n[half:].clamp(min=1))
+        if self.kind in REFERENCE_FREE:
+            return s
+        if "ref_chosen_logps" in batch:
+            s.ref_w, s.ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            return s
+        with torch.no_grad():
+            ref_pi, _, ref_logits = sequence_logps(self.ref, batch)
+        s.ref_w, s.ref_l = ref_pi[:half], ref_pi[half:]
+        if self.kind == "tdpo":
+            kl = sequential_kl(logits, ref_logits, batch["response_mask"][:, 1:].float())
+            s.kl_w, s.kl_l = kl[:half], kl[half:]
+        return s
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.stats(model, batch)
+        losses, r_w, r_l = preference_loss(self.kind, s, beta=self.beta, alpha=self.alpha, gamma=self.gamma)
+        return losses.mean(), {
+            "rewards/chosen": float(r_w.mean()),
+            "rewards/rejected": float(r_l.mean()),
+            "rewards/accuracies": float((r_w > r_l).float().mean()),
+            "rewards/margins": float((r_w - r_l).mean()),
+            "logps/chosen": float(s.pi_w.detach().mean()),
+            "logps/rejected": float(s.pi_l.detach().mean()),
+        }
+
+
+@torch.no_grad()
+def precompute_reference(ref: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any) -> None:
+    """Store the reference's summed log-probs in each example, so training needs no reference."""
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        pi, _, _ = sequence_logps(ref, batch)
+        half = len(chunk)
+        for e, w, l_ in zip(chunk, pi[:half].tolist(), pi[half:].tolist()):
+            e["ref_chosen_logps"], e["ref_rejected_logps"] = w, l_
+
+
+@torch.no_grad()
+def held_out(objective: PreferenceObjective, model: Any, examples: list[dict[str, Any]], pad_id: int, bs: int, device: Any) -> dict[str, float]:
+    model.eval()
+    totals: dict[str, list[float]] = {}
+    for i in range(0, len(examples), bs):
+        batch = {k: v.to(device) for k, v in collate_pairs(examples[i : i + bs], pad_id).items()}
+        loss, metrics = objective(model, batch)
+        for k, v in {"loss": float(loss), **metrics}.items():
+            totals.setdefault(k, []).append(v * len(examples[i : i + bs]))
+    model.train()
+    return {k: sum(v) / len(examples) for k, v in totals.items()}
+
+
+def run(cfg: DPOConfig) -> dict[str, Any]:
+    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg),
+                    progress_keys=("loss", "rewards/accuracies", "rewards/margins"))  # fmt: skip
+    out = prepare_out_dir(cfg, "dpo", is_main=engine.is_main)
+    tokenizer = load_tokenizer(cfg.model)
+    ref_path = cfg.ref_model or cfg.model.path
+    if ref_path != cfg.model.path:
+        check_same_tokenizer(tokenizer, "policy", load_tokenizer(cfg.model, path=ref_path), "reference model")
+    train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
+    build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path,
+                 keep=tuple(cfg.gold_columns))  # fmt: skip
+    train, train_report = build_pairs(train_rows, tokenizer, **build)
+    engine.say("[rto] " + train_report.describe())
+    evals, eval_report = ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
+
+    pad_id = tokenizer.pad_token_id
+    bs = cfg.train.micro_batch_size * 2
+    ref = None
+    if cfg.loss not in REFERENCE_FREE:
+        ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(engine.device)
+        if cfg.precompute_ref_logps:
+            precompute_reference(ref, train + evals, pad_id, bs, engine.device)
+            ref = None
+            engine.say("[rto] reference log-probs precomputed; reference model freed")
+    objective = PreferenceObjective(cfg, ref)
+    policy = load_causal_lm(cfg.model)
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return held_out(objective, m, evals, pad_id, bs, engine.device)
+
+    policy, final = engine.fit(
+        policy, train, lambda ex: collate_pairs(ex, pad_id), objective, resume=cfg.resume,
+        evaluate=evaluate if evals else None,
+    )  # fmt: skip
+    save_pretrained(policy, tokenizer, out, engine.accelerator)
+    info = {"loss": cfg.loss, "beta": objective.beta, "alpha": objective.alpha, "simpo_gamma": cfg.simpo_gamma, "ref_model": ref_path}
+    summary: dict[str, Any] = {"stage": "dpo", **info, **final, "data": {"train": train_report.to_dict()}}
+    if eval_report is not None:
+        summary["data"]["eval"] = eval_report.to_dict()
+        ceiling = gold_ceiling(evals, list(cfg.gold_columns))
+        if ceiling is not None:
+            summary["eval/gold_accuracy"] = ceiling
+        engine.say(
+            f"[rto] {cfg.loss} held-out implicit-reward accuracy {summary['eval/rewards/accuracies']:.3f}"
+            + (f" (gold reward on the same pairs: {ceiling:.3f})" if ceiling is not None else "")
+        )
+    if cfg.eval.prompts and engine.is_main:
+        prompts = load_eval_prompts(cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path)
+        metrics, records = sampled_metrics(engine.accelerator.unwrap_model(policy), tokenizer, prompts, cfg.eval,
+                                           cfg.generate, device=engine.device, seed=cfg.seed)  # fmt: skip
+        summary.update({f"sample/{k}": v for k, v in metrics.items()})
+        write_jsonl(out / "samples.jsonl", records)
+    if engine.is_main:
+        write_json(out / INFO_FILE, info)
+    engine.finish(summary)
+    return summary
+

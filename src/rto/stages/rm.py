@@ -1,0 +1,118 @@
+"""`rto rm`: a sentence-level Bradley-Terry reward model (r_MLE in the paper).
+
+    loss = -log sigmoid(r(x, y_w) - r(x, y_l) - m)          (m = optional per-pair margin)
+
+r is a sequence-classification model with one output, read at the last real token of prompt +
+response whatever the padding side. Saved in Hugging Face format with `reward_stats.json`: the
+mean and standard deviation of its scores on the training responses, which the RL stage uses to
+normalise the score.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rto.config.stages import RMConfig
+from rto.data.sources import load_train_eval
+from rto.data.tokenize import build_pairs, collate_pairs
+from rto.engine.files import write_json
+from rto.engine.run import prepare_out_dir, resolved_config
+from rto.engine.trainer import Engine
+from rto.models.forward import TokenScorer, sequence_scores
+from rto.models.load import load_sequence_scorer, load_tokenizer, save_pretrained
+
+STATS_FILE = "reward_stats.json"
+
+
+def gold_ceiling(examples: list[dict[str, Any]], columns: list[str]) -> float | None:
+    """Accuracy of the gold reward on these pairs (ties count one half), if the columns exist."""
+    if len(columns) != 2 or not examples or any(c not in examples[0] for c in columns):
+        return None
+    c, r = columns
+    return statistics.fmean(1.0 if e[c] > e[r] else 0.5 if e[c] == e[r] else 0.0 for e in examples)
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int, margin_column: str | None) -> dict[str, torch.Tensor]:
+    batch = collate_pairs(examples, pad_id)
+    if margin_column:
+        batch["margin"] = torch.tensor([float(e.get(margin_column, 0.0)) for e in examples])
+    return batch
+
+
+def pair_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def bt_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    r_w, r_l = pair_scores(model, batch)
+    margin = batch.get("margin", torch.zeros_like(r_w))
+    loss = -F.logsigmoid(r_w - r_l - margin).mean()
+    return loss, {"accuracy": float((r_w > r_l).float().mean()), "margin": float((r_w - r_l).detach().mean())}
+
+
+@torch.no_grad()
+def score_pairs(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any) -> tuple[list[float], list[float]]:
+    model.eval()
+    chosen: list[float] = []
+    rejected: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(examples[i : i + batch_size], pad_id).items()}
+        r_w, r_l = pair_scores(model, batch)
+        chosen += r_w.tolist()
+        rejected += r_l.tolist()
+    model.train()
+    return chosen, rejected
+
+
+def run(cfg: RMConfig) -> dict[str, Any]:
+    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg), progress_keys=("loss", "accuracy"))
+    out = prepare_out_dir(cfg, "rm", is_main=engine.is_main)
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
+    keep = tuple(c for c in [cfg.margin_column, *cfg.gold_columns] if c)
+    build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, keep=keep)
+    train, train_report = build_pairs(train_rows, tokenizer, **build)
+    engine.say("[rto] " + train_report.describe())
+    held_out, eval_report = ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
+    if eval_report:
+        engine.say("[rto] held-out " + eval_report.describe())
+
+    hf = load_sequence_scorer(cfg.model, cfg.model.path, trainable=True, require_head=False, role="reward model")
+    hf.config.pad_token_id = tokenizer.pad_token_id
+    model = TokenScorer(hf)
+    pad_id = tokenizer.pad_token_id
+    eval_bs = cfg.train.micro_batch_size * 4
+
+    def evaluate(m: Any) -> dict[str, float]:
+        c, r = score_pairs(m, held_out, pad_id, eval_bs, engine.device)
+        return {"accuracy": statistics.fmean(float(a > b) for a, b in zip(c, r)),
+                "margin": statistics.fmean(a - b for a, b in zip(c, r))}  # fmt: skip
+
+    model, final = engine.fit(
+        model, train, lambda ex: collate(ex, pad_id, cfg.margin_column), bt_loss,
+        resume=cfg.resume, evaluate=evaluate if held_out else None,
+    )  # fmt: skip
+    c, r = score_pairs(model, train, pad_id, eval_bs, engine.device)
+    scores = c + r
+    stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores)}
+    save_pretrained(model, tokenizer, out, engine.accelerator)
+    summary: dict[str, Any] = {"stage": "rm", **final, "reward_stats": stats, "data": {"train": train_report.to_dict()}}
+    if engine.is_main:
+        write_json(out / STATS_FILE, stats)
+    if eval_report is not None:
+        summary["data"]["eval"] = eval_report.to_dict()
+        ceiling = gold_ceiling(held_out, list(cfg.gold_columns))
+        if ceiling is not None:
+            summary["eval/gold_accuracy"] = ceiling
+        engine.say(
+            f"[rto] reward model held-out accuracy {summary['eval/accuracy']:.3f}"
+            + (f" (gold reward on the same pairs: {ceiling:.3f})" if ceiling is not None else "")
+        )
+    engine.finish(summary)
+    return summary
