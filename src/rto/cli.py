@@ -42,6 +42,8 @@ STAGES = [
           "Preference pairs: sample k responses per prompt, judge with a gold reward, label with a simulated annotator."),
     Stage("rm", "rto.config.stages:RMConfig", "rto.stages.rm:run", "Train a Bradley-Terry reward model (sequence classifier)."),
     Stage("dpo", "rto.config.stages:DPOConfig", "rto.stages.dpo:run", "Train the DPO family: dpo, ipo, rdpo, simpo, tdpo."),
+    Stage("rl", "rto.config.stages:RLConfig", "rto.stages.rl:run",
+          "Online RL with token-level rewards: RTO, PPO and the paper's variants (--preset)."),
 ]
 TASK_STAGES = {
     "sentiment": Stage(

@@ -259,6 +259,13 @@ def build(
 ) -> T:
     """Defaults (or `base`) <- YAML values <- command-line values, then validate."""
     cfg = base if base is not None else cls()
+    presets = getattr(cls, "PRESETS", None)
+    if presets:  # a preset sets its keys first; the file and the command line still override them
+        name = (cli_values or {}).get("preset") or (file_values or {}).get("preset")
+        if name is not None:
+            if name not in presets:
+                raise ConfigError(f"config key 'preset' = {name!r} is not allowed; choose one of {', '.join(presets)}")
+            apply(cfg, dict(presets[name]))
     if file_values:
         apply(cfg, file_values, where=f" (in {file_name})" if file_name else "")
     if cli_values:

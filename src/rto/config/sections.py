@@ -88,7 +88,6 @@ class GenerateSection:
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much mass.", min=0.0, max=1.0, min_exclusive=True)
     top_k: int = option(0, "Keep only the k most likely tokens (0 = off).", min=0)
     batch_size: int = option(64, "Prompts per generation call on one device.", min=1)
-    backend: str = option("hf", "Generation engine: hf (transformers generate) or vllm (GPU, needs vllm).", choices=["hf", "vllm"])
 
 
 @dataclass

@@ -7,6 +7,7 @@ the built-in task's demo config overrides the learning rates and sizes for its t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rto.config.core import option, section
 from rto.config.sections import (
@@ -201,3 +202,99 @@ class DPOConfig:
         from rto.preference.losses import DEFAULT_ALPHA
 
         return self.alpha if self.alpha is not None else DEFAULT_ALPHA.get(self.loss, 0.0)
+
+
+# --------------------------------------------------------------------------- RL (PPO / RTO and variants)
+
+
+@dataclass
+class RLSection:
+    dpo_reward_scale: float = option(0.05, "beta1: weight of the DPO token reward (0 = standard PPO, exactly).", min=0.0, paper="beta1 0.05")
+    dpo_reward_clip: float | None = option(
+        None, "Clamp each scaled DPO token reward to +-this (null = no clamp; the authors' code uses 0.05).", min=0.0, min_exclusive=True
+    )
+    dpo_reward_granularity: str = option(
+        "token", "Where DPO rewards land: token (rto), segment = summed per sentence (semi_rto), sequence = summed on the last token (ddpo).",
+        choices=["token", "segment", "sequence"],
+    )
+    dpo_reward_shaping: bool = option(False, "Subtract the summed DPO reward at the last token: pure shaping (rs_ppo).")
+    segment_delimiters: list[str] = option([".", "!", "?", "\n"], "Tokens ending with one of these end a segment (semi_rto).")
+    kl_coef: float = option(0.01, "beta2: per-token KL penalty to the reference.", min=0.0, paper="beta2 0.01")
+    kl_target: float | None = option(None, "Adapt kl_coef towards this per-response KL (null = fixed coefficient).", min=0.0, min_exclusive=True)
+    kl_horizon: int = option(10000, "Horizon (responses) of the adaptive KL controller.", min=1)
+    score_coef: float = option(1.0, "beta3: weight of the reward model's score on the last token.", min=0.0, paper="beta3 1")
+    score_normalization: str = option(
+        "stored", "Normalise the score with the reward model's stored mean/std (reward_stats.json), a running estimate, or not at all.",
+        choices=["stored", "running", "none"],
+    )
+    score_clamp: float | None = option(10.0, "Clamp the normalised score to +-this (null = off).", min=0.0, min_exclusive=True)
+    missing_eos_penalty: float | None = option(None, "Subtract this from the normalised score of responses that end without EOS.", min=0.0)
+    advantage_estimator: str = option("gae", "gae (critic) or reinforce_pp (critic-free, REINFORCE++).", choices=["gae", "reinforce_pp"])
+    gamma: float = option(1.0, "Discount.", min=0.0, max=1.0, paper="gamma 1")
+    gae_lambda: float = option(0.95, "GAE lambda.", min=0.0, max=1.0, paper="lambda 0.95")
+    whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
+    critic_init: str = option("reward_model", "Initialise the critic from the reward model (paper) or the policy (new head).", choices=["reward_model", "policy"])
+    critic_lr: float = option(9e-6, "Critic learning rate.", min=0.0, min_exclusive=True, paper="critic lr 9e-6")
+    rollout_batch_size: int = option(1024, "Prompts per rollout (per iteration), across all devices.", min=1, paper="rollout batch 1024")
+    samples_per_prompt: int = option(1, "Responses sampled per prompt.", min=1, paper="one sample per prompt")
+    ppo_epochs: int = option(1, "Passes over each rollout; each pass makes rollout/train.batch_size updates.", min=1)
+    clip_range: float = option(0.2, "PPO ratio clip epsilon.", min=0.0, min_exclusive=True, paper="clip 0.2")
+    value_clip: float | None = option(0.2, "Value clip (null = off).", min=0.0, min_exclusive=True, paper="value clip 0.2")
+    entropy_coef: float = option(0.0, "Entropy bonus weight.", min=0.0)
+    forward_batch_size: int = option(16, "Sequences per forward pass when scoring a rollout.", min=1)
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "ppo": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "gae"},
+    "rto": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "gae"},
+    "rs_ppo": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token", "rl.dpo_reward_shaping": True, "rl.advantage_estimator": "gae"},
+    "semi_rto": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "segment", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "gae"},
+    "ddpo": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "sequence", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "gae"},
+    "rpp": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "reinforce_pp"},
+    "rto_rpp": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "reinforce_pp"},
+}
+
+
+@dataclass
+class RLConfig:
+    PRESETS: ClassVar[dict[str, dict[str, object]]] = PRESETS
+
+    out: str = _out()
+    seed: int = _seed()
+    resume: bool = _resume()
+    overwrite: bool = _overwrite()
+    preset: str | None = option(
+        None, "Method preset, applied before the file and the command line: " + ", ".join(PRESETS) + ".", choices=list(PRESETS)
+    )
+    ref_model: str | None = option(None, "Reference policy pi_ref (default: model.path, the SFT model); also the DPO reward's reference.")
+    reward_model: str | None = option(None, "Reward model folder (from `rto rm`): the score on the last token, and the critic's start.")
+    dpo_model: str | None = option(None, "DPO policy pi_dpo (from `rto dpo`); needed when rl.dpo_reward_scale > 0.")
+    save_critic: bool = option(False, "Also save the trained critic to OUT/critic.")
+    rl: RLSection = section(RLSection, "The RL algorithm: rewards, advantages, PPO.")
+    model: ModelSection = section(ModelSection, "The policy to train (usually the SFT model).")
+    data: DataSection = section(DataSection, "Prompt rows {prompt}.", eval_fraction=0.0, max_length=1024, max_prompt_length=512)
+    train: TrainSection = section(
+        TrainSection, "Optimisation of the actor; batch_size = responses per update (paper: 128); a step is one rollout.",
+        lr=5e-7, batch_size=128, micro_batch_size=8,
+    )
+    generate: GenerateSection = section(GenerateSection, "Rollout sampling (paper: temperature 1, 1024 new tokens).", max_new_tokens=1024)
+    eval: EvalSection = section(EvalSection, "Held-out prompts and judges for periodic evaluation; gold_reward also logged on rollouts.")
+    log: LogSection = section(LogSection, "Logging.")
+
+    def check(self) -> None:
+        _require(self.out, "out", "the folder to write the trained policy to")
+        _require(self.model.path, "model.path", "the policy to start from (usually the SFT model)")
+        _require(self.data.path, "data.path", "the RL prompts (rows {prompt})")
+        rl = self.rl
+        if rl.dpo_reward_scale > 0 and not self.dpo_model:
+            raise ConfigError("config key 'dpo_model' is required when rl.dpo_reward_scale > 0 (RTO's token reward needs pi_dpo)")
+        if rl.score_coef > 0 and not self.reward_model:
+            raise ConfigError("config key 'reward_model' is required when rl.score_coef > 0 (set rl.score_coef 0 to train on DPO rewards only)")
+        if rl.advantage_estimator == "gae" and rl.critic_init == "reward_model" and not self.reward_model:
+            raise ConfigError("config key 'reward_model' is required to initialise the critic (or set rl.critic_init policy)")
+        n = rl.rollout_batch_size * rl.samples_per_prompt
+        if n % self.train.batch_size:
+            raise ConfigError(
+                f"rollout of {n} responses (rl.rollout_batch_size x rl.samples_per_prompt) must be a multiple of "
+                f"train.batch_size ({self.train.batch_size})"
+            )

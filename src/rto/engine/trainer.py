@@ -188,13 +188,15 @@ class Engine:
             return self.train.max_steps
         return max(1, int(math.floor(self.train.epochs * self.steps_per_epoch(n_examples))))
 
-    def batch_indices(self, step: int, n_examples: int) -> list[int]:
+    def batch_indices(self, step: int, n_examples: int, batch_size: int | None = None) -> list[int]:
         """This process's share of global batch `step`, in a seeded per-epoch order."""
-        spe = self.steps_per_epoch(n_examples)
+        b = batch_size or self.train.batch_size
+        spe = max(1, n_examples // b)
+        if n_examples < b:
+            raise RtoError(f"only {n_examples} examples for a batch of {b}; lower the batch size or add data")
         epoch, within = divmod(step, spe)
         order = list(range(n_examples))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        b = self.train.batch_size
         batch = order[within * b : (within + 1) * b]
         share = b // self.world
         return batch[self.rank * share : (self.rank + 1) * share]

@@ -1,6 +1,7 @@
-"""Metrics of sampled responses to held-out prompts: gold reward, fluency, length, truncation.
+"""Metrics of sampled responses to held-out prompts: gold reward, fluency, length, truncation,
+and, when the models are given, KL to the reference and the reward model's score.
 
-Used by every stage that reports how a policy behaves (SFT, DPO, RL's periodic evaluation, and
+Used by every stage that reports how a policy behaves (SFT, DPO, RL's periodic evaluation and
 `rto eval`), so the numbers mean the same thing everywhere.
 """
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+import torch
+
 from rto.data.sources import load_rows, subsample
 from rto.data.tokenize import build_prompts
-from rto.models.generate import sample_texts
+from rto.models.forward import response_logprobs, sequence_scores
+from rto.models.generate import decode_responses, sample, stop_ids
 from rto.tasks import call_judge, resolve
 
 
@@ -21,9 +25,7 @@ def load_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_length: int, see
     return examples
 
 
-def judge(
-    eval_cfg: Any, prompts: list[str], responses: list[str]
-) -> tuple[list[float] | None, list[bool] | None]:
+def judge(eval_cfg: Any, prompts: list[str], responses: list[str]) -> tuple[list[float] | None, list[bool] | None]:
     gold = fluent = None
     if eval_cfg.gold_reward:
         fn = resolve(eval_cfg.gold_reward, "gold", "eval.gold_reward")
@@ -34,19 +36,26 @@ def judge(
     return gold, fluent
 
 
-def summarise(gold: list[float] | None, fluent: list[bool] | None, lengths: list[int], truncated: list[bool]) -> dict[str, float]:
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sem
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {
-        "length_mean": statistics.fmean(lengths) if lengths else 0.0,
-        "truncated_share": statistics.fmean(truncated) if truncated else 0.0,
+        "length_mean": statistics.fmean(r["length"] for r in records),
+        "truncated_share": statistics.fmean(float(r["truncated"]) for r in records),
     }
-    if gold:
-        out["gold_reward_mean"] = statistics.fmean(gold)
-        out["gold_reward_sem"] = statistics.stdev(gold) / len(gold) ** 0.5 if len(gold) > 1 else 0.0
-    if fluent:
-        out["fluency_rate"] = statistics.fmean(fluent)
+    for key, name in (("gold_reward", "gold_reward"), ("kl", "kl"), ("rm_score", "rm_score")):
+        if records and key in records[0]:
+            out[f"{name}_mean"], out[f"{name}_sem"] = _mean_sem([r[key] for r in records])
+    if records and "fluent" in records[0]:
+        out["fluency_rate"] = statistics.fmean(float(r["fluent"]) for r in records)
     return out
 
 
+@torch.no_grad()
 def sampled_metrics(
     model: Any,
     tokenizer: Any,
@@ -56,28 +65,49 @@ def sampled_metrics(
     *,
     device: Any,
     seed: int,
+    ref: Any | None = None,
+    reward_model: Any | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(metrics, records): one sampled response per held-out prompt, judged."""
-    import torch
+    """(metrics, records): one sampled response per held-out prompt, judged.
 
+    KL (with `ref`) is the sum over response tokens of log pi(y_h) - log pi_ref(y_h), the
+    standard Monte-Carlo estimate of KL(pi || pi_ref) for one response."""
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    eos = stop_ids(tokenizer, model)
+    records: list[dict[str, Any]] = []
     try:  # evaluation must not disturb the training run's random stream
-        texts, truncated, lengths = sample_texts(
-            model, tokenizer, [p["prompt_ids"] for p in prompts], gen_cfg, device=device, seed=seed
-        )
+        for i in range(0, len(prompts), gen_cfg.batch_size):
+            chunk = prompts[i : i + gen_cfg.batch_size]
+            s = sample(
+                model, [p["prompt_ids"] for p in chunk], pad_id=tokenizer.pad_token_id, eos=eos,
+                max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
+                top_k=gen_cfg.top_k, device=device,
+            )  # fmt: skip
+            texts = decode_responses(tokenizer, s, eos)
+            extra: dict[str, list[float]] = {}
+            if ref is not None:
+                args = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
+                kl = response_logprobs(model, *args) - response_logprobs(ref, *args)
+                extra["kl"] = kl.sum(1).tolist()
+            if reward_model is not None:
+                ids = torch.cat([s.prompt_ids, s.response_ids], 1)
+                mask = torch.cat([s.prompt_mask, s.response_mask], 1)
+                extra["rm_score"] = sequence_scores(reward_model, ids, mask).tolist()
+            for j, p in enumerate(chunk):
+                rec: dict[str, Any] = {"prompt": p["prompt"], "response": texts[j],
+                                       "length": int(s.response_mask[j].sum()), "truncated": bool(s.truncated[j])}  # fmt: skip
+                rec.update({k: v[j] for k, v in extra.items()})
+                records.append(rec)
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)
-    prompt_texts = [p["prompt"] for p in prompts]
-    gold, fluent = judge(eval_cfg, prompt_texts, texts)
-    records = []
-    for i, (p, r) in enumerate(zip(prompt_texts, texts)):
-        rec: dict[str, Any] = {"prompt": p, "response": r, "length": lengths[i], "truncated": truncated[i]}
+    gold, fluent = judge(eval_cfg, [r["prompt"] for r in records], [r["response"] for r in records])
+    for j, rec in enumerate(records):
         if gold is not None:
-            rec["gold_reward"] = gold[i]
+            rec["gold_reward"] = gold[j]
         if fluent is not None:
-            rec["fluent"] = fluent[i]
-        records.append(rec)
-    return summarise(gold, fluent, lengths, truncated), records
+            rec["fluent"] = fluent[j]
+    return summarise(records), records

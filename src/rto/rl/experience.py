@@ -1,0 +1,125 @@
+"""The RL batch as one object, and the scoring passes that fill it.
+
+Shapes: B responses; P prompt columns (left-padded); T response columns (right-padded).
+Every per-token tensor is (B, T) and aligned with the response tokens: entry [b, h] belongs to
+token h of response b and is meaningful where response_mask[b, h] = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from rto.data.tokenize import pad
+from rto.models.forward import TokenScorer, response_logits, gather_logprobs, sequence_scores
+from rto.models.generate import Samples
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T) right-padded
+    response_mask: torch.Tensor  # (B, T) 1 up to and including EOS
+    truncated: torch.Tensor  # (B,) no EOS generated
+    logp_old: torch.Tensor | None = None  # (B, T) log pi_theta_old(y_h | ...)
+    logp_ref: torch.Tensor | None = None  # (B, T) log pi_ref
+    dpo_log_ratio: torch.Tensor | None = None  # (B, T) log pi_dpo - log pi_ref at temperature 1 (RTO only)
+    values: torch.Tensor | None = None  # (B, T) critic V(s_h) (GAE only)
+    score: torch.Tensor | None = None  # (B,) reward model score (raw)
+    rewards: torch.Tensor | None = None  # (B, T) assembled token rewards
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T)
+    texts: dict[str, list[Any]] = field(default_factory=dict)  # prompts, responses, gold
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors of rows `idx` (an update minibatch)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v[idx]
+        return out
+
+
+def merge_samples(chunks: list[Samples], pad_id: int) -> Rollout:
+    """Concatenate generation chunks of different widths into one padded rollout."""
+    prompts = [row[m.bool()].tolist() for c in chunks for row, m in zip(c.prompt_ids, c.prompt_mask)]
+    responses = [row.tolist() for c in chunks for row in c.response_ids]
+    resp_masks = [row.tolist() for c in chunks for row in c.response_mask]
+    prompt_ids, prompt_mask = pad(prompts, pad_id, side="left")
+    lengths = [sum(m) for m in resp_masks]
+    response_ids, response_mask = pad([r[:n] for r, n in zip(responses, lengths)], pad_id, side="right")
+    if response_ids.shape[1] == 0:
+        response_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
+        response_mask = torch.zeros_like(response_ids)
+    truncated = torch.cat([c.truncated.cpu() for c in chunks])
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, truncated)
+
+
+def to_device(r: Rollout, device: torch.device) -> Rollout:
+    for f in fields(r):
+        v = getattr(r, f.name)
+        if isinstance(v, torch.Tensor):
+            setattr(r, f.name, v.to(device))
+    return r
+
+
+def critic_values(critic: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) V(s_h): the critic's output at the position that predicts response token h."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    out = critic(ids, mask)
+    p = prompt_ids.shape[1]
+    return out[:, p - 1 : -1] * response_mask
+
+
+def policy_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log-probs of the sampled tokens and the (B, T, V) logits they came from."""
+    logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
+    return gather_logprobs(logits, batch["response_ids"], temperature) * batch["response_mask"], logits
+
+
+@torch.no_grad()
+def score_rollout(
+    r: Rollout,
+    *,
+    policy: Any,
+    ref: Any,
+    critic: Any | None,
+    dpo: Any | None,
+    reward_model: TokenScorer | None,
+    batch_size: int,
+    temperature: float,
+) -> None:
+    """Fill logp_old, logp_ref, dpo_log_ratio, values and score, in chunks of `batch_size` rows.
+
+    The KL penalty compares policy and reference at the sampling temperature; the DPO reward is
+    defined at temperature 1, so its reference log-probs are recomputed only when they differ."""
+    names = ("logp_old", "logp_ref", "dpo_log_ratio", "values", "score")
+    outputs: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    for start in range(0, len(r), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(r)), device=r.response_ids.device)
+        b = r.take(idx)
+        outputs["logp_old"].append(policy_logprobs(policy, b, temperature)[0])
+        logp_ref = policy_logprobs(ref, b, temperature)[0]
+        outputs["logp_ref"].append(logp_ref)
+        if dpo is not None:
+            ref_t1 = logp_ref if temperature == 1.0 else policy_logprobs(ref, b, 1.0)[0]
+            outputs["dpo_log_ratio"].append(policy_logprobs(dpo, b, 1.0)[0] - ref_t1)
+        if critic is not None:
+            outputs["values"].append(critic_values(critic, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]))
+        if reward_model is not None:
+            ids = torch.cat([b["prompt_ids"], b["response_ids"]], dim=1)
+            mask = torch.cat([b["prompt_mask"], b["response_mask"]], dim=1)
+            outputs["score"].append(sequence_scores(reward_model, ids, mask))
+    for k, parts in outputs.items():
+        if parts:
+            setattr(r, k, torch.cat(parts).float())
+    if r.score is None:
+        r.score = torch.zeros(len(r), device=r.response_ids.device)

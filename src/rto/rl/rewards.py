@@ -1,0 +1,132 @@
+"""Reward assembly: the RTO per-token reward as one pure function.
+
+For every response token h = 1..H (H = the last real token: the EOS when one was generated, the
+last token otherwise), RTO paper section 4:
+
+    r_h = clamp(beta1 * (log pi_dpo(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h)), -c, c)   dense DPO reward
+        - beta2 * (log pi_theta(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h))                 KL penalty
+        + [h == H] * beta3 * score(x, y)                                              sentence score
+
+with beta1 = dpo_reward_scale, beta2 = kl_coef, beta3 = score_coef and c = dpo_reward_clip (no
+clamp when None; the paper has none, the authors' code clamps at 0.05). The score is the reward
+model's, normalised (`normalize_score`). The variants only move the DPO term:
+
+    granularity token     as above (rto)
+    granularity segment   each sentence's DPO rewards summed onto its last token (semi_rto)
+    granularity sequence  all DPO rewards summed onto the last token (ddpo)
+    shaping               subtract the summed DPO reward at the last token, so the return of a
+                          whole response is the score minus KL, as in PPO (rs_ppo)
+
+beta1 = 0 removes the DPO term exactly (standard PPO); it is never multiplied in, so a missing
+or non-finite DPO log-prob cannot leak into PPO.
+
+All tensors are (B, T) over response positions with a 0/1 `mask` that is 1 on a contiguous
+prefix of each row (right padding); the score is (B,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rto.models.forward import last_real_index
+
+
+@dataclass
+class RewardSettings:
+    dpo_reward_scale: float = 0.05  # beta1
+    dpo_reward_clip: float | None = None  # c (None = no clip)
+    granularity: str = "token"  # token | segment | sequence
+    shaping: bool = False  # rs_ppo
+    kl_coef: float = 0.01  # beta2
+    score_coef: float = 1.0  # beta3
+
+
+def normalize_score(
+    score: torch.Tensor,
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    clamp: float | None = 10.0,
+    truncated: torch.Tensor | None = None,
+    missing_eos_penalty: float | None = None,
+) -> torch.Tensor:
+    """(score - mean) / std, minus the penalty for responses without EOS, clamped to +-clamp."""
+    out = (score.float() - mean) / std
+    if missing_eos_penalty and truncated is not None:
+        out = out - missing_eos_penalty * truncated.float()
+    if clamp is not None:
+        out = out.clamp(-clamp, clamp)
+    return out
+
+
+def place_at_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A (B, T) tensor that is zero except values[b] at the last real token of row b."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
+    return out.scatter(1, last_real_index(mask).unsqueeze(1), values.unsqueeze(1)) * mask.any(dim=1, keepdim=True)
+
+
+def segment_sums(per_token: torch.Tensor, mask: torch.Tensor, segment_end: torch.Tensor) -> torch.Tensor:
+    """Sum each segment's values onto its last token. A segment ends at a token with
+    segment_end = 1, or at the last real token of the row."""
+    ends = (segment_end.bool() & mask.bool()) | (place_at_last(torch.ones(mask.shape[0], device=mask.device), mask) > 0)
+    # segment id of every position: number of ends strictly before it
+    seg_id = ends.long().cumsum(1) - ends.long()
+    totals = torch.zeros_like(per_token).scatter_add(1, seg_id, per_token * mask)
+    return torch.where(ends, totals.gather(1, seg_id), torch.zeros_like(per_token))
+
+
+def dpo_term(
+    dpo_log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    settings: RewardSettings,
+    segment_end: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DPO reward as placed by the granularity, per-token DPO reward before placing)."""
+    per_token = settings.dpo_reward_scale * dpo_log_ratio
+    if settings.dpo_reward_clip is not None:
+        per_token = per_token.clamp(-settings.dpo_reward_clip, settings.dpo_reward_clip)
+    per_token = per_token * mask
+    if settings.granularity == "token":
+        placed = per_token
+    elif settings.granularity == "sequence":
+        placed = place_at_last(per_token.sum(1), mask)
+    elif settings.granularity == "segment":
+        if segment_end is None:
+            raise ValueError("granularity 'segment' needs segment_end (the sentence delimiter tokens)")
+        placed = segment_sums(per_token, mask, segment_end)
+    else:
+        raise ValueError(f"unknown granularity {settings.granularity!r}")
+    if settings.shaping:
+        placed = placed - place_at_last(per_token.sum(1), mask)
+    return placed, per_token
+
+
+def token_rewards(
+    mask: torch.Tensor,
+    logp_policy: torch.Tensor,
+    logp_ref: torch.Tensor,
+    score: torch.Tensor,
+    settings: RewardSettings,
+    *,
+    dpo_log_ratio: torch.Tensor | None = None,
+    segment_end: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(rewards (B, T), parts).
+
+    dpo_log_ratio = log pi_dpo - log pi_ref per token (at temperature 1), needed when beta1 != 0.
+    parts holds 'dpo' (placed, (B, T)), 'dpo_per_token', 'kl' (the per-token log-ratio of policy
+    to reference, (B, T)) and 'score' ((B,), after beta3)."""
+    mask = mask.float()
+    kl = (logp_policy - logp_ref) * mask
+    score_part = settings.score_coef * score.float()
+    rewards = -settings.kl_coef * kl + place_at_last(score_part, mask)
+    parts = {"kl": kl, "score": score_part}
+    if settings.dpo_reward_scale != 0.0:
+        if dpo_log_ratio is None:
+            raise ValueError("dpo_reward_scale != 0 needs dpo_log_ratio")
+        placed, per_token = dpo_term(dpo_log_ratio, mask, settings, segment_end)
+        rewards = rewards + placed
+        parts["dpo"], parts["dpo_per_token"] = placed, per_token
+    return rewards * mask, parts

@@ -1,0 +1,326 @@
+"""The RL loop: rollout -> scoring passes -> token rewards -> advantages -> PPO update.
+
+One iteration (a "step" for logging, checkpoints and --resume):
+  1. rollout: sample responses to rl.rollout_batch_size prompts from the current policy;
+  2. score: log-probs under policy / reference / DPO model, critic values, reward-model score;
+  3. rewards: rto.rl.rewards.token_rewards (the RTO formula and its variants);
+  4. advantages: GAE with the critic, or REINFORCE++ returns, then whitening;
+  5. update: rl.ppo_epochs passes of minibatches of train.batch_size responses, clipped policy
+     and value losses, separate optimisers for actor and critic.
+The maths lives in rto.rl.{rewards, advantages, losses}; this file only moves data between them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rto.engine.faults import maybe_fault
+from rto.models.forward import entropy_from_logits
+from rto.models.generate import decode_responses, sample, stop_ids
+from rto.rl.advantages import estimate, whiten
+from rto.rl.experience import Rollout, critic_values, merge_samples, policy_logprobs, score_rollout, to_device
+from rto.rl.kl import KLController
+from rto.rl.losses import explained_variance, masked_mean, policy_loss, value_loss
+from rto.rl.rewards import RewardSettings, normalize_score, token_rewards
+from rto.tasks import call_judge, resolve
+
+
+@dataclass
+class RunningMoments:
+    """Running mean / std of reward-model scores (rl.score_normalization running)."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = float(x.numel())
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1)) or 1.0
+
+
+def delimiter_token_ids(tokenizer: Any, delimiters: list[str]) -> list[int]:
+    """Ids of tokens whose text ends with a segment delimiter ('.', '!', '?', newline)."""
+    ids = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if text.strip() and text.rstrip(" ").endswith(tuple(delimiters)):
+            ids.append(token_id)
+    return ids
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Any, engine: Any, *, policy: Any, critic: Any | None, ref: Any, dpo: Any | None,
+                 reward_model: Any | None, tokenizer: Any, prompts: list[dict[str, Any]],
+                 eval_prompts: list[dict[str, Any]], score_stats: dict[str, float] | None):  # fmt: skip
+        self.cfg, self.rl, self.engine = cfg, cfg.rl, engine
+        self.acc = engine.accelerator
+        self.policy, self.critic, self.ref, self.dpo, self.reward_model = policy, critic, ref, dpo, reward_model
+        self.tokenizer = tokenizer
+        self.prompts, self.eval_prompts = prompts, eval_prompts
+        self.score_stats = score_stats
+        self.running = RunningMoments()
+        self.kl = KLController(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
+        self.eos = stop_ids(tokenizer, policy)
+        self.gold = resolve(cfg.eval.gold_reward, "gold", "eval.gold_reward") if cfg.eval.gold_reward else None
+        self.segment_ids = None
+        if self.rl.dpo_reward_scale and self.rl.dpo_reward_granularity == "segment":
+            self.segment_ids = torch.tensor(delimiter_token_ids(tokenizer, self.rl.segment_delimiters))
+        self.samples_seen = 0
+
+    # ------------------------------------------------------------------ sizes
+
+    def plan(self) -> tuple[int, int]:
+        """(iterations, optimiser updates per iteration)."""
+        rl, t = self.rl, self.cfg.train
+        if len(self.prompts) < rl.rollout_batch_size:
+            from rto.errors import RtoError
+
+            raise RtoError(
+                f"only {len(self.prompts)} prompts for rl.rollout_batch_size {rl.rollout_batch_size}; lower it or add prompts"
+            )
+        iterations = t.max_steps or max(1, int(t.epochs * len(self.prompts) // rl.rollout_batch_size))
+        per_iter = rl.ppo_epochs * rl.rollout_batch_size * rl.samples_per_prompt // t.batch_size
+        return iterations, per_iter
+
+    # ------------------------------------------------------------------ 1-2: rollout and scoring
+
+    def rollout(self, iteration: int) -> tuple[Rollout, float]:
+        eng, gen = self.engine, self.cfg.generate
+        idx = eng.batch_indices(iteration, len(self.prompts), batch_size=self.rl.rollout_batch_size)
+        chosen = [self.prompts[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
+        policy = self.acc.unwrap_model(self.policy)
+        chunks = []
+        began = time.time()
+        for s in range(0, len(chosen), gen.batch_size):
+            chunks.append(sample(
+                policy, [p["prompt_ids"] for p in chosen[s : s + gen.batch_size]], pad_id=self.tokenizer.pad_token_id,
+                eos=self.eos, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                top_k=gen.top_k, device=eng.device,
+            ))  # fmt: skip
+        seconds = time.time() - began
+        r = to_device(merge_samples(chunks, self.tokenizer.pad_token_id), eng.device)
+        r.texts["prompts"] = [p["prompt"] for p in chosen]
+        return r, seconds
+
+    def score(self, r: Rollout) -> None:
+        temperature = self.cfg.generate.temperature or 1.0
+        score_rollout(r, policy=self.policy, ref=self.ref, critic=self.critic, dpo=self.dpo, reward_model=self.reward_model,
+                      batch_size=self.rl.forward_batch_size, temperature=temperature)  # fmt: skip
+        if self.gold is not None:
+            responses = decode_responses(self.tokenizer, r, self.eos)
+            r.texts["responses"] = responses
+            r.texts["gold"] = call_judge(self.gold, r.texts["prompts"], responses, self.cfg.eval.gold_reward, "gold")
+
+    # ------------------------------------------------------------------ 3-4: rewards and advantages
+
+    def normalized_score(self, r: Rollout) -> torch.Tensor:
+        rl = self.rl
+        mean, std = 0.0, 1.0
+        if rl.score_normalization == "stored" and self.score_stats is not None:
+            mean, std = self.score_stats["mean"], self.score_stats["std"]
+        elif rl.score_normalization == "running":
+            self.running.update(self.acc.gather(r.score).float())
+            mean, std = self.running.mean, self.running.std
+        return normalize_score(r.score, mean=mean, std=std, clamp=rl.score_clamp, truncated=r.truncated,
+                               missing_eos_penalty=rl.missing_eos_penalty)  # fmt: skip
+
+    def assemble(self, r: Rollout) -> dict[str, torch.Tensor]:
+        rl = self.rl
+        settings = RewardSettings(
+            dpo_reward_scale=rl.dpo_reward_scale, dpo_reward_clip=rl.dpo_reward_clip,
+            granularity=rl.dpo_reward_granularity, shaping=rl.dpo_reward_shaping,
+            kl_coef=self.kl.value, score_coef=rl.score_coef,
+        )  # fmt: skip
+        segment_end = None
+        if self.segment_ids is not None:
+            segment_end = torch.isin(r.response_ids, self.segment_ids.to(r.response_ids.device))
+        r.rewards, parts = token_rewards(r.response_mask, r.logp_old, r.logp_ref, self.normalized_score(r), settings,
+                                         dpo_log_ratio=r.dpo_log_ratio, segment_end=segment_end)  # fmt: skip
+        adv, ret = estimate(rl.advantage_estimator, r.rewards, r.values, r.response_mask, gamma=rl.gamma, lam=rl.gae_lambda)
+        if rl.whiten_advantages:
+            adv = whiten(adv, r.response_mask, reduce_sum=self._reduce_sum)
+        r.advantages, r.returns = adv, ret
+        return parts
+
+    def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
+
+    # ------------------------------------------------------------------ 5: update
+
+    def update(self, r: Rollout, iteration: int, opt_actor: Any, opt_critic: Any | None, total_updates: int, per_iter: int) -> dict[str, float]:
+        rl, t, eng, acc = self.rl, self.cfg.train, self.engine, self.acc
+        temperature = self.cfg.generate.temperature or 1.0
+        n_local = len(r)
+        mb_local = t.batch_size // eng.world
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        generator = torch.Generator().manual_seed(self.engine.seed * 100_003 + iteration)
+        models = [m for m in (self.policy, self.critic) if m is not None]
+        update_index = iteration * per_iter
+        for _ in range(rl.ppo_epochs):
+            order = torch.randperm(n_local, generator=generator)
+            for start in range(0, n_local, mb_local):
+                lr = eng.set_lr(opt_actor, update_index, total_updates, t.lr)
+                if opt_critic is not None:
+                    eng.set_lr(opt_critic, update_index, total_updates, rl.critic_lr)
+                finite = True
+                mb = order[start : start + mb_local]
+                for micro in mb.split(t.micro_batch_size):
+                    b = r.take(micro.to(r.response_ids.device))
+                    mask = b["response_mask"]
+                    with acc.accumulate(*models):
+                        with acc.autocast():
+                            logp, logits = policy_logprobs(self.policy, b, temperature)
+                            pl, pstats = policy_loss(logp, b["logp_old"], b["advantages"], mask, rl.clip_range)
+                            entropy = masked_mean(entropy_from_logits(logits, temperature), mask)
+                            loss = pl - rl.entropy_coef * entropy
+                            if self.critic is not None:
+                                v = critic_values(self.critic, b["prompt_ids"], b["prompt_mask"], b["response_ids"], mask)
+                                vl, vstats = value_loss(v, b["values"], b["returns"], mask, rl.value_clip)
+                                loss = loss + vl
+                        if not torch.isfinite(loss.detach()):
+                            finite = False
+                            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+                            norms = [acc.clip_grad_norm_(m.parameters(), max_norm) for m in models]
+                            finite = not eng.any_true(not finite) and all(bool(torch.isfinite(torch.as_tensor(n))) for n in norms)
+                            if finite:
+                                opt_actor.step()
+                                if opt_critic is not None:
+                                    opt_critic.step()
+                            opt_actor.zero_grad(set_to_none=True)
+                            if opt_critic is not None:
+                                opt_critic.zero_grad(set_to_none=True)
+                            sums["policy/grad_norm"] += float(norms[0])
+                            counts["policy/grad_norm"] += 1
+                    for k, v in {"policy/loss": pl, "policy/entropy": entropy, "policy/clipfrac": pstats["clipfrac"],
+                                 "policy/approx_kl": pstats["approx_kl"]}.items():  # fmt: skip
+                        sums[k] += float(v.detach())
+                        counts[k] += 1
+                    if self.critic is not None:
+                        sums["value/loss"] += float(vl.detach())
+                        sums["value/clipfrac"] += float(vstats["clipfrac"])
+                        counts["value/loss"] += 1
+                        counts["value/clipfrac"] += 1
+                eng.record_step_health(finite, iteration)
+                update_index += 1
+        out = {k: sums[k] / max(counts[k], 1) for k in sums}
+        out["lr"] = lr
+        return out
+
+    # ------------------------------------------------------------------ logging helpers
+
+    def rollout_metrics(self, r: Rollout, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        mask = r.response_mask.float()
+        m: dict[str, float] = {
+            "rollout/score": float(r.score.mean()),
+            "rollout/kl": float(parts["kl"].sum(1).mean()),
+            "rollout/kl_coef": self.kl.value,
+            "rollout/return": float(r.rewards.sum(1).mean()),
+            "rollout/response_length": float(mask.sum(1).mean()),
+            "rollout/truncated_share": float(r.truncated.float().mean()),
+        }
+        if "dpo_per_token" in parts:
+            m["rollout/dpo_reward_sum"] = float(parts["dpo_per_token"].sum(1).mean())
+        if r.values is not None:
+            m["value/explained_variance"] = explained_variance(r.values, r.returns, r.response_mask)
+        if "gold" in r.texts:
+            m["rollout/gold_reward"] = sum(r.texts["gold"]) / len(r.texts["gold"])
+        if self.acc.num_processes > 1:
+            keys = sorted(m)
+            vals = self.acc.reduce(torch.tensor([m[k] for k in keys], device=self.engine.device), reduction="mean")
+            m = dict(zip(keys, vals.tolist()))
+        return m
+
+    # ------------------------------------------------------------------ the loop
+
+    def evaluate(self) -> dict[str, float]:
+        from rto.evaluation.sampled import sampled_metrics
+
+        if not self.eval_prompts or not self.engine.is_main:
+            return {}
+        metrics, _ = sampled_metrics(
+            self.acc.unwrap_model(self.policy), self.tokenizer, self.eval_prompts, self.cfg.eval, self.cfg.generate,
+            device=self.engine.device, seed=self.cfg.seed, ref=self.ref,
+        )  # fmt: skip
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def train(self) -> dict[str, Any]:
+        eng, acc, rl, t = self.engine, self.acc, self.rl, self.cfg.train
+        iterations, per_iter = self.plan()
+        total_updates = iterations * per_iter
+        opt_actor = eng.optimizer(self.policy)
+        if self.critic is not None:
+            opt_critic = eng.optimizer(self.critic, lr=rl.critic_lr)
+            self.policy, self.critic, opt_actor, opt_critic = acc.prepare(self.policy, self.critic, opt_actor, opt_critic)
+        else:
+            opt_critic = None
+            self.policy, opt_actor = acc.prepare(self.policy, opt_actor)
+        state = eng.resume_or_start(self.cfg.resume)
+        start = state["step"]
+        self.kl.value = state.get("kl_coef", self.kl.value)
+        self.samples_seen = state.get("samples_seen", 0)
+        for k in ("count", "mean", "m2"):
+            setattr(self.running, k, state.get("running_score", {}).get(k, getattr(self.running, k)))
+        logger = eng.start_logging(iterations)
+        logger.start_at(start)
+        if start == 0:
+            first = self.evaluate()
+            if first:
+                logger.log(0, {"samples": 0, **first})
+        began = time.time()
+        row: dict[str, Any] = {}
+        for it in range(start, iterations):
+            t0 = time.time()
+            r, gen_seconds = self.rollout(it)
+            t1 = time.time()
+            self.score(r)
+            parts = self.assemble(r)
+            t2 = time.time()
+            rollout_stats = self.rollout_metrics(r, parts)
+            self.kl.update(rollout_stats["rollout/kl"], len(r) * eng.world)
+            train_stats = self.update(r, it, opt_actor, opt_critic, total_updates, per_iter)
+            t3 = time.time()
+            self.samples_seen += len(r) * eng.world
+            tokens = float(r.response_mask.sum()) * eng.world
+            row = {"samples": self.samples_seen, **rollout_stats, **train_stats,
+                   "time/generate": gen_seconds, "time/score": t2 - t1, "time/update": t3 - t2,
+                   "time/iteration": t3 - t0, "time/generated_tokens_per_second": tokens / max(gen_seconds, 1e-9)}  # fmt: skip
+            done = it + 1
+            if t.eval_every and done % t.eval_every == 0 and done < iterations:
+                row.update(self.evaluate())
+            if done % t.log_every == 0 or done == iterations:
+                logger.log(done, row)
+            logger.advance()
+            if t.save_every and done % t.save_every == 0 and done < iterations:
+                eng.save_checkpoint(done, {"kl_coef": self.kl.value, "samples_seen": self.samples_seen,
+                                           "running_score": vars(self.running)})  # fmt: skip
+            maybe_fault("kill_after_step", done)
+        final = self.evaluate()
+        if final:
+            logger.log(iterations, {"samples": self.samples_seen, **final})
+        summary = {f"train/{k}": v for k, v in row.items()}
+        summary.update(final)
+        summary.update({"iterations": iterations, "updates": total_updates, "samples": self.samples_seen,
+                        "skipped_steps": eng.skipped_steps, "train_seconds": round(time.time() - began, 1)})  # fmt: skip
+        return summary
