@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 from rto.cli import main as rto_main  # noqa: E402
 
 TINY_TASK = [
-    "--num_sft", "3000", "--num_sft_eval", "60", "--num_train_prompts", "300", "--num_eval_prompts", "64",
+    "--num_sft", "3000", "--num_sft_eval", "60", "--num_train_prompts", "1200", "--num_eval_prompts", "64",
     "--vocab_size", "400", "--hidden_size", "64", "--num_layers", "2", "--num_heads", "2", "--max_positions", "96",
 ]  # fmt: skip
 
@@ -38,7 +38,11 @@ def rto_ok(*args: str) -> None:
 def rto_subprocess(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "rto", *map(str, args)], capture_output=True, text=True, env=full_env, timeout=600
+        [sys.executable, "-m", "rto", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=600,
     )
 
 
@@ -68,3 +72,52 @@ def sft_model(tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                      "--eval.prompts", tiny_task / "prompts_eval.jsonl",
                      "--eval.gold_reward", "sentiment", "--eval.fluency", "sentiment"))  # fmt: skip
     return out
+
+
+PREF_COMMON = [
+    "--data.max_length",
+    "96",
+    "--data.max_prompt_length",
+    "32",
+    "--log.progress",
+    "false",
+]
+
+
+@pytest.fixture(scope="session")
+def pairs_data(sft_model: Path, tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pairs")
+    rto_ok("pairs", "--out", out, "--overwrite", "--model.path", sft_model, "--data.path", tiny_task / "prompts_train.jsonl",
+           "--data.max_prompt_length", "32", "--gold_reward", "sentiment", "--generate.max_new_tokens", "40", "--data.eval_fraction", "0.15",
+           "--generate.batch_size", "128", "--log.progress", "false")  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_model(
+    sft_model: Path, pairs_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("rm")
+    rto_ok("rm", "--out", out, "--overwrite", "--model.path", sft_model, "--data.path", pairs_data / "pairs_train.jsonl",
+           "--data.eval_path", pairs_data / "pairs_eval.jsonl", "--train.lr", "5e-3", "--train.batch_size", "32",
+           "--train.micro_batch_size", "32", "--train.epochs", "6", *PREF_COMMON)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def dpo_model(sft_model: Path, pairs_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dpo")
+    rto_ok("dpo", "--out", out, "--overwrite", "--model.path", sft_model, "--data.path", pairs_data / "pairs_train.jsonl",
+           "--data.eval_path", pairs_data / "pairs_eval.jsonl", "--train.lr", "5e-3", "--train.batch_size", "32",
+           "--train.micro_batch_size", "32", "--train.epochs", "6", *PREF_COMMON)  # fmt: skip
+    return out
+
+
+def rl_args(task: Path, sft: Path, rm: Path, dpo: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "rl", "--out", out, "--model.path", sft, "--reward_model", rm, "--dpo_model", dpo,
+        "--data.path", task / "prompts_train.jsonl", "--data.max_prompt_length", "32",
+        "--rl.rollout_batch_size", "32", "--train.batch_size", "16", "--train.micro_batch_size", "8",
+        "--train.lr", "1e-4", "--rl.critic_lr", "1e-3", "--generate.max_new_tokens", "32",
+        "--generate.batch_size", "32", "--log.progress", "false", *extra,
+    ]  # fmt: skip

@@ -16,8 +16,12 @@ from rto.errors import ConfigError
 
 def test_yaml_then_cli_precedence(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("out: x\nmodel: {path: m}\ndata: {path: d.jsonl}\ntrain: {lr: 0.001, batch_size: 32}\n")
-    cfg = core.build(SFTConfig, file_values=core.load_yaml(f), file_name=str(f), cli_values={"train.lr": "2e-4"})
+    f.write_text(
+        "out: x\nmodel: {path: m}\ndata: {path: d.jsonl}\ntrain: {lr: 0.001, batch_size: 32}\n"
+    )
+    cfg = core.build(
+        SFTConfig, file_values=core.load_yaml(f), file_name=str(f), cli_values={"train.lr": "2e-4"}
+    )
     assert cfg.train.lr == 2e-4  # command line wins
     assert cfg.train.batch_size == 32  # from the file
     assert cfg.train.adam_beta2 == 0.95  # default (paper)
@@ -31,8 +35,14 @@ def test_yaml_then_cli_precedence(tmp_path: Path) -> None:
         ({"train": {"lr": "fast"}}, "config key 'train.lr' must be a number"),
         ({"train": {"batch_size": 2.5}}, "'train.batch_size' must be an integer"),
         ({"train": {"lr": -1.0}}, "'train.lr' = -1.0 is out of range"),
-        ({"train": {"warmup_ratio": 1.5}}, "'train.warmup_ratio' = 1.5 is out of range; it must be <= 1.0"),
-        ({"train": {"schedule": "step"}}, "'train.schedule' = 'step' is not allowed; choose one of"),
+        (
+            {"train": {"warmup_ratio": 1.5}},
+            "'train.warmup_ratio' = 1.5 is out of range; it must be <= 1.0",
+        ),
+        (
+            {"train": {"schedule": "step"}},
+            "'train.schedule' = 'step' is not allowed; choose one of",
+        ),
         ({"log": {"progress": "maybe"}}, "'log.progress' must be true or false"),
         ({"train": {"batch_size": 4, "micro_batch_size": 8}}, "must not exceed"),
         ({"model": {"path": ""}}, "config key 'model.path' is required"),
@@ -50,7 +60,9 @@ def test_bad_values_are_refused_with_the_key(values: dict, message: str, tmp_pat
         core.build(SFTConfig, file_values=merged, file_name="c.yaml")
 
 
-def test_cli_refuses_unknown_option_before_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_refuses_unknown_option_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = main(["sft", "--out", str(tmp_path / "o"), "--train.lrate", "1e-3"])
     assert code == 2
     err = capsys.readouterr().err
@@ -59,7 +71,19 @@ def test_cli_refuses_unknown_option_before_work(tmp_path: Path, capsys: pytest.C
 
 
 def test_cli_wrong_type_names_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["sft", "--out", str(tmp_path / "o"), "--model.path", "m", "--data.path", "d.jsonl", "--train.epochs", "two"])
+    code = main(
+        [
+            "sft",
+            "--out",
+            str(tmp_path / "o"),
+            "--model.path",
+            "m",
+            "--data.path",
+            "d.jsonl",
+            "--train.epochs",
+            "two",
+        ]
+    )
     assert code == 2
     assert "config key 'train.epochs' must be a number, got 'two'" in capsys.readouterr().err
 
@@ -68,7 +92,7 @@ def test_help_lists_every_option_with_type_and_default() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     text = sub.choices["sft"].format_help()
-    for key, tp, default, _ in core.iter_leaves(SFTConfig):
+    for key, *_ in core.iter_leaves(SFTConfig):
         assert f"--{key}" in text, key
     assert "[float, default: 0.95]" in text  # adam_beta2 with its type and default
     assert "paper: 3% warm-up" in text

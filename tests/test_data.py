@@ -15,7 +15,10 @@ from rto.data.tokenize import IGNORE, build_pairs, build_prompts, build_sft, tru
 from rto.errors import DataError
 from rto.models.load import load_tokenizer
 
-ROWS = [{"prompt": "the food was", "completion": " very good ."}, {"prompt": "i", "completion": " loved the pizza ."}]
+ROWS = [
+    {"prompt": "the food was", "completion": " very good ."},
+    {"prompt": "i", "completion": " loved the pizza ."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +89,18 @@ def test_missing_column_lists_columns_and_formats(tmp_path: Path, tok) -> None:
     with pytest.raises(DataError) as err:
         sft(f, tok)
     msg = str(err.value)
-    assert str(f) in msg and "answer, question" in msg and "{text}, {prompt, completion} or {messages}" in msg
+    assert (
+        str(f) in msg
+        and "answer, question" in msg
+        and "{text}, {prompt, completion} or {messages}" in msg
+    )
 
 
 def test_non_text_value_names_file_line_and_column(tmp_path: Path, tok) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": "a", "completion": 42}])
-    with pytest.raises(DataError, match=re.escape(f"file {f}, line 2, column 'completion': expected text, got int")):
+    with pytest.raises(
+        DataError, match=re.escape(f"file {f}, line 2, column 'completion': expected text, got int")
+    ):
         sft(f, tok)
 
 
@@ -99,15 +108,23 @@ def test_preference_missing_column_and_bad_messages(tmp_path: Path, tok) -> None
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b"}])
     with pytest.raises(DataError, match="missing column 'rejected'"):
         build_pairs(load_rows(str(f)), tok, max_length=32, max_prompt_length=8, source="t")
-    f2 = write_jsonl(tmp_path / "p2.jsonl", [{"prompt": "a", "chosen": [{"role": "user"}], "rejected": "c"}])
-    with pytest.raises(DataError, match=r"line 1, column 'chosen', message 0: each message needs 'role' and 'content'"):
+    f2 = write_jsonl(
+        tmp_path / "p2.jsonl", [{"prompt": "a", "chosen": [{"role": "user"}], "rejected": "c"}]
+    )
+    with pytest.raises(
+        DataError,
+        match=r"line 1, column 'chosen', message 0: each message needs 'role' and 'content'",
+    ):
         build_pairs(load_rows(str(f2)), tok, max_length=32, max_prompt_length=8, source="t")
 
 
 def test_messages_need_a_chat_template(tmp_path: Path, tiny_task: Path) -> None:
     tok = load_tokenizer(ModelSection(path=str(tiny_task / "base_model")))
     tok.chat_template = None
-    f = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    f = write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    )
     with pytest.raises(DataError, match="has no chat template"):
         sft(f, tok)
 
@@ -145,7 +162,9 @@ def test_ultrafeedback_style_conversations(tmp_path: Path, tok) -> None:
 
 
 def test_truncation_keeps_prompt_end_and_response_start() -> None:
-    prompt, response, cut = truncate(list(range(10)), list(range(100, 120)), max_prompt=4, max_len=10)
+    prompt, response, cut = truncate(
+        list(range(10)), list(range(100, 120)), max_prompt=4, max_len=10
+    )
     assert prompt == [6, 7, 8, 9] and response == [100, 101, 102, 103, 104, 105] and cut
 
 
@@ -163,7 +182,10 @@ def test_prompt_is_masked_out_of_the_loss(tmp_path: Path, tok) -> None:
 
 def test_empty_rows_are_dropped_and_counted(tmp_path: Path, tok) -> None:
     rows = ROWS + [{"prompt": "the food was", "completion": ""}, {"text": ""}]
-    f = write_jsonl(tmp_path / "e.jsonl", [{"prompt": r.get("prompt", ""), "completion": r.get("completion", "")} for r in rows])
+    f = write_jsonl(
+        tmp_path / "e.jsonl",
+        [{"prompt": r.get("prompt", ""), "completion": r.get("completion", "")} for r in rows],
+    )
     examples, report = sft(f, tok)
     assert len(examples) == 2 and report.dropped == {"empty response": 2}
     assert "dropped 2 (2 empty response)" in report.describe()
@@ -171,7 +193,9 @@ def test_empty_rows_are_dropped_and_counted(tmp_path: Path, tok) -> None:
 
 def test_long_rows_are_truncated_and_counted(tmp_path: Path, tok) -> None:
     long_prompt = " ".join(["the food was good ."] * 20)
-    f = write_jsonl(tmp_path / "l.jsonl", [{"prompt": long_prompt, "completion": " the staff was rude ." * 20}])
+    f = write_jsonl(
+        tmp_path / "l.jsonl", [{"prompt": long_prompt, "completion": " the staff was rude ." * 20}]
+    )
     (ex,), report = sft(f, tok, max_length=30, max_prompt_length=10)
     assert report.truncated == 1 and len(ex["input_ids"]) == 30
     assert sum(lab == IGNORE for lab in ex["labels"]) == 10
@@ -186,13 +210,21 @@ def test_identical_and_empty_pairs_are_skipped_and_counted(tmp_path: Path, tok) 
         {"prompt": "", "chosen": " good .", "rejected": " bad ."},
     ]
     f = write_jsonl(tmp_path / "p.jsonl", rows)
-    examples, report = build_pairs(load_rows(str(f)), tok, max_length=32, max_prompt_length=8, source="t")
+    examples, report = build_pairs(
+        load_rows(str(f)), tok, max_length=32, max_prompt_length=8, source="t"
+    )
     assert len(examples) == 1
-    assert report.dropped == {"identical chosen and rejected": 1, "empty chosen or rejected response": 1, "empty prompt": 1}
+    assert report.dropped == {
+        "identical chosen and rejected": 1,
+        "empty chosen or rejected response": 1,
+        "empty prompt": 1,
+    }
 
 
 def test_prompt_rows_long_prompts_keep_their_end(tmp_path: Path, tok) -> None:
-    f = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "the food was good . " * 10 + "i"}, {"prompt": ""}])
+    f = write_jsonl(
+        tmp_path / "pr.jsonl", [{"prompt": "the food was good . " * 10 + "i"}, {"prompt": ""}]
+    )
     examples, report = build_prompts(load_rows(str(f)), tok, max_prompt_length=6, source="t")
     assert len(examples) == 1 and report.truncated == 1 and report.dropped == {"empty prompt": 1}
     assert tok.decode(examples[0]["prompt_ids"]).endswith(". i")

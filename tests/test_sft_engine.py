@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rto, rto_ok, rto_subprocess, sft_args
 from safetensors.torch import load_file
 
+from conftest import rto, rto_ok, rto_subprocess, sft_args
 from rto.engine.schedule import lr_at
 
 
 def test_lr_schedule_warmup_cosine_floor() -> None:
     lrs = [lr_at(s, 100, 1.0, kind="cosine", warmup_ratio=0.03, min_ratio=0.1) for s in range(100)]
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # 3 warm-up steps
-    assert lrs[3] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)  # peak, then the 10% floor
+    assert lrs[3] == pytest.approx(1.0) and lrs[-1] == pytest.approx(
+        0.1, abs=1e-3
+    )  # peak, then the 10% floor
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # monotone decay
     assert lr_at(50, 100, 2.0, kind="constant", warmup_ratio=0.0, min_ratio=0.1) == 2.0
 
@@ -26,7 +28,9 @@ def test_lr_schedule_warmup_cosine_floor() -> None:
 def test_sft_learns_and_reports(sft_model: Path) -> None:
     s = json.loads((sft_model / "summary.json").read_text())
     assert s["eval/perplexity"] < 0.25 * s["eval/unigram_perplexity"]
-    assert s["sample/fluency_rate"] >= 0.6  # tiny model, 3 short epochs; the quick demo setting reaches >= 0.9
+    assert (
+        s["sample/fluency_rate"] >= 0.6
+    )  # tiny model, 3 short epochs; the quick demo setting reaches >= 0.9
     assert -0.5 < s["sample/gold_reward_mean"] < 0.5
     lines = [json.loads(x) for x in (sft_model / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, s["steps"] + 1))
@@ -65,27 +69,37 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fault", ["kill_after_step:7", "kill_during_save:8"])
-def test_killed_run_resumes_to_identical_weights(tiny_task: Path, tmp_path: Path, fault: str) -> None:
+def test_killed_run_resumes_to_identical_weights(
+    tiny_task: Path, tmp_path: Path, fault: str
+) -> None:
     common = ["--train.max_steps", "12", "--train.save_every", "4", "--data.max_rows", "400"]
     full = rto_subprocess(*sft_args(tiny_task, tmp_path / "full", *common))
     assert full.returncode == 0, full.stderr
-    killed = rto_subprocess(*sft_args(tiny_task, tmp_path / "cut", *common), env={"RTO_FAULT": fault})
+    killed = rto_subprocess(
+        *sft_args(tiny_task, tmp_path / "cut", *common), env={"RTO_FAULT": fault}
+    )
     assert killed.returncode == -9  # SIGKILL, like kill -9
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert "step-4" in ckpts and not (tmp_path / "cut" / "summary.json").exists()
     if fault.startswith("kill_during_save"):
-        assert ".partial-step-8" in ckpts and "step-8" not in ckpts  # the half-written one is not "latest"
+        assert (
+            ".partial-step-8" in ckpts and "step-8" not in ckpts
+        )  # the half-written one is not "latest"
     resumed = rto_subprocess(*sft_args(tiny_task, tmp_path / "cut", *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run ended with different weights"
-    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps[:12] == list(range(1, 13))  # each step logged once, none lost
 
 
-def test_non_finite_losses_stop_with_a_clear_error(tiny_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_non_finite_losses_stop_with_a_clear_error(
+    tiny_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = rto(*sft_args(tiny_task, tmp_path / "nan", "--train.lr", "1e30", "--train.max_steps", "30",
                          "--train.max_nonfinite", "3", "--train.grad_clip", "0", "--data.max_rows", "300"))  # fmt: skip
     assert code == 2
@@ -94,11 +108,21 @@ def test_non_finite_losses_stop_with_a_clear_error(tiny_task: Path, tmp_path: Pa
 
 
 def test_sft_on_chat_messages(tiny_task: Path, tmp_path: Path) -> None:
-    rows = [json.loads(line) for line in (tiny_task / "sft_train.jsonl").read_text().splitlines()][:200]
+    rows = [json.loads(line) for line in (tiny_task / "sft_train.jsonl").read_text().splitlines()][
+        :200
+    ]
     data = tmp_path / "chat.jsonl"
     data.write_text(
         "".join(
-            json.dumps({"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"].strip()}]}) + "\n"
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["completion"].strip()},
+                    ]
+                }
+            )
+            + "\n"
             for r in rows
         )
     )

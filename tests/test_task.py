@@ -8,7 +8,6 @@ import statistics
 from pathlib import Path
 
 from conftest import TINY_TASK, rto_ok
-
 from rto.tasks import sentiment
 from rto.tasks.sentiment.grammar import generate_text, is_well_formed
 
@@ -37,12 +36,16 @@ def test_corpus_is_balanced_and_well_formed(tiny_task: Path) -> None:
     assert 0.4 < sum(g > 0 for g in gold) / len(gold) < 0.6
     assert all(sentiment.fluency([r["prompt"]], [r["completion"]])[0] for r in rows)
     info = json.loads((tiny_task / "task.json").read_text())
-    assert info["gold_reward"] == "sentiment" and (tiny_task / info["files"]["base_model"] / "config.json").exists()
+    assert (
+        info["gold_reward"] == "sentiment"
+        and (tiny_task / info["files"]["base_model"] / "config.json").exists()
+    )
 
 
 def test_gold_reward_depends_on_context() -> None:
     good, not_good, very_good, but = sentiment.gold_reward(
-        [], [" good .", " not good .", " very good .", " the food was good but the staff was rude ."]
+        [],
+        [" good .", " not good .", " very good .", " the food was good but the staff was rude ."],
     )
     assert not_good < 0 < good < very_good  # negation flips, intensifiers boost
     assert but < 0  # after "but" counts more

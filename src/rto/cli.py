@@ -37,13 +37,36 @@ class Stage:
 
 
 STAGES = [
-    Stage("sft", "rto.config.stages:SFTConfig", "rto.stages.sft:run", "Supervised fine-tuning of a causal LM."),
-    Stage("pairs", "rto.config.stages:PairsConfig", "rto.stages.pairs:run",
-          "Preference pairs: sample k responses per prompt, judge with a gold reward, label with a simulated annotator."),
-    Stage("rm", "rto.config.stages:RMConfig", "rto.stages.rm:run", "Train a Bradley-Terry reward model (sequence classifier)."),
-    Stage("dpo", "rto.config.stages:DPOConfig", "rto.stages.dpo:run", "Train the DPO family: dpo, ipo, rdpo, simpo, tdpo."),
-    Stage("rl", "rto.config.stages:RLConfig", "rto.stages.rl:run",
-          "Online RL with token-level rewards: RTO, PPO and the paper's variants (--preset)."),
+    Stage(
+        "sft",
+        "rto.config.stages:SFTConfig",
+        "rto.stages.sft:run",
+        "Supervised fine-tuning of a causal LM.",
+    ),
+    Stage(
+        "pairs",
+        "rto.config.stages:PairsConfig",
+        "rto.stages.pairs:run",
+        "Preference pairs: sample k responses per prompt, judge with a gold reward, label with a simulated annotator.",
+    ),
+    Stage(
+        "rm",
+        "rto.config.stages:RMConfig",
+        "rto.stages.rm:run",
+        "Train a Bradley-Terry reward model (sequence classifier).",
+    ),
+    Stage(
+        "dpo",
+        "rto.config.stages:DPOConfig",
+        "rto.stages.dpo:run",
+        "Train the DPO family: dpo, ipo, rdpo, simpo, tdpo.",
+    ),
+    Stage(
+        "rl",
+        "rto.config.stages:RLConfig",
+        "rto.stages.rl:run",
+        "Online RL with token-level rewards: RTO, PPO and the paper's variants (--preset).",
+    ),
 ]
 TASK_STAGES = {
     "sentiment": Stage(
@@ -67,7 +90,11 @@ def _help_text(tp: Any, default: Any, meta: dict[str, Any]) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of config values (command-line options override it).")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of config values (command-line options override it).",
+    )
     groups: dict[str, Any] = {}
     for key, tp, default, meta in core.iter_leaves(cls):
         section_name = key.split(".")[0] if "." in key else ""
@@ -75,7 +102,11 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if group is None:
             title = f"{section_name} options" if section_name else "options"
             group = groups[section_name] = parser.add_argument_group(title)
-        kwargs: dict[str, Any] = {"dest": f"cfg:{key}", "default": argparse.SUPPRESS, "metavar": "V"}
+        kwargs: dict[str, Any] = {
+            "dest": f"cfg:{key}",
+            "default": argparse.SUPPRESS,
+            "metavar": "V",
+        }
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         group.add_argument(f"--{key}", help=_help_text(tp, default, meta), **kwargs)
@@ -140,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rto {args.stage}: interrupted; continue with the same command and --resume", file=sys.stderr)
+        print(
+            f"rto {args.stage}: interrupted; continue with the same command and --resume",
+            file=sys.stderr,
+        )
         return 130
 
 

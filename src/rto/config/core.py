@@ -116,7 +116,9 @@ def coerce(value: Any, tp: Any, key: str, *, from_text: bool) -> Any:
             text = value.strip()
             if text.startswith("["):
                 value = yaml.safe_load(text)
-                return [coerce(v, item_tp, f"{key}[{i}]", from_text=False) for i, v in enumerate(value)]
+                return [
+                    coerce(v, item_tp, f"{key}[{i}]", from_text=False) for i, v in enumerate(value)
+                ]
             value = [v.strip() for v in text.split(",") if v.strip()] if text else []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a {type_name(tp)}, got {value!r}")
@@ -169,12 +171,16 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
         for v in values:
             if v not in choices:
                 allowed = ", ".join(repr(c) for c in choices)
-                raise ConfigError(f"config key '{key}' = {v!r} is not allowed; choose one of {allowed}")
+                raise ConfigError(
+                    f"config key '{key}' = {v!r} is not allowed; choose one of {allowed}"
+                )
     lo, hi = meta.get("min"), meta.get("max")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
             sign = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"config key '{key}' = {value} is out of range; it must be {sign} {lo}")
+            raise ConfigError(
+                f"config key '{key}' = {value} is out of range; it must be {sign} {lo}"
+            )
         if hi is not None and value > hi:
             raise ConfigError(f"config key '{key}' = {value} is out of range; it must be <= {hi}")
 
@@ -190,10 +196,14 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     )
 
 
-def apply(cfg: Any, updates: dict[str, Any], *, prefix: str = "", from_text: bool = False, where: str = "") -> None:
+def apply(
+    cfg: Any, updates: dict[str, Any], *, prefix: str = "", from_text: bool = False, where: str = ""
+) -> None:
     """Set nested values of the dataclass `cfg` in place from a (nested) dict."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}'{where} must be a mapping, got {updates!r}")
+        raise ConfigError(
+            f"config section '{prefix.rstrip('.') or '<top>'}'{where} must be a mapping, got {updates!r}"
+        )
     hints = _resolved_hints(type(cfg))
     by_name = {f.name: f for f in fields(cfg)}
     for raw_key, value in updates.items():
@@ -245,7 +255,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 
@@ -264,7 +276,9 @@ def build(
         name = (cli_values or {}).get("preset") or (file_values or {}).get("preset")
         if name is not None:
             if name not in presets:
-                raise ConfigError(f"config key 'preset' = {name!r} is not allowed; choose one of {', '.join(presets)}")
+                raise ConfigError(
+                    f"config key 'preset' = {name!r} is not allowed; choose one of {', '.join(presets)}"
+                )
             apply(cfg, dict(presets[name]))
     if file_values:
         apply(cfg, file_values, where=f" (in {file_name})" if file_name else "")
@@ -278,7 +292,9 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def iter_leaves(cls_or_cfg: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, dict[str, Any]]]:
+def iter_leaves(
+    cls_or_cfg: Any, prefix: str = ""
+) -> typing.Iterator[tuple[str, Any, Any, dict[str, Any]]]:
     """Yield (dotted key, type, default, metadata) for every leaf of a config class or instance."""
     cfg = cls_or_cfg() if isinstance(cls_or_cfg, type) else cls_or_cfg
     assert is_dataclass(cfg)

@@ -12,16 +12,24 @@ from rto.errors import ConfigError
 class ModelSection:
     path: str = option("", "Hugging Face hub id or local folder of the model (required).")
     tokenizer: str | None = option(None, "Tokenizer hub id or folder; default: the model's.")
-    gguf_file: str | None = option(None, "GGUF file name inside `path` to load through transformers (needs `gguf`).")
+    gguf_file: str | None = option(
+        None, "GGUF file name inside `path` to load through transformers (needs `gguf`)."
+    )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
     dtype: str = option(
         "auto",
         "Weights dtype; auto = bfloat16 on GPUs that support it, else float32.",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
-    trust_remote_code: bool = option(False, "Allow model code from the hub (only for models you trust).")
-    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
-    attn_implementation: str | None = option(None, "Attention kernel: eager, sdpa, flash_attention_2 ... (default: transformers').")
+    trust_remote_code: bool = option(
+        False, "Allow model code from the hub (only for models you trust)."
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass to save memory."
+    )
+    attn_implementation: str | None = option(
+        None, "Attention kernel: eager, sdpa, flash_attention_2 ... (default: transformers')."
+    )
 
     def check(self) -> None:
         pass
@@ -29,15 +37,29 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = option("", "Dataset: hub id, dataset folder, or JSON/JSONL/Parquet/CSV file(s), comma-separated.")
+    path: str = option(
+        "", "Dataset: hub id, dataset folder, or JSON/JSONL/Parquet/CSV file(s), comma-separated."
+    )
     split: str = option("train", "Split to train on (hub ids and dataset folders).")
-    eval_path: str | None = option(None, "Held-out dataset (same forms as `path`); default: carve `eval_fraction` off `path`.")
-    eval_split: str | None = option(None, "Split of `eval_path` (or of `path`) to evaluate on, e.g. test_prefs.")
-    eval_fraction: float = option(0.05, "Share of training rows held out when no eval set is given.", min=0.0, max=0.5)
-    max_rows: int | None = option(None, "Use at most this many training rows (after shuffling with the seed).", min=1)
+    eval_path: str | None = option(
+        None, "Held-out dataset (same forms as `path`); default: carve `eval_fraction` off `path`."
+    )
+    eval_split: str | None = option(
+        None, "Split of `eval_path` (or of `path`) to evaluate on, e.g. test_prefs."
+    )
+    eval_fraction: float = option(
+        0.05, "Share of training rows held out when no eval set is given.", min=0.0, max=0.5
+    )
+    max_rows: int | None = option(
+        None, "Use at most this many training rows (after shuffling with the seed).", min=1
+    )
     max_eval_rows: int | None = option(1000, "Use at most this many held-out rows.", min=1)
-    max_length: int = option(1024, "Most tokens of prompt + response; longer responses are cut at the end.", min=2)
-    max_prompt_length: int = option(512, "Most prompt tokens; longer prompts keep their end.", min=1)
+    max_length: int = option(
+        1024, "Most tokens of prompt + response; longer responses are cut at the end.", min=2
+    )
+    max_prompt_length: int = option(
+        512, "Most prompt tokens; longer prompts keep their end.", min=1
+    )
 
     def check(self) -> None:
         if self.max_prompt_length >= self.max_length:
@@ -50,24 +72,52 @@ class DataSection:
 @dataclass
 class TrainSection:
     lr: float = option(1e-5, "Peak learning rate.", min=0.0, min_exclusive=True)
-    adam_beta1: float = option(0.9, "AdamW beta1.", min=0.0, max=1.0, paper="Adam betas (0.9, 0.95)")
-    adam_beta2: float = option(0.95, "AdamW beta2.", min=0.0, max=1.0, paper="Adam betas (0.9, 0.95)")
+    adam_beta1: float = option(
+        0.9, "AdamW beta1.", min=0.0, max=1.0, paper="Adam betas (0.9, 0.95)"
+    )
+    adam_beta2: float = option(
+        0.95, "AdamW beta2.", min=0.0, max=1.0, paper="Adam betas (0.9, 0.95)"
+    )
     adam_eps: float = option(1e-8, "AdamW epsilon.", min=0.0, min_exclusive=True)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
-    schedule: str = option("cosine", "Learning-rate schedule after warm-up.", choices=["cosine", "linear", "constant"])
-    warmup_ratio: float = option(0.03, "Share of steps spent warming up linearly from 0.", min=0.0, max=1.0, paper="3% warm-up")
-    min_lr_ratio: float = option(0.1, "Floor of the schedule as a share of the peak rate.", min=0.0, max=1.0, paper="10% floor")
+    schedule: str = option(
+        "cosine", "Learning-rate schedule after warm-up.", choices=["cosine", "linear", "constant"]
+    )
+    warmup_ratio: float = option(
+        0.03,
+        "Share of steps spent warming up linearly from 0.",
+        min=0.0,
+        max=1.0,
+        paper="3% warm-up",
+    )
+    min_lr_ratio: float = option(
+        0.1,
+        "Floor of the schedule as a share of the peak rate.",
+        min=0.0,
+        max=1.0,
+        paper="10% floor",
+    )
     epochs: float = option(1.0, "Passes over the training data.", min=0.0, min_exclusive=True)
-    max_steps: int | None = option(None, "Stop after this many optimiser steps (overrides epochs).", min=1)
+    max_steps: int | None = option(
+        None, "Stop after this many optimiser steps (overrides epochs).", min=1
+    )
     batch_size: int = option(64, "Samples per optimiser step, across all devices.", min=1)
-    micro_batch_size: int = option(8, "Samples per forward pass on one device; the rest is gradient accumulation.", min=1)
+    micro_batch_size: int = option(
+        8, "Samples per forward pass on one device; the rest is gradient accumulation.", min=1
+    )
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0 = off).", min=0.0)
     mixed_precision: str = option(
-        "auto", "Autocast: auto = bf16 on GPUs that support it, else off.", choices=["auto", "no", "bf16", "fp16"]
+        "auto",
+        "Autocast: auto = bf16 on GPUs that support it, else off.",
+        choices=["auto", "no", "bf16", "fp16"],
     )
-    save_every: int = option(0, "Write a resumable checkpoint every N steps (0 = only at the end).", min=0)
+    save_every: int = option(
+        0, "Write a resumable checkpoint every N steps (0 = only at the end).", min=0
+    )
     keep_checkpoints: int = option(2, "How many recent checkpoints to keep.", min=1)
-    eval_every: int = option(0, "Evaluate on held-out data every N steps (0 = only at the end).", min=0)
+    eval_every: int = option(
+        0, "Evaluate on held-out data every N steps (0 = only at the end).", min=0
+    )
     log_every: int = option(1, "Log metrics every N steps.", min=1)
     max_nonfinite: int = option(
         5, "Skip a step whose loss is NaN/inf; stop with an error after this many in a row.", min=1
@@ -84,25 +134,43 @@ class TrainSection:
 @dataclass
 class GenerateSection:
     max_new_tokens: int = option(256, "Most tokens generated per response.", min=1)
-    temperature: float = option(1.0, "Sampling temperature (0 = greedy).", min=0.0, paper="temperature 1.0")
-    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much mass.", min=0.0, max=1.0, min_exclusive=True)
+    temperature: float = option(
+        1.0, "Sampling temperature (0 = greedy).", min=0.0, paper="temperature 1.0"
+    )
+    top_p: float = option(
+        1.0,
+        "Nucleus sampling: keep the smallest set of tokens with this much mass.",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+    )
     top_k: int = option(0, "Keep only the k most likely tokens (0 = off).", min=0)
     batch_size: int = option(64, "Prompts per generation call on one device.", min=1)
 
 
 @dataclass
 class EvalSection:
-    prompts: str | None = option(None, "Held-out prompts file/dataset for sampled metrics (rows {prompt}).")
+    prompts: str | None = option(
+        None, "Held-out prompts file/dataset for sampled metrics (rows {prompt})."
+    )
     prompts_split: str = option("train", "Split of `prompts` for hub ids and dataset folders.")
     num_prompts: int = option(256, "How many held-out prompts to sample responses for.", min=1)
-    gold_reward: str | None = option(None, "Gold reward to report: a registered name (sentiment) or module:function.")
-    fluency: str | None = option(None, "Fluency check to report: a registered name (sentiment) or module:function.")
+    gold_reward: str | None = option(
+        None, "Gold reward to report: a registered name (sentiment) or module:function."
+    )
+    fluency: str | None = option(
+        None, "Fluency check to report: a registered name (sentiment) or module:function."
+    )
 
 
 @dataclass
 class LogSection:
     progress: bool = option(True, "Show a progress bar with the key numbers.")
-    tensorboard: bool = option(False, "Also log to TensorBoard (needs tensorboard) under OUT/tensorboard.")
+    tensorboard: bool = option(
+        False, "Also log to TensorBoard (needs tensorboard) under OUT/tensorboard."
+    )
     wandb: bool = option(False, "Also log to Weights & Biases (needs wandb).")
     wandb_project: str = option("rto", "wandb project name.")
-    run_name: str | None = option(None, "Run name for wandb / TensorBoard; default: the output folder's name.")
+    run_name: str | None = option(
+        None, "Run name for wandb / TensorBoard; default: the output folder's name."
+    )

@@ -22,7 +22,10 @@ from rto.errors import ConfigError
 
 
 def _out() -> str:
-    return option("", "Output folder: model, tokenizer, config.yaml, metrics.jsonl, summary.json, checkpoints (required).")
+    return option(
+        "",
+        "Output folder: model, tokenizer, config.yaml, metrics.jsonl, summary.json, checkpoints (required).",
+    )
 
 
 def _resume() -> bool:
@@ -30,7 +33,9 @@ def _resume() -> bool:
 
 
 def _overwrite() -> bool:
-    return option(False, "Start over even though `out` already holds a run (its files are replaced).")
+    return option(
+        False, "Start over even though `out` already holds a run (its files are replaced)."
+    )
 
 
 def _seed() -> int:
@@ -81,8 +86,12 @@ class SFTConfig:
         True, "Loss on response tokens only for {prompt, completion} and {messages} rows."
     )
     model: ModelSection = section(ModelSection, "The model to fine-tune.")
-    data: DataSection = section(DataSection, "SFT rows: {text}, {prompt, completion} or {messages}.")
-    train: TrainSection = section(TrainSection, "Optimisation.", lr=2e-5, batch_size=64, micro_batch_size=8)
+    data: DataSection = section(
+        DataSection, "SFT rows: {text}, {prompt, completion} or {messages}."
+    )
+    train: TrainSection = section(
+        TrainSection, "Optimisation.", lr=2e-5, batch_size=64, micro_batch_size=8
+    )
     generate: GenerateSection = section(GenerateSection, "Sampling for the held-out metrics.")
     eval: EvalSection = section(EvalSection, "Held-out prompts and judges for sampled metrics.")
     log: LogSection = section(LogSection, "Logging.")
@@ -101,20 +110,39 @@ class PairsConfig:
     out: str = _out()
     seed: int = _seed()
     overwrite: bool = _overwrite()
-    gold_reward: str = option("", "Gold reward that judges responses: a registered name (sentiment) or module:function (required).")
+    gold_reward: str = option(
+        "",
+        "Gold reward that judges responses: a registered name (sentiment) or module:function (required).",
+    )
     num_samples: int = option(2, "Responses sampled per prompt (k).", min=2)
     pairing: str = option(
-        "best_worst", "Which pairs of the k responses to label (k > 2): best_worst by gold reward, random, or all.",
+        "best_worst",
+        "Which pairs of the k responses to label (k > 2): best_worst by gold reward, random, or all.",
         choices=["best_worst", "random", "all"],
     )
     annotator: str = option(
-        "bradley_terry", "bradley_terry: P(a preferred) = sigmoid((g_a - g_b) / temperature), noisy like people; "
-        "deterministic: the higher gold reward wins.", choices=["bradley_terry", "deterministic"],
+        "bradley_terry",
+        "bradley_terry: P(a preferred) = sigmoid((g_a - g_b) / temperature), noisy like people; "
+        "deterministic: the higher gold reward wins.",
+        choices=["bradley_terry", "deterministic"],
     )
-    temperature: float = option(0.1, "Bradley-Terry annotator temperature (higher = noisier labels).", min=0.0, min_exclusive=True)
-    ties: str = option("skip", "Equal gold rewards under the deterministic annotator: skip the pair or pick at random.", choices=["skip", "random"])
-    drop_truncated: bool = option(True, "Skip pairs where a response hit max_new_tokens without EOS (not a finished text).")
-    model: ModelSection = section(ModelSection, "The policy that samples responses (usually the SFT model).")
+    temperature: float = option(
+        0.1,
+        "Bradley-Terry annotator temperature (higher = noisier labels).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    ties: str = option(
+        "skip",
+        "Equal gold rewards under the deterministic annotator: skip the pair or pick at random.",
+        choices=["skip", "random"],
+    )
+    drop_truncated: bool = option(
+        True, "Skip pairs where a response hit max_new_tokens without EOS (not a finished text)."
+    )
+    model: ModelSection = section(
+        ModelSection, "The policy that samples responses (usually the SFT model)."
+    )
     data: DataSection = section(DataSection, "Prompt rows {prompt}.", eval_fraction=0.1)
     generate: GenerateSection = section(GenerateSection, "Sampling.")
     log: LogSection = section(LogSection, "Logging.")
@@ -123,7 +151,11 @@ class PairsConfig:
         _require(self.out, "out", "the folder to write the preference data to")
         _require(self.model.path, "model.path", "the policy that samples responses")
         _require(self.data.path, "data.path", "the prompts (rows {prompt})")
-        _require(self.gold_reward, "gold_reward", "a registered gold reward (sentiment) or module:function")
+        _require(
+            self.gold_reward,
+            "gold_reward",
+            "a registered gold reward (sentiment) or module:function",
+        )
 
 
 # --------------------------------------------------------------------------- reward model
@@ -135,23 +167,37 @@ class RMConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
-    margin_column: str | None = option(None, "Column with a per-pair margin m: loss = -log sigmoid(r_w - r_l - m).")
+    margin_column: str | None = option(
+        None, "Column with a per-pair margin m: loss = -log sigmoid(r_w - r_l - m)."
+    )
     gold_columns: list[str] = option(
         ["chosen_gold", "rejected_gold"],
         "Columns with gold scores of chosen and rejected (from `rto pairs`); when present, the accuracy of the gold "
         "reward on the same held-out pairs is reported as the ceiling.",
     )
-    model: ModelSection = section(ModelSection, "Initialisation: a causal LM (new score head) or a reward model.")
+    model: ModelSection = section(
+        ModelSection, "Initialisation: a causal LM (new score head) or a reward model."
+    )
     data: DataSection = section(DataSection, "Preference rows {prompt, chosen, rejected}.")
-    train: TrainSection = section(TrainSection, "Optimisation (paper: lr 1e-6, batch 128).", lr=1e-6, batch_size=128, micro_batch_size=8)
+    train: TrainSection = section(
+        TrainSection,
+        "Optimisation (paper: lr 1e-6, batch 128).",
+        lr=1e-6,
+        batch_size=128,
+        micro_batch_size=8,
+    )
     log: LogSection = section(LogSection, "Logging.")
 
     def check(self) -> None:
         _require(self.out, "out", "the folder to write the reward model to")
-        _require(self.model.path, "model.path", "the model to start from (a causal LM or a reward model)")
+        _require(
+            self.model.path, "model.path", "the model to start from (a causal LM or a reward model)"
+        )
         _require(self.data.path, "data.path", "the preference data")
         if len(self.gold_columns) not in (0, 2):
-            raise ConfigError("config key 'gold_columns' takes two column names (chosen, rejected) or none")
+            raise ConfigError(
+                "config key 'gold_columns' takes two column names (chosen, rejected) or none"
+            )
 
 
 # --------------------------------------------------------------------------- DPO family
@@ -165,21 +211,34 @@ class DPOConfig:
     overwrite: bool = _overwrite()
     loss: str = option("dpo", "Preference loss.", choices=["dpo", "ipo", "rdpo", "simpo", "tdpo"])
     beta: float | None = option(
-        None, "beta; default per loss from the paper: dpo/ipo/rdpo/tdpo 0.1, simpo 2.5.", min=0.0, min_exclusive=True,
+        None,
+        "beta; default per loss from the paper: dpo/ipo/rdpo/tdpo 0.1, simpo 2.5.",
+        min=0.0,
+        min_exclusive=True,
         paper="beta 0.1",
     )
-    alpha: float | None = option(None, "R-DPO length weight (default 0.001) or TDPO KL weight (default 0.2).", min=0.0)
+    alpha: float | None = option(
+        None, "R-DPO length weight (default 0.001) or TDPO KL weight (default 0.2).", min=0.0
+    )
     simpo_gamma: float = option(0.5, "SimPO target margin gamma.", min=0.0, paper="SimPO gamma 0.5")
     ref_model: str | None = option(None, "Reference model (default: model.path, the SFT model).")
     precompute_ref_logps: bool = option(
-        False, "Score the data with the reference once before training, then free it (saves memory; not for tdpo)."
+        False,
+        "Score the data with the reference once before training, then free it (saves memory; not for tdpo).",
     )
     gold_columns: list[str] = option(
-        ["chosen_gold", "rejected_gold"], "Gold score columns; when present the gold ceiling accuracy is reported."
+        ["chosen_gold", "rejected_gold"],
+        "Gold score columns; when present the gold ceiling accuracy is reported.",
     )
     model: ModelSection = section(ModelSection, "The policy to train (usually the SFT model).")
     data: DataSection = section(DataSection, "Preference rows {prompt, chosen, rejected}.")
-    train: TrainSection = section(TrainSection, "Optimisation (paper: lr 5e-7, batch 256).", lr=5e-7, batch_size=256, micro_batch_size=8)
+    train: TrainSection = section(
+        TrainSection,
+        "Optimisation (paper: lr 5e-7, batch 256).",
+        lr=5e-7,
+        batch_size=256,
+        micro_batch_size=8,
+    )
     generate: GenerateSection = section(GenerateSection, "Sampling for the held-out metrics.")
     eval: EvalSection = section(EvalSection, "Held-out prompts and judges for sampled metrics.")
     log: LogSection = section(LogSection, "Logging.")
@@ -189,7 +248,9 @@ class DPOConfig:
         _require(self.model.path, "model.path", "the policy to start from (usually the SFT model)")
         _require(self.data.path, "data.path", "the preference data")
         if self.precompute_ref_logps and self.loss == "tdpo":
-            raise ConfigError("config key 'precompute_ref_logps' cannot be used with loss 'tdpo', which needs the reference's full distributions")
+            raise ConfigError(
+                "config key 'precompute_ref_logps' cannot be used with loss 'tdpo', which needs the reference's full distributions"
+            )
 
     @property
     def resolved_beta(self) -> float:
@@ -209,49 +270,129 @@ class DPOConfig:
 
 @dataclass
 class RLSection:
-    dpo_reward_scale: float = option(0.05, "beta1: weight of the DPO token reward (0 = standard PPO, exactly).", min=0.0, paper="beta1 0.05")
+    dpo_reward_scale: float = option(
+        0.05,
+        "beta1: weight of the DPO token reward (0 = standard PPO, exactly).",
+        min=0.0,
+        paper="beta1 0.05",
+    )
     dpo_reward_clip: float | None = option(
-        None, "Clamp each scaled DPO token reward to +-this (null = no clamp; the authors' code uses 0.05).", min=0.0, min_exclusive=True
+        None,
+        "Clamp each scaled DPO token reward to +-this (null = no clamp; the authors' code uses 0.05).",
+        min=0.0,
+        min_exclusive=True,
     )
     dpo_reward_granularity: str = option(
-        "token", "Where DPO rewards land: token (rto), segment = summed per sentence (semi_rto), sequence = summed on the last token (ddpo).",
+        "token",
+        "Where DPO rewards land: token (rto), segment = summed per sentence (semi_rto), sequence = summed on the last token (ddpo).",
         choices=["token", "segment", "sequence"],
     )
-    dpo_reward_shaping: bool = option(False, "Subtract the summed DPO reward at the last token: pure shaping (rs_ppo).")
-    segment_delimiters: list[str] = option([".", "!", "?", "\n"], "Tokens ending with one of these end a segment (semi_rto).")
-    kl_coef: float = option(0.01, "beta2: per-token KL penalty to the reference.", min=0.0, paper="beta2 0.01")
-    kl_target: float | None = option(None, "Adapt kl_coef towards this per-response KL (null = fixed coefficient).", min=0.0, min_exclusive=True)
+    dpo_reward_shaping: bool = option(
+        False, "Subtract the summed DPO reward at the last token: pure shaping (rs_ppo)."
+    )
+    segment_delimiters: list[str] = option(
+        [".", "!", "?", "\n"], "Tokens ending with one of these end a segment (semi_rto)."
+    )
+    kl_coef: float = option(
+        0.01, "beta2: per-token KL penalty to the reference.", min=0.0, paper="beta2 0.01"
+    )
+    kl_target: float | None = option(
+        None,
+        "Adapt kl_coef towards this per-response KL (null = fixed coefficient).",
+        min=0.0,
+        min_exclusive=True,
+    )
     kl_horizon: int = option(10000, "Horizon (responses) of the adaptive KL controller.", min=1)
-    score_coef: float = option(1.0, "beta3: weight of the reward model's score on the last token.", min=0.0, paper="beta3 1")
+    score_coef: float = option(
+        1.0,
+        "beta3: weight of the reward model's score on the last token.",
+        min=0.0,
+        paper="beta3 1",
+    )
     score_normalization: str = option(
-        "stored", "Normalise the score with the reward model's stored mean/std (reward_stats.json), a running estimate, or not at all.",
+        "stored",
+        "Normalise the score with the reward model's stored mean/std (reward_stats.json), a running estimate, or not at all.",
         choices=["stored", "running", "none"],
     )
-    score_clamp: float | None = option(10.0, "Clamp the normalised score to +-this (null = off).", min=0.0, min_exclusive=True)
-    missing_eos_penalty: float | None = option(None, "Subtract this from the normalised score of responses that end without EOS.", min=0.0)
-    advantage_estimator: str = option("gae", "gae (critic) or reinforce_pp (critic-free, REINFORCE++).", choices=["gae", "reinforce_pp"])
+    score_clamp: float | None = option(
+        10.0, "Clamp the normalised score to +-this (null = off).", min=0.0, min_exclusive=True
+    )
+    missing_eos_penalty: float | None = option(
+        None, "Subtract this from the normalised score of responses that end without EOS.", min=0.0
+    )
+    advantage_estimator: str = option(
+        "gae",
+        "gae (critic) or reinforce_pp (critic-free, REINFORCE++).",
+        choices=["gae", "reinforce_pp"],
+    )
     gamma: float = option(1.0, "Discount.", min=0.0, max=1.0, paper="gamma 1")
     gae_lambda: float = option(0.95, "GAE lambda.", min=0.0, max=1.0, paper="lambda 0.95")
     whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
-    critic_init: str = option("reward_model", "Initialise the critic from the reward model (paper) or the policy (new head).", choices=["reward_model", "policy"])
-    critic_lr: float = option(9e-6, "Critic learning rate.", min=0.0, min_exclusive=True, paper="critic lr 9e-6")
-    rollout_batch_size: int = option(1024, "Prompts per rollout (per iteration), across all devices.", min=1, paper="rollout batch 1024")
-    samples_per_prompt: int = option(1, "Responses sampled per prompt.", min=1, paper="one sample per prompt")
-    ppo_epochs: int = option(1, "Passes over each rollout; each pass makes rollout/train.batch_size updates.", min=1)
-    clip_range: float = option(0.2, "PPO ratio clip epsilon.", min=0.0, min_exclusive=True, paper="clip 0.2")
-    value_clip: float | None = option(0.2, "Value clip (null = off).", min=0.0, min_exclusive=True, paper="value clip 0.2")
+    critic_init: str = option(
+        "reward_model",
+        "Initialise the critic from the reward model (paper) or the policy (new head).",
+        choices=["reward_model", "policy"],
+    )
+    critic_lr: float = option(
+        9e-6, "Critic learning rate.", min=0.0, min_exclusive=True, paper="critic lr 9e-6"
+    )
+    rollout_batch_size: int = option(
+        1024,
+        "Prompts per rollout (per iteration), across all devices.",
+        min=1,
+        paper="rollout batch 1024",
+    )
+    samples_per_prompt: int = option(
+        1, "Responses sampled per prompt.", min=1, paper="one sample per prompt"
+    )
+    ppo_epochs: int = option(
+        1, "Passes over each rollout; each pass makes rollout/train.batch_size updates.", min=1
+    )
+    clip_range: float = option(
+        0.2, "PPO ratio clip epsilon.", min=0.0, min_exclusive=True, paper="clip 0.2"
+    )
+    value_clip: float | None = option(
+        0.2, "Value clip (null = off).", min=0.0, min_exclusive=True, paper="value clip 0.2"
+    )
     entropy_coef: float = option(0.0, "Entropy bonus weight.", min=0.0)
-    forward_batch_size: int = option(16, "Sequences per forward pass when scoring a rollout.", min=1)
+    forward_batch_size: int = option(
+        16, "Sequences per forward pass when scoring a rollout.", min=1
+    )
 
 
 PRESETS: dict[str, dict[str, object]] = {
     "ppo": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "gae"},
-    "rto": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "gae"},
-    "rs_ppo": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token", "rl.dpo_reward_shaping": True, "rl.advantage_estimator": "gae"},
-    "semi_rto": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "segment", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "gae"},
-    "ddpo": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "sequence", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "gae"},
+    "rto": {
+        "rl.dpo_reward_scale": 0.05,
+        "rl.dpo_reward_granularity": "token",
+        "rl.dpo_reward_shaping": False,
+        "rl.advantage_estimator": "gae",
+    },
+    "rs_ppo": {
+        "rl.dpo_reward_scale": 0.05,
+        "rl.dpo_reward_granularity": "token",
+        "rl.dpo_reward_shaping": True,
+        "rl.advantage_estimator": "gae",
+    },
+    "semi_rto": {
+        "rl.dpo_reward_scale": 0.05,
+        "rl.dpo_reward_granularity": "segment",
+        "rl.dpo_reward_shaping": False,
+        "rl.advantage_estimator": "gae",
+    },
+    "ddpo": {
+        "rl.dpo_reward_scale": 0.05,
+        "rl.dpo_reward_granularity": "sequence",
+        "rl.dpo_reward_shaping": False,
+        "rl.advantage_estimator": "gae",
+    },
     "rpp": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "reinforce_pp"},
-    "rto_rpp": {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token", "rl.dpo_reward_shaping": False, "rl.advantage_estimator": "reinforce_pp"},
+    "rto_rpp": {
+        "rl.dpo_reward_scale": 0.05,
+        "rl.dpo_reward_granularity": "token",
+        "rl.dpo_reward_shaping": False,
+        "rl.advantage_estimator": "reinforce_pp",
+    },
 }
 
 
@@ -264,21 +405,47 @@ class RLConfig:
     resume: bool = _resume()
     overwrite: bool = _overwrite()
     preset: str | None = option(
-        None, "Method preset, applied before the file and the command line: " + ", ".join(PRESETS) + ".", choices=list(PRESETS)
+        None,
+        "Method preset, applied before the file and the command line: " + ", ".join(PRESETS) + ".",
+        choices=list(PRESETS),
     )
-    ref_model: str | None = option(None, "Reference policy pi_ref (default: model.path, the SFT model); also the DPO reward's reference.")
-    reward_model: str | None = option(None, "Reward model folder (from `rto rm`): the score on the last token, and the critic's start.")
-    dpo_model: str | None = option(None, "DPO policy pi_dpo (from `rto dpo`); needed when rl.dpo_reward_scale > 0.")
+    ref_model: str | None = option(
+        None,
+        "Reference policy pi_ref (default: model.path, the SFT model); also the DPO reward's reference.",
+    )
+    reward_model: str | None = option(
+        None,
+        "Reward model folder (from `rto rm`): the score on the last token, and the critic's start.",
+    )
+    dpo_model: str | None = option(
+        None, "DPO policy pi_dpo (from `rto dpo`); needed when rl.dpo_reward_scale > 0."
+    )
     save_critic: bool = option(False, "Also save the trained critic to OUT/critic.")
     rl: RLSection = section(RLSection, "The RL algorithm: rewards, advantages, PPO.")
     model: ModelSection = section(ModelSection, "The policy to train (usually the SFT model).")
-    data: DataSection = section(DataSection, "Prompt rows {prompt}.", eval_fraction=0.0, max_length=1024, max_prompt_length=512)
-    train: TrainSection = section(
-        TrainSection, "Optimisation of the actor; batch_size = responses per update (paper: 128); a step is one rollout.",
-        lr=5e-7, batch_size=128, micro_batch_size=8,
+    data: DataSection = section(
+        DataSection,
+        "Prompt rows {prompt}.",
+        eval_fraction=0.0,
+        max_length=1024,
+        max_prompt_length=512,
     )
-    generate: GenerateSection = section(GenerateSection, "Rollout sampling (paper: temperature 1, 1024 new tokens).", max_new_tokens=1024)
-    eval: EvalSection = section(EvalSection, "Held-out prompts and judges for periodic evaluation; gold_reward also logged on rollouts.")
+    train: TrainSection = section(
+        TrainSection,
+        "Optimisation of the actor; batch_size = responses per update (paper: 128); a step is one rollout.",
+        lr=5e-7,
+        batch_size=128,
+        micro_batch_size=8,
+    )
+    generate: GenerateSection = section(
+        GenerateSection,
+        "Rollout sampling (paper: temperature 1, 1024 new tokens).",
+        max_new_tokens=1024,
+    )
+    eval: EvalSection = section(
+        EvalSection,
+        "Held-out prompts and judges for periodic evaluation; gold_reward also logged on rollouts.",
+    )
     log: LogSection = section(LogSection, "Logging.")
 
     def check(self) -> None:
@@ -287,11 +454,21 @@ class RLConfig:
         _require(self.data.path, "data.path", "the RL prompts (rows {prompt})")
         rl = self.rl
         if rl.dpo_reward_scale > 0 and not self.dpo_model:
-            raise ConfigError("config key 'dpo_model' is required when rl.dpo_reward_scale > 0 (RTO's token reward needs pi_dpo)")
+            raise ConfigError(
+                "config key 'dpo_model' is required when rl.dpo_reward_scale > 0 (RTO's token reward needs pi_dpo)"
+            )
         if rl.score_coef > 0 and not self.reward_model:
-            raise ConfigError("config key 'reward_model' is required when rl.score_coef > 0 (set rl.score_coef 0 to train on DPO rewards only)")
-        if rl.advantage_estimator == "gae" and rl.critic_init == "reward_model" and not self.reward_model:
-            raise ConfigError("config key 'reward_model' is required to initialise the critic (or set rl.critic_init policy)")
+            raise ConfigError(
+                "config key 'reward_model' is required when rl.score_coef > 0 (set rl.score_coef 0 to train on DPO rewards only)"
+            )
+        if (
+            rl.advantage_estimator == "gae"
+            and rl.critic_init == "reward_model"
+            and not self.reward_model
+        ):
+            raise ConfigError(
+                "config key 'reward_model' is required to initialise the critic (or set rl.critic_init policy)"
+            )
         n = rl.rollout_batch_size * rl.samples_per_prompt
         if n % self.train.batch_size:
             raise ConfigError(

@@ -40,7 +40,9 @@ def _is_messages(value: Any) -> bool:
 
 def check_messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}, column '{column}': expected a non-empty list of chat messages, got {value!r:.80}")
+        raise DataError(
+            f"{where}, column '{column}': expected a non-empty list of chat messages, got {value!r:.80}"
+        )
     out = []
     for j, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -75,7 +77,9 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.source = source
 
-    def __call__(self, messages: list[dict[str, str]], add_generation_prompt: bool, where: str) -> str:
+    def __call__(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool, where: str
+    ) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise DataError(
                 f"{where}: the row holds chat messages but the tokenizer {self.source} has no chat template; "
@@ -91,7 +95,9 @@ class ChatRenderer:
         except Exception as exc:
             raise DataError(f"{where}: the chat template failed on this row: {exc}") from None
 
-    def response(self, prompt_messages: list[dict[str, str]], reply: dict[str, str], where: str) -> tuple[str, str]:
+    def response(
+        self, prompt_messages: list[dict[str, str]], reply: dict[str, str], where: str
+    ) -> tuple[str, str]:
         """(prompt text with the assistant header, reply text) for one assistant turn."""
         before = self(prompt_messages, True, where)
         after = self(prompt_messages + [reply], False, where)
@@ -126,7 +132,10 @@ def sft_pieces(row: dict[str, Any], fmt: str, render: ChatRenderer, where: str) 
             msgs = check_messages(prompt, where, "prompt")
             reply = check_messages(completion, where, "completion")
             return _chat_pieces(msgs + reply, render, where)
-        return [Piece(check_text(prompt, where, "prompt"), False), Piece(check_text(completion, where, "completion"), True)]
+        return [
+            Piece(check_text(prompt, where, "prompt"), False),
+            Piece(check_text(completion, where, "completion"), True),
+        ]
     return _chat_pieces(check_messages(row.get("messages"), where, "messages"), render, where)
 
 
@@ -141,7 +150,9 @@ def _chat_pieces(messages: list[dict[str, str]], render: ChatRenderer, where: st
             continue
         before, reply = render.response(messages[:i], m, where)
         if not before.startswith(done):
-            raise DataError(f"{where}: the chat template rewrites earlier turns, so turns cannot be masked one by one")
+            raise DataError(
+                f"{where}: the chat template rewrites earlier turns, so turns cannot be masked one by one"
+            )
         pieces.append(Piece(before[len(done) :], False))
         pieces.append(Piece(reply, True))
         done = before + reply
@@ -165,7 +176,9 @@ class PreferenceText:
 def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> PreferenceText:
     for col in ("chosen", "rejected"):
         if col not in row or row[col] is None:
-            raise DataError(f"{where}: missing column '{col}'; preference rows need {PREFERENCE_FORMATS}")
+            raise DataError(
+                f"{where}: missing column '{col}'; preference rows need {PREFERENCE_FORMATS}"
+            )
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if _is_messages(chosen) or _is_messages(rejected):
         chosen_m = check_messages(chosen, where, "chosen")
@@ -175,9 +188,13 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
         if len(chosen_m) > 1 or len(rejected_m) > 1:  # whole conversations: prompt = shared prefix
             prompt_m = chosen_m[:-1]
             if rejected_m[:-1] != prompt_m:
-                raise DataError(f"{where}: 'chosen' and 'rejected' conversations differ before their last reply")
+                raise DataError(
+                    f"{where}: 'chosen' and 'rejected' conversations differ before their last reply"
+                )
         elif prompt is None:
-            raise DataError(f"{where}: missing column 'prompt'; preference rows need {PREFERENCE_FORMATS}")
+            raise DataError(
+                f"{where}: missing column 'prompt'; preference rows need {PREFERENCE_FORMATS}"
+            )
         elif _is_messages(prompt):
             prompt_m = check_messages(prompt, where, "prompt")
         else:
@@ -186,7 +203,9 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
         _, r_text = render.response(prompt_m, rejected_m[-1], where)
         return PreferenceText(p_text, c_text, r_text, True)
     if prompt is None:
-        raise DataError(f"{where}: missing column 'prompt'; preference rows need {PREFERENCE_FORMATS}")
+        raise DataError(
+            f"{where}: missing column 'prompt'; preference rows need {PREFERENCE_FORMATS}"
+        )
     c_text = check_text(chosen, where, "chosen")
     r_text = check_text(rejected, where, "rejected")
     if _is_messages(prompt):

@@ -64,10 +64,14 @@ def _read_json_file(path: Path) -> Rows:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+            raise DataError(
+                f"file {path} is not valid JSON (line {exc.lineno}: {exc.msg})"
+            ) from None
         for i, row in enumerate(data):
             if not isinstance(row, dict):
-                raise DataError(f"file {path}, row {i}: expected an object with named fields, got {type(row).__name__}")
+                raise DataError(
+                    f"file {path}, row {i}: expected an object with named fields, got {type(row).__name__}"
+                )
         return Rows(data, f"file {path}")
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -79,7 +83,9 @@ def _read_json_file(path: Path) -> Rows:
                 f"file {path}, line {number}: not valid JSON ({exc.msg}); JSONL files need one JSON object per line"
             ) from None
         if not isinstance(row, dict):
-            raise DataError(f"file {path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(
+                f"file {path}, line {number}: expected a JSON object, got {type(row).__name__}"
+            )
         rows.append(row)
         lines.append(number)
     if not rows:
@@ -105,7 +111,9 @@ def load_rows(spec: str, split: str = "train") -> Rows:
     """Load a table from `spec`: file(s) (comma-separated), a dataset folder, or a hub id."""
     spec = spec.strip()
     if not spec:
-        raise DataError("no dataset given: pass a hub id, a dataset folder, or JSON/JSONL/Parquet/CSV files")
+        raise DataError(
+            "no dataset given: pass a hub id, a dataset folder, or JSON/JSONL/Parquet/CSV files"
+        )
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if len(parts) > 1 or Path(parts[0]).suffix.lower() in FILE_BUILDERS:
         return _load_files([Path(p) for p in parts])
@@ -126,7 +134,9 @@ def _load_files(paths: list[Path]) -> Rows:
         if not p.is_file():
             raise DataError(f"file {p} does not exist")
         if p.suffix.lower() not in FILE_BUILDERS:
-            raise DataError(f"file {p} has an unknown format; use one of {', '.join(sorted(FILE_BUILDERS))}")
+            raise DataError(
+                f"file {p} has an unknown format; use one of {', '.join(sorted(FILE_BUILDERS))}"
+            )
         if p.stat().st_size == 0:
             raise DataError(f"file {p} is empty; it needs at least one row")
     kinds = {FILE_BUILDERS[p.suffix.lower()] for p in paths}
@@ -140,21 +150,30 @@ def _load_files(paths: list[Path]) -> Rows:
         return Rows(rows, "files " + ", ".join(map(str, paths)))
     names = ", ".join(map(str, paths))
     return _load_with_datasets(
-        kinds.pop(), f"file{'s' if len(paths) > 1 else ''} {names}", data_files=[str(p) for p in paths], split="train"
+        kinds.pop(),
+        f"file{'s' if len(paths) > 1 else ''} {names}",
+        data_files=[str(p) for p in paths],
+        split="train",
     )
 
 
 def _load_folder(path: Path, split: str) -> Rows:
     import datasets
 
-    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or (path / "state.json").exists():
+    if (
+        (path / "dataset_dict.json").exists()
+        or (path / "dataset_info.json").exists()
+        or (path / "state.json").exists()
+    ):
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:
             raise DataError(f"could not load dataset folder {path}: {exc}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"dataset folder {path} has no split '{split}'; it has {', '.join(ds)}")
+                raise DataError(
+                    f"dataset folder {path} has no split '{split}'; it has {', '.join(ds)}"
+                )
             ds = ds[split]
         if len(ds) == 0:
             raise DataError(f"dataset folder {path} (split {split}) is empty")

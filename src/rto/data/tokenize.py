@@ -80,7 +80,9 @@ def eos_ids(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id]
 
 
-def truncate(prompt: list[int], response: list[int], max_prompt: int, max_len: int) -> tuple[list[int], list[int], bool]:
+def truncate(
+    prompt: list[int], response: list[int], max_prompt: int, max_len: int
+) -> tuple[list[int], list[int], bool]:
     """Keep the end of the prompt and the start of the response."""
     cut = False
     if len(prompt) > max_prompt:
@@ -95,7 +97,13 @@ def truncate(prompt: list[int], response: list[int], max_prompt: int, max_len: i
 
 
 def build_sft(
-    rows: Rows, tokenizer: Any, *, max_length: int, max_prompt_length: int, completion_only: bool, source: str
+    rows: Rows,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    completion_only: bool,
+    source: str,
 ) -> tuple[list[dict[str, list[int]]], DataReport]:
     """Examples {input_ids, labels}; labels are IGNORE on prompt tokens when completion_only."""
     fmt = formats.sft_format(rows.columns)
@@ -136,7 +144,9 @@ def build_sft(
             continue
         report.truncated += int(cut)
         labels = [IGNORE if completion_only else t for t in prompt]
-        labels += [t if (m or not completion_only) else IGNORE for t, m in zip(response, train_mask)]
+        labels += [
+            t if (m or not completion_only) else IGNORE for t, m in zip(response, train_mask)
+        ]
         examples.append({"input_ids": prompt + response, "labels": labels})
     report.kept = len(examples)
     return examples, report
@@ -146,7 +156,13 @@ def build_sft(
 
 
 def build_pairs(
-    rows: Rows, tokenizer: Any, *, max_length: int, max_prompt_length: int, source: str, keep: tuple[str, ...] = ()
+    rows: Rows,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    source: str,
+    keep: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Examples {prompt_ids, chosen_ids, rejected_ids} (+ the `keep` columns, e.g. gold scores)."""
     cols = rows.columns
@@ -159,7 +175,9 @@ def build_pairs(
     render = formats.ChatRenderer(tokenizer, source)
     report = DataReport(rows.origin, total=len(rows))
     texts = [formats.preference_text(row, render, rows.where(i)) for i, row in enumerate(rows)]
-    enc = iter(_encode_many(tokenizer, [s for t in texts for s in (t.prompt, t.chosen, t.rejected)]))
+    enc = iter(
+        _encode_many(tokenizer, [s for t in texts for s in (t.prompt, t.chosen, t.rejected)])
+    )
     prefix = special_prefix(tokenizer)
     eos = eos_ids(tokenizer)
     examples = []
@@ -227,7 +245,9 @@ def build_prompts(
 # --------------------------------------------------------------------------- collators
 
 
-def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    seqs: list[list[int]], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of shape (B, L) padded on `side` to the longest sequence."""
     width = max(len(s) for s in seqs) if seqs else 0
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -250,7 +270,9 @@ def collate_sft(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def collate_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sequences(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response sequences with `response_mask` on the response tokens."""
     ids, mask = pad([p + r for p, r in zip(prompts, responses)], pad_id)
     resp_mask = torch.zeros_like(mask)

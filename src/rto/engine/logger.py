@@ -22,7 +22,16 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, log_cfg: Any, *, enabled: bool, total_steps: int, run_config: dict[str, Any], progress_keys: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        out_dir: Path,
+        log_cfg: Any,
+        *,
+        enabled: bool,
+        total_steps: int,
+        run_config: dict[str, Any],
+        progress_keys: tuple[str, ...] = (),
+    ):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.progress_keys = progress_keys
@@ -36,14 +45,18 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit("log.tensorboard needs tensorboard: pip install 'rto[tensorboard]'") from None
+                raise SystemExit(
+                    "log.tensorboard needs tensorboard: pip install 'rto[tensorboard]'"
+                ) from None
             self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard" / name))
         if log_cfg.wandb:
             try:
                 import wandb
             except ImportError:
                 raise SystemExit("log.wandb needs wandb: pip install 'rto[wandb]'") from None
-            self._wandb = wandb.init(project=log_cfg.wandb_project, name=name, config=run_config, resume="allow")
+            self._wandb = wandb.init(
+                project=log_cfg.wandb_project, name=name, config=run_config, resume="allow"
+            )
         if log_cfg.progress:
             from tqdm.auto import tqdm
 
@@ -82,7 +95,11 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
         if self._bar is not None:
-            shown = {k.split("/")[-1]: f"{row[k]:.4g}" for k in self.progress_keys if isinstance(row.get(k), (int, float))}
+            shown = {
+                k.split("/")[-1]: f"{row[k]:.4g}"
+                for k in self.progress_keys
+                if isinstance(row.get(k), (int, float))
+            }
             if shown:
                 self._bar.set_postfix(shown, refresh=False)
 

@@ -40,7 +40,9 @@ def prepare_out_dir(cfg: Any, stage: str, *, is_main: bool = True) -> Path:
     out = Path(cfg.out)
     resume = getattr(cfg, "resume", False)
     overwrite = getattr(cfg, "overwrite", False)
-    has_run = out.is_dir() and any((out / name).exists() for name in (SUMMARY_FILE, "checkpoints", "metrics.jsonl"))
+    has_run = out.is_dir() and any(
+        (out / name).exists() for name in (SUMMARY_FILE, "checkpoints", "metrics.jsonl")
+    )
     if has_run and not resume and not overwrite:
         raise RtoError(
             f"output folder {out} already holds a {stage} run; pass --resume to continue it, "
@@ -61,7 +63,10 @@ def prepare_out_dir(cfg: Any, stage: str, *, is_main: bool = True) -> Path:
             old = yaml.safe_load(old_path.read_text()) or {}
             changed = sorted(_diff(old, new))
             if changed:
-                print(f"[rto] resuming with changed config keys: {', '.join(changed)}", file=sys.stderr)
+                print(
+                    f"[rto] resuming with changed config keys: {', '.join(changed)}",
+                    file=sys.stderr,
+                )
         write_atomic(old_path, yaml.safe_dump(new, sort_keys=False))
     return out
 

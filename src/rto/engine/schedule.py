@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, total_steps: int, peak: float, *, kind: str, warmup_ratio: float, min_ratio: float) -> float:
+def lr_at(
+    step: int, total_steps: int, peak: float, *, kind: str, warmup_ratio: float, min_ratio: float
+) -> float:
     """Learning rate for optimiser step `step` (0-based) of `total_steps`.
 
     Paper: cosine, 3% warm-up, floor at 10% of the peak.

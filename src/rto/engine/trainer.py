@@ -121,7 +121,14 @@ class Engine:
 
     def set_lr(self, optimizer: Any, step: int, total_steps: int, peak: float) -> float:
         t = self.train
-        lr = lr_at(step, total_steps, peak, kind=t.schedule, warmup_ratio=t.warmup_ratio, min_ratio=t.min_lr_ratio)
+        lr = lr_at(
+            step,
+            total_steps,
+            peak,
+            kind=t.schedule,
+            warmup_ratio=t.warmup_ratio,
+            min_ratio=t.min_lr_ratio,
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -133,7 +140,9 @@ class Engine:
             return {"step": 0}
         latest = self.checkpoints.latest()
         if latest is None:
-            self.say(f"[rto] --resume: no checkpoint in {self.checkpoints.root}; starting from the beginning")
+            self.say(
+                f"[rto] --resume: no checkpoint in {self.checkpoints.root}; starting from the beginning"
+            )
             return {"step": 0}
         state = self.checkpoints.load(latest)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
@@ -142,7 +151,11 @@ class Engine:
         return state
 
     def save_checkpoint(self, step: int, extra: dict[str, Any] | None = None) -> None:
-        state = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps, **(extra or {})}
+        state = {
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_steps": self.skipped_steps,
+            **(extra or {}),
+        }
         self.checkpoints.save(step, state)
 
     def record_step_health(self, finite: bool, step: int) -> None:
@@ -152,7 +165,9 @@ class Engine:
             return
         self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
-        self.say(f"[rto] step {step}: non-finite loss or gradient; update skipped ({self.nonfinite_in_a_row} in a row)")
+        self.say(
+            f"[rto] step {step}: non-finite loss or gradient; update skipped ({self.nonfinite_in_a_row} in a row)"
+        )
         if self.nonfinite_in_a_row >= self.train.max_nonfinite:
             raise TrainingError(
                 f"{self.nonfinite_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient, so "
@@ -193,7 +208,9 @@ class Engine:
         b = batch_size or self.train.batch_size
         spe = max(1, n_examples // b)
         if n_examples < b:
-            raise RtoError(f"only {n_examples} examples for a batch of {b}; lower the batch size or add data")
+            raise RtoError(
+                f"only {n_examples} examples for a batch of {b}; lower the batch size or add data"
+            )
         epoch, within = divmod(step, spe)
         order = list(range(n_examples))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
@@ -206,7 +223,9 @@ class Engine:
         return [list(indices[i : i + m]) for i in range(0, len(indices), m)]
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        }
 
     # ------------------------------------------------------------------ supervised loop
 
@@ -249,7 +268,9 @@ class Engine:
                     if self.accelerator.sync_gradients:
                         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
                         grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        finite = not self.any_true(not finite) and bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+                        finite = not self.any_true(not finite) and bool(
+                            torch.isfinite(torch.as_tensor(grad_norm)).all()
+                        )
                         if finite:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -258,7 +279,13 @@ class Engine:
                     sums[k] += float(v) / len(micro)
             self.record_step_health(finite, step)
             row = dict(sums)
-            row.update({"lr": lr, "grad_norm": float(grad_norm), "epoch": (step + 1) / self.steps_per_epoch(len(examples))})
+            row.update(
+                {
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "epoch": (step + 1) / self.steps_per_epoch(len(examples)),
+                }
+            )
             done = step + 1
             if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < total:
                 row.update({f"eval/{k}": v for k, v in evaluate(model).items()})
@@ -274,5 +301,11 @@ class Engine:
         if evaluate is not None:
             final.update({f"eval/{k}": v for k, v in evaluate(model).items()})
             logger.log(total, {k: v for k, v in final.items() if k.startswith("eval/")})
-        final.update({"steps": total, "skipped_steps": self.skipped_steps, "train_seconds": round(time.time() - began, 1)})
+        final.update(
+            {
+                "steps": total,
+                "skipped_steps": self.skipped_steps,
+                "train_seconds": round(time.time() - began, 1),
+            }
+        )
         return model, final

@@ -19,13 +19,19 @@ from rto.models.generate import decode_responses, sample, stop_ids
 from rto.tasks import call_judge, resolve
 
 
-def load_eval_prompts(eval_cfg: Any, tokenizer: Any, max_prompt_length: int, seed: int, source: str) -> list[dict[str, Any]]:
-    rows = subsample(load_rows(eval_cfg.prompts, eval_cfg.prompts_split), eval_cfg.num_prompts, seed)
+def load_eval_prompts(
+    eval_cfg: Any, tokenizer: Any, max_prompt_length: int, seed: int, source: str
+) -> list[dict[str, Any]]:
+    rows = subsample(
+        load_rows(eval_cfg.prompts, eval_cfg.prompts_split), eval_cfg.num_prompts, seed
+    )
     examples, _ = build_prompts(rows, tokenizer, max_prompt_length=max_prompt_length, source=source)
     return examples
 
 
-def judge(eval_cfg: Any, prompts: list[str], responses: list[str]) -> tuple[list[float] | None, list[bool] | None]:
+def judge(
+    eval_cfg: Any, prompts: list[str], responses: list[str]
+) -> tuple[list[float] | None, list[bool] | None]:
     gold = fluent = None
     if eval_cfg.gold_reward:
         fn = resolve(eval_cfg.gold_reward, "gold", "eval.gold_reward")

@@ -24,7 +24,9 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask.long()).argmax(dim=1)
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def gather_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log softmax(logits / T)[targets], computed in float32 without a (B, L, V) log-softmax copy."""
     logits = logits.float()
     if temperature != 1.0:
@@ -41,7 +43,9 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def causal_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def causal_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -51,14 +55,20 @@ def causal_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.logits
 
 
-def next_token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """(B, L-1): log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
     logits = causal_logits(model, input_ids, attention_mask)
     return gather_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
 def response_logits(
-    model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+    model: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
 ) -> torch.Tensor:
     """(B, T, V) logits predicting each response token, for the RL layout: prompts left-padded
     to P columns, responses right-padded to T columns."""
@@ -109,7 +119,9 @@ class TokenScorer(nn.Module):
         return self.hf.score(hidden).squeeze(-1).float()
 
 
-def sequence_scores(scorer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    scorer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """(B,) score at the last real token of each row, whatever the padding side."""
     scores = scorer(input_ids, attention_mask)
     idx = last_real_index(attention_mask)

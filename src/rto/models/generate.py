@@ -42,7 +42,9 @@ def stop_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def response_mask_from_ids(response_ids: torch.Tensor, eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, truncated): mask keeps tokens up to and including the first EOS of each row."""
     is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))
     seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -81,12 +83,16 @@ def sample(
     )
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+    out = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg
+    )
     if was_training:
         model.train()
     response_ids = out[:, prompt_ids.shape[1] :]
     if response_ids.shape[1] == 0:  # nothing generated at all (max_new_tokens reached at once)
-        response_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long, device=prompt_ids.device)
+        response_ids = torch.full(
+            (len(prompts), 1), pad_id, dtype=torch.long, device=prompt_ids.device
+        )
     mask, truncated = response_mask_from_ids(response_ids, eos)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     return Samples(prompt_ids, prompt_mask, response_ids, mask, truncated)

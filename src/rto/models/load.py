@@ -85,7 +85,9 @@ def load_tokenizer(section: Any, path: str | None = None) -> Any:
         elif tok.unk_token is not None:
             tok.pad_token = tok.unk_token
         else:
-            raise ModelError(f"tokenizer {source} has neither a pad, an EOS nor an UNK token to pad with")
+            raise ModelError(
+                f"tokenizer {source} has neither a pad, an EOS nor an UNK token to pad with"
+            )
     return tok
 
 
@@ -172,14 +174,18 @@ def _prepare(model: Any, section: Any, trainable: bool) -> None:
     if trainable:
         model.train()
         if section.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             model.config.use_cache = False
     else:
         model.eval()
         model.requires_grad_(False)
 
 
-def save_pretrained(model: Any, tokenizer: Any, out_dir: str | Path, accelerator: Any = None) -> None:
+def save_pretrained(
+    model: Any, tokenizer: Any, out_dir: str | Path, accelerator: Any = None
+) -> None:
     """Save model + tokenizer as a plain Hugging Face folder (safetensors)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +199,11 @@ def save_pretrained(model: Any, tokenizer: Any, out_dir: str | Path, accelerator
     target = unwrapped
     if hasattr(unwrapped, "hf"):
         target = unwrapped.hf
-        state = {k[len("hf.") :]: v for k, v in state.items() if k.startswith("hf.")} if state else state
+        state = (
+            {k[len("hf.") :]: v for k, v in state.items() if k.startswith("hf.")}
+            if state
+            else state
+        )
     if accelerator.is_main_process:
         target.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)

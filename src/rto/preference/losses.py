@@ -66,7 +66,9 @@ def preference_loss(
     return losses, r_w, r_l
 
 
-def sequential_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequential_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """(B,) sum over masked positions of KL(pi_ref(.|s_t) || pi(.|s_t)), from (B, T, V) logits."""
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     logp = F.log_softmax(policy_logits.float(), dim=-1)

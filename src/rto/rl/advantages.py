@@ -19,10 +19,12 @@ import torch
 ESTIMATORS = ("gae", "reinforce_pp")
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = mask.float()
-    values = values * mask
-    rewards = rewards * mask
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    real = mask.bool()
+    values = values.masked_fill(~real, 0.0)
+    rewards = rewards.masked_fill(~real, 0.0)
     advantages = torch.zeros_like(rewards)
     last = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     T = rewards.shape[1]
@@ -31,19 +33,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         last = delta + gamma * lam * last
         advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    advantages = advantages.masked_fill(~real, 0.0)
+    return advantages, (advantages + values).masked_fill(~real, 0.0)
 
 
-def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = mask.float()
-    rewards = rewards * mask
+def reward_to_go(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    real = mask.bool()
+    rewards = rewards.masked_fill(~real, 0.0)
     returns = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
-    returns = returns * mask
+    returns = returns.masked_fill(~real, 0.0)
     return returns.clone(), returns
 
 
@@ -55,8 +59,10 @@ def whiten(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(x - mean) / std over the masked entries (of every process, with `reduce_sum`)."""
+    real = mask.bool()
     mask = mask.float()
-    stats = torch.stack([(x * mask).sum(), mask.sum()])
+    x = x.masked_fill(~real, 0.0)
+    stats = torch.stack([x.sum(), mask.sum()])
     if reduce_sum is not None:
         stats = reduce_sum(stats)
     mean = stats[0] / stats[1].clamp(min=1)
@@ -67,7 +73,7 @@ def whiten(
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return out.masked_fill(~real, 0.0)
 
 
 def estimate(

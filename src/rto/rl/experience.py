@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rto.data.tokenize import pad
-from rto.models.forward import TokenScorer, response_logits, gather_logprobs, sequence_scores
+from rto.models.forward import TokenScorer, gather_logprobs, response_logits, sequence_scores
 from rto.models.generate import Samples
 
 
@@ -26,7 +26,9 @@ class Rollout:
     truncated: torch.Tensor  # (B,) no EOS generated
     logp_old: torch.Tensor | None = None  # (B, T) log pi_theta_old(y_h | ...)
     logp_ref: torch.Tensor | None = None  # (B, T) log pi_ref
-    dpo_log_ratio: torch.Tensor | None = None  # (B, T) log pi_dpo - log pi_ref at temperature 1 (RTO only)
+    dpo_log_ratio: torch.Tensor | None = (
+        None  # (B, T) log pi_dpo - log pi_ref at temperature 1 (RTO only)
+    )
     values: torch.Tensor | None = None  # (B, T) critic V(s_h) (GAE only)
     score: torch.Tensor | None = None  # (B,) reward model score (raw)
     rewards: torch.Tensor | None = None  # (B, T) assembled token rewards
@@ -49,12 +51,16 @@ class Rollout:
 
 def merge_samples(chunks: list[Samples], pad_id: int) -> Rollout:
     """Concatenate generation chunks of different widths into one padded rollout."""
-    prompts = [row[m.bool()].tolist() for c in chunks for row, m in zip(c.prompt_ids, c.prompt_mask)]
+    prompts = [
+        row[m.bool()].tolist() for c in chunks for row, m in zip(c.prompt_ids, c.prompt_mask)
+    ]
     responses = [row.tolist() for c in chunks for row in c.response_ids]
     resp_masks = [row.tolist() for c in chunks for row in c.response_mask]
     prompt_ids, prompt_mask = pad(prompts, pad_id, side="left")
     lengths = [sum(m) for m in resp_masks]
-    response_ids, response_mask = pad([r[:n] for r, n in zip(responses, lengths)], pad_id, side="right")
+    response_ids, response_mask = pad(
+        [r[:n] for r, n in zip(responses, lengths)], pad_id, side="right"
+    )
     if response_ids.shape[1] == 0:
         response_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
         response_mask = torch.zeros_like(response_ids)
@@ -70,7 +76,13 @@ def to_device(r: Rollout, device: torch.device) -> Rollout:
     return r
 
 
-def critic_values(critic: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def critic_values(
+    critic: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
     """(B, T) V(s_h): the critic's output at the position that predicts response token h."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask, response_mask], dim=1)
@@ -79,10 +91,20 @@ def critic_values(critic: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     return out[:, p - 1 : -1] * response_mask
 
 
-def policy_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs of the sampled tokens and the (B, T, V) logits they came from."""
-    logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"])
-    return gather_logprobs(logits, batch["response_ids"], temperature) * batch["response_mask"], logits
+    logits = response_logits(
+        model,
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        batch["response_ids"],
+        batch["response_mask"],
+    )
+    return gather_logprobs(logits, batch["response_ids"], temperature) * batch[
+        "response_mask"
+    ], logits
 
 
 @torch.no_grad()
@@ -113,7 +135,11 @@ def score_rollout(
             ref_t1 = logp_ref if temperature == 1.0 else policy_logprobs(ref, b, 1.0)[0]
             outputs["dpo_log_ratio"].append(policy_logprobs(dpo, b, 1.0)[0] - ref_t1)
         if critic is not None:
-            outputs["values"].append(critic_values(critic, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]))
+            outputs["values"].append(
+                critic_values(
+                    critic, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]
+                )
+            )
         if reward_model is not None:
             ids = torch.cat([b["prompt_ids"], b["response_ids"]], dim=1)
             mask = torch.cat([b["prompt_mask"], b["response_mask"]], dim=1)

@@ -13,16 +13,21 @@ import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    x = x.masked_fill(~mask.bool(), 0.0)
     mask = mask.float()
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return x.sum() / mask.sum().clamp(min=1)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 def policy_loss(
-    logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    log_ratio = (logp - logp_old) * mask
+    log_ratio = (logp - logp_old).masked_fill(~mask.bool(), 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
@@ -36,7 +41,11 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None
+    values: torch.Tensor,
+    values_old: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     err = (values - returns) ** 2
     if clip is not None:

@@ -21,7 +21,8 @@ beta1 = 0 removes the DPO term exactly (standard PPO); it is never multiplied in
 or non-finite DPO log-prob cannot leak into PPO.
 
 All tensors are (B, T) over response positions with a 0/1 `mask` that is 1 on a contiguous
-prefix of each row (right padding); the score is (B,).
+prefix of each row (right padding); the score is (B,). Values outside the mask are ignored,
+whatever they are (NaN included).
 """
 
 from __future__ import annotations
@@ -64,16 +65,24 @@ def normalize_score(
 def place_at_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A (B, T) tensor that is zero except values[b] at the last real token of row b."""
     out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
-    return out.scatter(1, last_real_index(mask).unsqueeze(1), values.unsqueeze(1)) * mask.any(dim=1, keepdim=True)
+    return out.scatter(1, last_real_index(mask).unsqueeze(1), values.unsqueeze(1)) * mask.any(
+        dim=1, keepdim=True
+    )
 
 
-def segment_sums(per_token: torch.Tensor, mask: torch.Tensor, segment_end: torch.Tensor) -> torch.Tensor:
+def segment_sums(
+    per_token: torch.Tensor, mask: torch.Tensor, segment_end: torch.Tensor
+) -> torch.Tensor:
     """Sum each segment's values onto its last token. A segment ends at a token with
     segment_end = 1, or at the last real token of the row."""
-    ends = (segment_end.bool() & mask.bool()) | (place_at_last(torch.ones(mask.shape[0], device=mask.device), mask) > 0)
+    ends = (segment_end.bool() & mask.bool()) | (
+        place_at_last(torch.ones(mask.shape[0], device=mask.device), mask) > 0
+    )
     # segment id of every position: number of ends strictly before it
     seg_id = ends.long().cumsum(1) - ends.long()
-    totals = torch.zeros_like(per_token).scatter_add(1, seg_id, per_token * mask)
+    totals = torch.zeros_like(per_token).scatter_add(
+        1, seg_id, per_token.masked_fill(~mask.bool(), 0.0)
+    )
     return torch.where(ends, totals.gather(1, seg_id), torch.zeros_like(per_token))
 
 
@@ -87,14 +96,16 @@ def dpo_term(
     per_token = settings.dpo_reward_scale * dpo_log_ratio
     if settings.dpo_reward_clip is not None:
         per_token = per_token.clamp(-settings.dpo_reward_clip, settings.dpo_reward_clip)
-    per_token = per_token * mask
+    per_token = per_token.masked_fill(~mask.bool(), 0.0)
     if settings.granularity == "token":
         placed = per_token
     elif settings.granularity == "sequence":
         placed = place_at_last(per_token.sum(1), mask)
     elif settings.granularity == "segment":
         if segment_end is None:
-            raise ValueError("granularity 'segment' needs segment_end (the sentence delimiter tokens)")
+            raise ValueError(
+                "granularity 'segment' needs segment_end (the sentence delimiter tokens)"
+            )
         placed = segment_sums(per_token, mask, segment_end)
     else:
         raise ValueError(f"unknown granularity {settings.granularity!r}")
@@ -119,7 +130,7 @@ def token_rewards(
     parts holds 'dpo' (placed, (B, T)), 'dpo_per_token', 'kl' (the per-token log-ratio of policy
     to reference, (B, T)) and 'score' ((B,), after beta3)."""
     mask = mask.float()
-    kl = (logp_policy - logp_ref) * mask
+    kl = (logp_policy - logp_ref).masked_fill(~mask.bool(), 0.0)
     score_part = settings.score_coef * score.float()
     rewards = -settings.kl_coef * kl + place_at_last(score_part, mask)
     parts = {"kl": kl, "score": score_part}
@@ -129,4 +140,4 @@ def token_rewards(
         placed, per_token = dpo_term(dpo_log_ratio, mask, settings, segment_end)
         rewards = rewards + placed
         parts["dpo"], parts["dpo_per_token"] = placed, per_token
-    return rewards * mask, parts
+    return rewards.masked_fill(~mask.bool(), 0.0), parts

@@ -24,7 +24,14 @@ from rto.engine.faults import maybe_fault
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.rl.advantages import estimate, whiten
-from rto.rl.experience import Rollout, critic_values, merge_samples, policy_logprobs, score_rollout, to_device
+from rto.rl.experience import (
+    Rollout,
+    critic_values,
+    merge_samples,
+    policy_logprobs,
+    score_rollout,
+    to_device,
+)
 from rto.rl.kl import KLController
 from rto.rl.losses import explained_variance, masked_mean, policy_loss, value_loss
 from rto.rl.rewards import RewardSettings, normalize_score, token_rewards
@@ -72,17 +79,29 @@ class PPOTrainer:
                  eval_prompts: list[dict[str, Any]], score_stats: dict[str, float] | None):  # fmt: skip
         self.cfg, self.rl, self.engine = cfg, cfg.rl, engine
         self.acc = engine.accelerator
-        self.policy, self.critic, self.ref, self.dpo, self.reward_model = policy, critic, ref, dpo, reward_model
+        self.policy, self.critic, self.ref, self.dpo, self.reward_model = (
+            policy,
+            critic,
+            ref,
+            dpo,
+            reward_model,
+        )
         self.tokenizer = tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.score_stats = score_stats
         self.running = RunningMoments()
         self.kl = KLController(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
         self.eos = stop_ids(tokenizer, policy)
-        self.gold = resolve(cfg.eval.gold_reward, "gold", "eval.gold_reward") if cfg.eval.gold_reward else None
+        self.gold = (
+            resolve(cfg.eval.gold_reward, "gold", "eval.gold_reward")
+            if cfg.eval.gold_reward
+            else None
+        )
         self.segment_ids = None
         if self.rl.dpo_reward_scale and self.rl.dpo_reward_granularity == "segment":
-            self.segment_ids = torch.tensor(delimiter_token_ids(tokenizer, self.rl.segment_delimiters))
+            self.segment_ids = torch.tensor(
+                delimiter_token_ids(tokenizer, self.rl.segment_delimiters)
+            )
         self.samples_seen = 0
 
     # ------------------------------------------------------------------ sizes
@@ -96,7 +115,9 @@ class PPOTrainer:
             raise RtoError(
                 f"only {len(self.prompts)} prompts for rl.rollout_batch_size {rl.rollout_batch_size}; lower it or add prompts"
             )
-        iterations = t.max_steps or max(1, int(t.epochs * len(self.prompts) // rl.rollout_batch_size))
+        iterations = t.max_steps or max(
+            1, int(t.epochs * len(self.prompts) // rl.rollout_batch_size)
+        )
         per_iter = rl.ppo_epochs * rl.rollout_batch_size * rl.samples_per_prompt // t.batch_size
         return iterations, per_iter
 
@@ -127,7 +148,9 @@ class PPOTrainer:
         if self.gold is not None:
             responses = decode_responses(self.tokenizer, r, self.eos)
             r.texts["responses"] = responses
-            r.texts["gold"] = call_judge(self.gold, r.texts["prompts"], responses, self.cfg.eval.gold_reward, "gold")
+            r.texts["gold"] = call_judge(
+                self.gold, r.texts["prompts"], responses, self.cfg.eval.gold_reward, "gold"
+            )
 
     # ------------------------------------------------------------------ 3-4: rewards and advantages
 
@@ -154,7 +177,14 @@ class PPOTrainer:
             segment_end = torch.isin(r.response_ids, self.segment_ids.to(r.response_ids.device))
         r.rewards, parts = token_rewards(r.response_mask, r.logp_old, r.logp_ref, self.normalized_score(r), settings,
                                          dpo_log_ratio=r.dpo_log_ratio, segment_end=segment_end)  # fmt: skip
-        adv, ret = estimate(rl.advantage_estimator, r.rewards, r.values, r.response_mask, gamma=rl.gamma, lam=rl.gae_lambda)
+        adv, ret = estimate(
+            rl.advantage_estimator,
+            r.rewards,
+            r.values,
+            r.response_mask,
+            gamma=rl.gamma,
+            lam=rl.gae_lambda,
+        )
         if rl.whiten_advantages:
             adv = whiten(adv, r.response_mask, reduce_sum=self._reduce_sum)
         r.advantages, r.returns = adv, ret
@@ -165,7 +195,15 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ 5: update
 
-    def update(self, r: Rollout, iteration: int, opt_actor: Any, opt_critic: Any | None, total_updates: int, per_iter: int) -> dict[str, float]:
+    def update(
+        self,
+        r: Rollout,
+        iteration: int,
+        opt_actor: Any,
+        opt_critic: Any | None,
+        total_updates: int,
+        per_iter: int,
+    ) -> dict[str, float]:
         rl, t, eng, acc = self.rl, self.cfg.train, self.engine, self.acc
         temperature = self.cfg.generate.temperature or 1.0
         n_local = len(r)
@@ -189,12 +227,22 @@ class PPOTrainer:
                     with acc.accumulate(*models):
                         with acc.autocast():
                             logp, logits = policy_logprobs(self.policy, b, temperature)
-                            pl, pstats = policy_loss(logp, b["logp_old"], b["advantages"], mask, rl.clip_range)
+                            pl, pstats = policy_loss(
+                                logp, b["logp_old"], b["advantages"], mask, rl.clip_range
+                            )
                             entropy = masked_mean(entropy_from_logits(logits, temperature), mask)
                             loss = pl - rl.entropy_coef * entropy
                             if self.critic is not None:
-                                v = critic_values(self.critic, b["prompt_ids"], b["prompt_mask"], b["response_ids"], mask)
-                                vl, vstats = value_loss(v, b["values"], b["returns"], mask, rl.value_clip)
+                                v = critic_values(
+                                    self.critic,
+                                    b["prompt_ids"],
+                                    b["prompt_mask"],
+                                    b["response_ids"],
+                                    mask,
+                                )
+                                vl, vstats = value_loss(
+                                    v, b["values"], b["returns"], mask, rl.value_clip
+                                )
                                 loss = loss + vl
                         if not torch.isfinite(loss.detach()):
                             finite = False
@@ -203,7 +251,9 @@ class PPOTrainer:
                         if acc.sync_gradients:
                             max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
                             norms = [acc.clip_grad_norm_(m.parameters(), max_norm) for m in models]
-                            finite = not eng.any_true(not finite) and all(bool(torch.isfinite(torch.as_tensor(n))) for n in norms)
+                            finite = not eng.any_true(not finite) and all(
+                                bool(torch.isfinite(torch.as_tensor(n))) for n in norms
+                            )
                             if finite:
                                 opt_actor.step()
                                 if opt_critic is not None:
@@ -248,7 +298,9 @@ class PPOTrainer:
             m["rollout/gold_reward"] = sum(r.texts["gold"]) / len(r.texts["gold"])
         if self.acc.num_processes > 1:
             keys = sorted(m)
-            vals = self.acc.reduce(torch.tensor([m[k] for k in keys], device=self.engine.device), reduction="mean")
+            vals = self.acc.reduce(
+                torch.tensor([m[k] for k in keys], device=self.engine.device), reduction="mean"
+            )
             m = dict(zip(keys, vals.tolist()))
         return m
 
@@ -272,7 +324,9 @@ class PPOTrainer:
         opt_actor = eng.optimizer(self.policy)
         if self.critic is not None:
             opt_critic = eng.optimizer(self.critic, lr=rl.critic_lr)
-            self.policy, self.critic, opt_actor, opt_critic = acc.prepare(self.policy, self.critic, opt_actor, opt_critic)
+            self.policy, self.critic, opt_actor, opt_critic = acc.prepare(
+                self.policy, self.critic, opt_actor, opt_critic
+            )
         else:
             opt_critic = None
             self.policy, opt_actor = acc.prepare(self.policy, opt_actor)
@@ -281,7 +335,9 @@ class PPOTrainer:
         self.kl.value = state.get("kl_coef", self.kl.value)
         self.samples_seen = state.get("samples_seen", 0)
         for k in ("count", "mean", "m2"):
-            setattr(self.running, k, state.get("running_score", {}).get(k, getattr(self.running, k)))
+            setattr(
+                self.running, k, state.get("running_score", {}).get(k, getattr(self.running, k))
+            )
         logger = eng.start_logging(iterations)
         logger.start_at(start)
         if start == 0:

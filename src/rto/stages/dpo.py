@@ -27,7 +27,9 @@ from rto.stages.rm import gold_ceiling
 INFO_FILE = "dpo.json"
 
 
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed response log-probs (2B,), response lengths (2B,), response logits (2B, L-1, V))."""
     logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
     mask = batch["response_mask"][:, 1:].float()
@@ -48,7 +50,9 @@ class PreferenceObjective:
     def stats(self, model: Any, batch: dict[str, torch.Tensor]) -> PairStats:
         pi, n, logits = sequence_logps(model, batch)
         half = pi.shape[0] // 2
-        s = PairStats(pi_w=pi[:half], pi_l=pi[half:], n_w=n[:half].clamp(min=1), n_l=n[half:].clamp(min=1))
+        s = PairStats(
+            pi_w=pi[:half], pi_l=pi[half:], n_w=n[:half].clamp(min=1), n_l=n[half:].clamp(min=1)
+        )
         if self.kind in REFERENCE_FREE:
             return s
         if "ref_chosen_logps" in batch:
@@ -62,9 +66,13 @@ class PreferenceObjective:
             s.kl_w, s.kl_l = kl[:half], kl[half:]
         return s
 
-    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.stats(model, batch)
-        losses, r_w, r_l = preference_loss(self.kind, s, beta=self.beta, alpha=self.alpha, gamma=self.gamma)
+        losses, r_w, r_l = preference_loss(
+            self.kind, s, beta=self.beta, alpha=self.alpha, gamma=self.gamma
+        )
         return losses.mean(), {
             "rewards/chosen": float(r_w.mean()),
             "rewards/rejected": float(r_l.mean()),
@@ -76,7 +84,9 @@ class PreferenceObjective:
 
 
 @torch.no_grad()
-def precompute_reference(ref: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any) -> None:
+def precompute_reference(
+    ref: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any
+) -> None:
     """Store the reference's summed log-probs in each example, so training needs no reference."""
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -88,7 +98,14 @@ def precompute_reference(ref: Any, examples: list[dict[str, Any]], pad_id: int, 
 
 
 @torch.no_grad()
-def held_out(objective: PreferenceObjective, model: Any, examples: list[dict[str, Any]], pad_id: int, bs: int, device: Any) -> dict[str, float]:
+def held_out(
+    objective: PreferenceObjective,
+    model: Any,
+    examples: list[dict[str, Any]],
+    pad_id: int,
+    bs: int,
+    device: Any,
+) -> dict[str, float]:
     model.eval()
     totals: dict[str, list[float]] = {}
     for i in range(0, len(examples), bs):
@@ -107,13 +124,17 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     ref_path = cfg.ref_model or cfg.model.path
     if ref_path != cfg.model.path:
-        check_same_tokenizer(tokenizer, "policy", load_tokenizer(cfg.model, path=ref_path), "reference model")
+        check_same_tokenizer(
+            tokenizer, "policy", load_tokenizer(cfg.model, path=ref_path), "reference model"
+        )
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path,
                  keep=tuple(cfg.gold_columns))  # fmt: skip
     train, train_report = build_pairs(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())
-    evals, eval_report = ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
+    evals, eval_report = (
+        ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
+    )
 
     pad_id = tokenizer.pad_token_id
     bs = cfg.train.micro_batch_size * 2
@@ -135,8 +156,19 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         evaluate=evaluate if evals else None,
     )  # fmt: skip
     save_pretrained(policy, tokenizer, out, engine.accelerator)
-    info = {"loss": cfg.loss, "beta": objective.beta, "alpha": objective.alpha, "simpo_gamma": cfg.simpo_gamma, "ref_model": ref_path}
-    summary: dict[str, Any] = {"stage": "dpo", **info, **final, "data": {"train": train_report.to_dict()}}
+    info = {
+        "loss": cfg.loss,
+        "beta": objective.beta,
+        "alpha": objective.alpha,
+        "simpo_gamma": cfg.simpo_gamma,
+        "ref_model": ref_path,
+    }
+    summary: dict[str, Any] = {
+        "stage": "dpo",
+        **info,
+        **final,
+        "data": {"train": train_report.to_dict()},
+    }
     if eval_report is not None:
         summary["data"]["eval"] = eval_report.to_dict()
         ceiling = gold_ceiling(evals, list(cfg.gold_columns))
@@ -147,7 +179,9 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
             + (f" (gold reward on the same pairs: {ceiling:.3f})" if ceiling is not None else "")
         )
     if cfg.eval.prompts and engine.is_main:
-        prompts = load_eval_prompts(cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path)
+        prompts = load_eval_prompts(
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path
+        )
         metrics, records = sampled_metrics(engine.accelerator.unwrap_model(policy), tokenizer, prompts, cfg.eval,
                                            cfg.generate, device=engine.device, seed=cfg.seed)  # fmt: skip
         summary.update({f"sample/{k}": v for k, v in metrics.items()})
@@ -156,4 +190,3 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         write_json(out / INFO_FILE, info)
     engine.finish(summary)
     return summary
-

@@ -39,7 +39,9 @@ def choose_pairs(gold: list[float], pairing: str, rng: random.Random) -> list[tu
     return [(order[-1], order[0])]
 
 
-def label(g_a: float, g_b: float, annotator: str, temperature: float, ties: str, rng: random.Random) -> bool | None:
+def label(
+    g_a: float, g_b: float, annotator: str, temperature: float, ties: str, rng: random.Random
+) -> bool | None:
     """True if a is preferred, False if b is, None to skip (a tie under skip)."""
     if annotator == "bradley_terry":
         z = (g_a - g_b) / temperature
@@ -55,7 +57,14 @@ def gold_accuracy(rows: list[dict[str, Any]]) -> float:
     best accuracy any learned reward can reach on these labels."""
     if not rows:
         return float("nan")
-    score = sum(1.0 if r["chosen_gold"] > r["rejected_gold"] else 0.5 if r["chosen_gold"] == r["rejected_gold"] else 0.0 for r in rows)
+    score = sum(
+        1.0
+        if r["chosen_gold"] > r["rejected_gold"]
+        else 0.5
+        if r["chosen_gold"] == r["rejected_gold"]
+        else 0.0
+        for r in rows
+    )
     return score / len(rows)
 
 
@@ -68,7 +77,9 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, trainable=False).to(device)
     rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
-    prompts, report = build_prompts(rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path)
+    prompts, report = build_prompts(
+        rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path
+    )
     judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     eos = stop_ids(tokenizer, model)
     torch.manual_seed(cfg.seed)
@@ -128,7 +139,9 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     if not train_rows:
         from rto.errors import RtoError
 
-        raise RtoError(f"no preference pairs could be made ({skipped}); sample more responses or use more prompts")
+        raise RtoError(
+            f"no preference pairs could be made ({skipped}); sample more responses or use more prompts"
+        )
     write_jsonl(out / "pairs_train.jsonl", train_rows)
     write_jsonl(out / "pairs_eval.jsonl", eval_rows)
     labelled = train_rows + eval_rows

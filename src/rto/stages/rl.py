@@ -19,7 +19,13 @@ from rto.engine.trainer import Engine
 from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_prompts
 from rto.models.forward import TokenScorer
-from rto.models.load import check_same_tokenizer, load_causal_lm, load_sequence_scorer, load_tokenizer, save_pretrained
+from rto.models.load import (
+    check_same_tokenizer,
+    load_causal_lm,
+    load_sequence_scorer,
+    load_tokenizer,
+    save_pretrained,
+)
 from rto.rl.trainer import PPOTrainer
 from rto.stages.rm import STATS_FILE
 
@@ -57,24 +63,38 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     stats = reward_stats(cfg) if use_rm else None
 
     rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
-    prompts, report = build_prompts(rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path)
+    prompts, report = build_prompts(
+        rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path
+    )
     engine.say("[rto] prompts: " + report.describe())
     eval_prompts = []
     if cfg.eval.prompts:
-        eval_prompts = load_eval_prompts(cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path)
+        eval_prompts = load_eval_prompts(
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path
+        )
 
     device = engine.device
     policy = load_causal_lm(cfg.model)
     ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(device)
-    dpo = load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False).to(device) if use_dpo else None
+    dpo = (
+        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False).to(device)
+        if use_dpo
+        else None
+    )
     reward_model = None
     if use_rm:
-        hf = load_sequence_scorer(cfg.model, cfg.reward_model, trainable=False, require_head=True, role="reward model")
+        hf = load_sequence_scorer(
+            cfg.model, cfg.reward_model, trainable=False, require_head=True, role="reward model"
+        )
         reward_model = TokenScorer(hf).to(device)
     critic = None
     if rl.advantage_estimator == "gae":
         source = cfg.reward_model if critic_from_rm else cfg.model.path
-        critic = TokenScorer(load_sequence_scorer(cfg.model, source, trainable=True, require_head=critic_from_rm, role="critic"))
+        critic = TokenScorer(
+            load_sequence_scorer(
+                cfg.model, source, trainable=True, require_head=critic_from_rm, role="critic"
+            )
+        )
 
     trainer = PPOTrainer(cfg, engine, policy=policy, critic=critic, ref=ref, dpo=dpo, reward_model=reward_model,
                          tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
@@ -82,6 +102,11 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     save_pretrained(trainer.policy, tokenizer, out, engine.accelerator)
     if cfg.save_critic and trainer.critic is not None:
         save_pretrained(trainer.critic, tokenizer, out / "critic", engine.accelerator)
-    summary = {"stage": "rl", "preset": cfg.preset, **summary, "data": {"prompts": report.to_dict()}}
+    summary = {
+        "stage": "rl",
+        "preset": cfg.preset,
+        **summary,
+        "data": {"prompts": report.to_dict()},
+    }
     engine.finish(summary)
     return summary

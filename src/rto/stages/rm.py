@@ -36,7 +36,9 @@ def gold_ceiling(examples: list[dict[str, Any]], columns: list[str]) -> float | 
     return statistics.fmean(1.0 if e[c] > e[r] else 0.5 if e[c] == e[r] else 0.0 for e in examples)
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int, margin_column: str | None) -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[dict[str, Any]], pad_id: int, margin_column: str | None
+) -> dict[str, torch.Tensor]:
     batch = collate_pairs(examples, pad_id)
     if margin_column:
         batch["margin"] = torch.tensor([float(e.get(margin_column, 0.0)) for e in examples])
@@ -53,16 +55,23 @@ def bt_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
     r_w, r_l = pair_scores(model, batch)
     margin = batch.get("margin", torch.zeros_like(r_w))
     loss = -F.logsigmoid(r_w - r_l - margin).mean()
-    return loss, {"accuracy": float((r_w > r_l).float().mean()), "margin": float((r_w - r_l).detach().mean())}
+    return loss, {
+        "accuracy": float((r_w > r_l).float().mean()),
+        "margin": float((r_w - r_l).detach().mean()),
+    }
 
 
 @torch.no_grad()
-def score_pairs(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any) -> tuple[list[float], list[float]]:
+def score_pairs(
+    model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any
+) -> tuple[list[float], list[float]]:
     model.eval()
     chosen: list[float] = []
     rejected: list[float] = []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(examples[i : i + batch_size], pad_id).items()}
+        batch = {
+            k: v.to(device) for k, v in collate_pairs(examples[i : i + batch_size], pad_id).items()
+        }
         r_w, r_l = pair_scores(model, batch)
         chosen += r_w.tolist()
         rejected += r_l.tolist()
@@ -71,19 +80,35 @@ def score_pairs(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_s
 
 
 def run(cfg: RMConfig) -> dict[str, Any]:
-    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg), progress_keys=("loss", "accuracy"))
+    engine = Engine(
+        cfg.train,
+        cfg.log,
+        cfg.out,
+        seed=cfg.seed,
+        run_config=resolved_config(cfg),
+        progress_keys=("loss", "accuracy"),
+    )
     out = prepare_out_dir(cfg, "rm", is_main=engine.is_main)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     keep = tuple(c for c in [cfg.margin_column, *cfg.gold_columns] if c)
-    build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, keep=keep)
+    build = dict(
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        source=cfg.model.path,
+        keep=keep,
+    )
     train, train_report = build_pairs(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())
-    held_out, eval_report = ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
+    held_out, eval_report = (
+        ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
+    )
     if eval_report:
         engine.say("[rto] held-out " + eval_report.describe())
 
-    hf = load_sequence_scorer(cfg.model, cfg.model.path, trainable=True, require_head=False, role="reward model")
+    hf = load_sequence_scorer(
+        cfg.model, cfg.model.path, trainable=True, require_head=False, role="reward model"
+    )
     hf.config.pad_token_id = tokenizer.pad_token_id
     model = TokenScorer(hf)
     pad_id = tokenizer.pad_token_id
@@ -100,9 +125,18 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     )  # fmt: skip
     c, r = score_pairs(model, train, pad_id, eval_bs, engine.device)
     scores = c + r
-    stats = {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) or 1.0, "n": len(scores)}
+    stats = {
+        "mean": statistics.fmean(scores),
+        "std": statistics.pstdev(scores) or 1.0,
+        "n": len(scores),
+    }
     save_pretrained(model, tokenizer, out, engine.accelerator)
-    summary: dict[str, Any] = {"stage": "rm", **final, "reward_stats": stats, "data": {"train": train_report.to_dict()}}
+    summary: dict[str, Any] = {
+        "stage": "rm",
+        **final,
+        "reward_stats": stats,
+        "data": {"train": train_report.to_dict()},
+    }
     if engine.is_main:
         write_json(out / STATS_FILE, stats)
     if eval_report is not None:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from rto.config.stages import SFTConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import IGNORE, build_sft, collate_sft
+from rto.engine.files import write_jsonl
 from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.trainer import Engine
-from rto.engine.files import write_jsonl
 from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
 from rto.models.forward import causal_logits
 from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
@@ -31,7 +31,12 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """(summed NLL, number of target tokens) of the labelled tokens."""
     logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
     labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
     return nll, (labels != IGNORE).sum()
 
 
@@ -41,11 +46,15 @@ def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def held_out_perplexity(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any) -> dict[str, float]:
+def held_out_perplexity(
+    model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any
+) -> dict[str, float]:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate_sft(examples[i : i + batch_size], pad_id).items()}
+        batch = {
+            k: v.to(device) for k, v in collate_sft(examples[i : i + batch_size], pad_id).items()
+        }
         nll, n = token_nll(model, batch)
         total += float(nll)
         count += int(n)
@@ -54,7 +63,9 @@ def held_out_perplexity(model: Any, examples: list[dict[str, Any]], pad_id: int,
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def unigram_perplexity(train: list[dict[str, Any]], held_out: list[dict[str, Any]], vocab_size: int) -> float:
+def unigram_perplexity(
+    train: list[dict[str, Any]], held_out: list[dict[str, Any]], vocab_size: int
+) -> float:
     """Perplexity of the held-out target tokens under add-one smoothed training token frequencies."""
     counts = Counter(t for e in train for t in e["labels"] if t != IGNORE)
     total = sum(counts.values()) + vocab_size
@@ -68,14 +79,25 @@ def unigram_perplexity(train: list[dict[str, Any]], held_out: list[dict[str, Any
 
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
-    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg), progress_keys=("loss", "lr"))
+    engine = Engine(
+        cfg.train,
+        cfg.log,
+        cfg.out,
+        seed=cfg.seed,
+        run_config=resolved_config(cfg),
+        progress_keys=("loss", "lr"),
+    )
     out = prepare_out_dir(cfg, "sft", is_main=engine.is_main)
     tokenizer = load_tokenizer(cfg.model)
     source = cfg.model.tokenizer or cfg.model.path
 
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
-    build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                 completion_only=cfg.completion_only_loss, source=source)
+    build = dict(
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        completion_only=cfg.completion_only_loss,
+        source=source,
+    )
     train, train_report = build_sft(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())
     held_out, eval_report = [], None
@@ -87,11 +109,19 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
     evaluate = None
     if held_out:
+
         def evaluate(m: Any) -> dict[str, float]:
-            return held_out_perplexity(m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device)
+            return held_out_perplexity(
+                m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device
+            )
 
     model, final = engine.fit(
-        model, train, lambda ex: collate_sft(ex, pad_id), sft_loss, resume=cfg.resume, evaluate=evaluate
+        model,
+        train,
+        lambda ex: collate_sft(ex, pad_id),
+        sft_loss,
+        resume=cfg.resume,
+        evaluate=evaluate,
     )
     save_pretrained(model, tokenizer, out, engine.accelerator)
 
@@ -100,11 +130,17 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         summary["data"]["eval"] = eval_report.to_dict()
         summary["eval/unigram_perplexity"] = unigram_perplexity(train, held_out, len(tokenizer))
     if cfg.eval.prompts and engine.is_main:
-        prompts = load_eval_prompts(cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source)
+        prompts = load_eval_prompts(
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source
+        )
         policy = engine.accelerator.unwrap_model(model)
-        metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed)
+        metrics, records = sampled_metrics(
+            policy, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed
+        )
         summary.update({f"sample/{k}": v for k, v in metrics.items()})
         write_jsonl(out / "samples.jsonl", records)
-        engine.say("[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        engine.say(
+            "[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        )
     engine.finish(summary)
     return summary

@@ -47,23 +47,33 @@ def resolve(spec: str, kind: str, key: str) -> Judge:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"config key '{key}': cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+        raise ConfigError(
+            f"config key '{key}': cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise ConfigError(f"config key '{key}': module {module_name!r} has no function {func_name!r}")
+        raise ConfigError(
+            f"config key '{key}': module {module_name!r} has no function {func_name!r}"
+        )
     return fn
 
 
-def call_judge(fn: Judge, prompts: list[str], responses: list[str], spec: str, kind: str) -> list[Any]:
+def call_judge(
+    fn: Judge, prompts: list[str], responses: list[str], spec: str, kind: str
+) -> list[Any]:
     """Call a judge and check that it returned one finite value per response."""
     values = list(fn(prompts, responses))
     if len(values) != len(responses):
-        raise RtoError(f"{kind} judge {spec!r} returned {len(values)} values for {len(responses)} responses")
+        raise RtoError(
+            f"{kind} judge {spec!r} returned {len(values)} values for {len(responses)} responses"
+        )
     if kind == "gold":
         values = [float(v) for v in values]
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad:
-            raise RtoError(f"gold reward {spec!r} returned a non-finite value for response {bad[0]}: {responses[bad[0]]!r:.80}")
+            raise RtoError(
+                f"gold reward {spec!r} returned a non-finite value for response {bad[0]}: {responses[bad[0]]!r:.80}"
+            )
     else:
         values = [bool(v) for v in values]
     return values

@@ -74,7 +74,9 @@ def _clause(rng: random.Random, polarity: int) -> list[str]:
         if polarity == 0:
             verb = [rng.choice(list(VERBS_NEUTRAL))]
         elif rng.random() < 0.25:
-            base = rng.choice(list(VERBS_NEGATIVE.values()) if polarity > 0 else list(VERBS_POSITIVE.values()))
+            base = rng.choice(
+                list(VERBS_NEGATIVE.values()) if polarity > 0 else list(VERBS_POSITIVE.values())
+            )
             verb = ["did", "not", base]
         else:
             verb = [rng.choice(list(VERBS_POSITIVE if polarity > 0 else VERBS_NEGATIVE))]
@@ -84,7 +86,11 @@ def _clause(rng: random.Random, polarity: int) -> list[str]:
     if kind < 0.92 or polarity == 0:
         words = ["it", rng.choice(BE), *_adjp(rng, polarity)]
         return (["overall"] if rng.random() < 0.3 else []) + words
-    return ["i", "would", "recommend", "it"] if polarity > 0 else ["i", "would", "not", "recommend", "it"]
+    return (
+        ["i", "would", "recommend", "it"]
+        if polarity > 0
+        else ["i", "would", "not", "recommend", "it"]
+    )
 
 
 def _polarity(rng: random.Random, bias: float) -> int:
@@ -157,7 +163,12 @@ class _Parser:
 
     def clause(self) -> bool:
         start = self.i
-        for alternative in (self._be_clause, self._verb_clause, self._it_clause, self._recommend_clause):
+        for alternative in (
+            self._be_clause,
+            self._verb_clause,
+            self._it_clause,
+            self._recommend_clause,
+        ):
             self.i = start
             if alternative():
                 return True

@@ -1,0 +1,205 @@
+"""The RL maths against slow, obvious reference loops: reward placement, the variants' defining
+properties, GAE, REINFORCE++ returns, whitening and the clipped losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rto.rl.advantages import gae, reward_to_go, whiten
+from rto.rl.losses import policy_loss, value_loss
+from rto.rl.rewards import RewardSettings, normalize_score, token_rewards
+
+LENGTHS = [5, 2, 7, 1]  # ragged; row 2 fills all T = 7 columns (truncated without EOS)
+T = 7
+
+
+def make_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B = len(LENGTHS)
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(LENGTHS):
+        mask[b, :n] = 1
+    lp = -torch.rand(B, T, generator=g) * 3
+    lr = -torch.rand(B, T, generator=g) * 3
+    ratio = torch.randn(B, T, generator=g)
+    score = torch.randn(B, generator=g)
+    # garbage outside the mask must never leak into rewards
+    lp = torch.where(mask.bool(), lp, torch.full_like(lp, 1e6))
+    ratio = torch.where(mask.bool(), ratio, torch.full_like(ratio, float("nan")))
+    return mask, lp, lr, ratio, score
+
+
+def slow_rewards(mask, lp, lr, ratio, score, s: RewardSettings, segment_end=None):
+    B = mask.shape[0]
+    out = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        n = int(mask[b].sum())
+        dpo = []
+        for h in range(n):
+            v = s.dpo_reward_scale * float(ratio[b, h]) if s.dpo_reward_scale else 0.0
+            if s.dpo_reward_clip is not None:
+                v = max(-s.dpo_reward_clip, min(s.dpo_reward_clip, v))
+            dpo.append(v)
+        placed = [0.0] * n
+        if s.granularity == "token":
+            placed = list(dpo)
+        elif s.granularity == "sequence":
+            placed[n - 1] = sum(dpo)
+        else:
+            acc = 0.0
+            for h in range(n):
+                acc += dpo[h]
+                if (segment_end is not None and segment_end[b, h]) or h == n - 1:
+                    placed[h] = acc
+                    acc = 0.0
+        if s.shaping:
+            placed[n - 1] -= sum(dpo)
+        for h in range(n):
+            r = placed[h] - s.kl_coef * (float(lp[b, h]) - float(lr[b, h]))
+            if h == n - 1:
+                r += s.score_coef * float(score[b])
+            out[b][h] = r
+    return torch.tensor(out)
+
+
+VARIANTS = {
+    "ppo": RewardSettings(dpo_reward_scale=0.0),
+    "rto": RewardSettings(dpo_reward_scale=0.05),
+    "rto_clip": RewardSettings(dpo_reward_scale=0.5, dpo_reward_clip=0.05),
+    "rs_ppo": RewardSettings(dpo_reward_scale=0.05, shaping=True),
+    "semi_rto": RewardSettings(dpo_reward_scale=0.05, granularity="segment"),
+    "ddpo": RewardSettings(dpo_reward_scale=0.05, granularity="sequence"),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_token_rewards_match_slow_loop(name: str) -> None:
+    mask, lp, lr, ratio, score = make_batch()
+    seg = torch.zeros(mask.shape, dtype=torch.bool)
+    seg[0, 1] = seg[2, 2] = seg[2, 4] = True  # sentence delimiters inside responses
+    s = VARIANTS[name]
+    got, _ = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg)
+    want = slow_rewards(mask, lp, lr, ratio, score, s, seg)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.isfinite(got).all()
+
+
+def test_score_lands_on_last_real_token_only() -> None:
+    mask, lp, _, _, score = make_batch()
+    s = RewardSettings(dpo_reward_scale=0.0, kl_coef=0.0)
+    got, _ = token_rewards(mask, lp, lp, score, s)
+    for b, n in enumerate(LENGTHS):
+        assert got[b, n - 1] == pytest.approx(float(score[b]))  # truncated row 2: its last column
+        assert torch.count_nonzero(got[b]) == 1  # not on the first pad, not anywhere else
+
+
+def test_variant_properties() -> None:
+    mask, lp, lr, ratio, score = make_batch(1)
+    seg = torch.zeros(mask.shape, dtype=torch.bool)
+    seg[2, 3] = True
+    totals = {}
+    dpo_sums = {}
+    for name, s in VARIANTS.items():
+        r, parts = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg)
+        totals[name] = r.sum(1)
+        if "dpo" in parts:
+            dpo_sums[name] = parts["dpo"].sum(1)
+    assert torch.allclose(
+        totals["rs_ppo"], totals["ppo"], atol=1e-5
+    )  # pure shaping: same return as PPO
+    assert torch.allclose(
+        dpo_sums["ddpo"], dpo_sums["rto"], atol=1e-6
+    )  # same DPO total, other placement
+    assert torch.allclose(dpo_sums["semi_rto"], dpo_sums["rto"], atol=1e-6)
+    assert not torch.allclose(totals["rto"], totals["ppo"])
+
+
+def test_beta1_zero_ignores_the_dpo_model_entirely() -> None:
+    mask, lp, lr, ratio, score = make_batch()
+    s = RewardSettings(dpo_reward_scale=0.0)
+    with_nan, parts = token_rewards(
+        mask, lp, lr, score, s, dpo_log_ratio=torch.full_like(ratio, float("nan"))
+    )
+    without, _ = token_rewards(mask, lp, lr, score, s)
+    assert torch.equal(with_nan, without) and "dpo" not in parts
+
+
+def test_normalize_score() -> None:
+    s = normalize_score(torch.tensor([3.0, 100.0, -1.0]), mean=1.0, std=2.0, clamp=10.0,
+                        truncated=torch.tensor([False, False, True]), missing_eos_penalty=0.5)  # fmt: skip
+    assert s.tolist() == pytest.approx([1.0, 10.0, -1.5])
+
+
+def test_gae_matches_slow_loop() -> None:
+    mask, _, _, _, _ = make_batch()
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.randn(mask.shape, generator=g) * mask
+    values = torch.randn(mask.shape, generator=g)  # garbage outside the mask on purpose
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            want = 0.0
+            for k in range(t, n):
+                v_next = float(values[b, k + 1]) if k + 1 < n else 0.0
+                delta = float(rewards[b, k]) + gamma * v_next - float(values[b, k])
+                want += (gamma * lam) ** (k - t) * delta
+            assert float(adv[b, t]) == pytest.approx(want, abs=1e-5)
+            assert float(ret[b, t]) == pytest.approx(want + float(values[b, t]), abs=1e-5)
+        assert torch.all(adv[b, n:] == 0)
+
+
+def test_reinforce_pp_returns_match_slow_loop() -> None:
+    mask, _, _, _, _ = make_batch()
+    rewards = torch.randn(mask.shape, generator=torch.Generator().manual_seed(4)) * mask
+    adv, _ = reward_to_go(rewards, mask, gamma=0.95)
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            want = sum(0.95 ** (k - t) * float(rewards[b, k]) for k in range(t, n))
+            assert float(adv[b, t]) == pytest.approx(want, abs=1e-5)
+
+
+def test_whiten_over_real_tokens() -> None:
+    mask, _, _, _, _ = make_batch()
+    x = torch.randn(mask.shape) * 5 + 3
+    w = whiten(x, mask)
+    vals = w[mask.bool()]
+    assert float(vals.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(vals.std()) == pytest.approx(1.0, abs=1e-4)
+    assert torch.all(w[~mask.bool()] == 0)
+
+
+def test_clipped_policy_and_value_losses_match_slow_loop() -> None:
+    mask, _, _, _, _ = make_batch()
+    g = torch.Generator().manual_seed(5)
+    logp_old = -torch.rand(mask.shape, generator=g) * 2
+    logp = logp_old + torch.randn(mask.shape, generator=g) * 0.5
+    adv = torch.randn(mask.shape, generator=g)
+    loss, stats = policy_loss(logp, logp_old, adv, mask, clip=0.2)
+    terms, clipped_count, kls = [], 0, []
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            ratio = math.exp(float(logp[b, t]) - float(logp_old[b, t]))
+            a = float(adv[b, t])
+            unclipped, clipped = -a * ratio, -a * min(max(ratio, 0.8), 1.2)
+            terms.append(max(unclipped, clipped))
+            clipped_count += clipped > unclipped
+            kls.append((ratio - 1) - math.log(ratio))
+    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert float(stats["clipfrac"]) == pytest.approx(clipped_count / len(terms))
+    assert float(stats["approx_kl"]) == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+
+    values_old = torch.randn(mask.shape, generator=g)
+    values = values_old + torch.randn(mask.shape, generator=g) * 0.5
+    returns = torch.randn(mask.shape, generator=g)
+    vloss, _ = value_loss(values, values_old, returns, mask, clip=0.2)
+    terms = []
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            v, vo, r = float(values[b, t]), float(values_old[b, t]), float(returns[b, t])
+            vc = vo + min(max(v - vo, -0.2), 0.2)
+            terms.append(max((v - r) ** 2, (vc - r) ** 2))
+    assert float(vloss) == pytest.approx(0.5 * sum(terms) / len(terms), rel=1e-5)
