@@ -475,3 +475,90 @@ class RLConfig:
                 f"rollout of {n} responses (rl.rollout_batch_size x rl.samples_per_prompt) must be a multiple of "
                 f"train.batch_size ({self.train.batch_size})"
             )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalConfig:
+    out: str = _out()
+    seed: int = _seed()
+    overwrite: bool = _overwrite()
+    policies: list[str] = option(
+        [],
+        "Policies to evaluate as NAME=PATH (comma-separated on the command line), e.g. sft=runs/sft,rto=runs/rto (required).",
+    )
+    ref_model: str | None = option(
+        None, "Reference policy for KL (usually the SFT model); no KL without it."
+    )
+    reward_model: str | None = option(None, "Reward model for rm_score and reward-model win rates.")
+    baseline: str | None = option(
+        None, "Policy the win rates are against (default: the first one)."
+    )
+    win_rate_by: str = option("auto", "Judge of win rates: gold reward, reward model, or auto (gold when available).",
+                              choices=["auto", "gold", "reward_model"])  # fmt: skip
+    export: list[str] = option(
+        [],
+        "Also write generations for external judges: alpaca_eval, arena_hard.",
+        choices=["alpaca_eval", "arena_hard"],
+    )
+    model: ModelSection = section(
+        ModelSection, "Loading options for every policy (path is ignored)."
+    )
+    data: DataSection = section(DataSection, "Only max_prompt_length is used here.")
+    generate: GenerateSection = section(GenerateSection, "Sampling (the same for every policy).")
+    eval: EvalSection = section(EvalSection, "Held-out prompts and judges.")
+    log: LogSection = section(LogSection, "Logging.")
+
+    def check(self) -> None:
+        _require(self.out, "out", "the folder to write eval.json to")
+        if not self.policies:
+            raise ConfigError(
+                "config key 'policies' is required: give NAME=PATH entries, e.g. sft=runs/sft,rto=runs/rto"
+            )
+        names = []
+        for entry in self.policies:
+            if "=" not in entry or not entry.split("=", 1)[0] or not entry.split("=", 1)[1]:
+                raise ConfigError(
+                    f"config key 'policies': entry {entry!r} must look like NAME=PATH"
+                )
+            names.append(entry.split("=", 1)[0])
+        if len(set(names)) != len(names):
+            raise ConfigError(
+                f"config key 'policies': names must be unique, got {', '.join(names)}"
+            )
+        if self.baseline and self.baseline not in names:
+            raise ConfigError(
+                f"config key 'baseline' = {self.baseline!r} is not one of the policies ({', '.join(names)})"
+            )
+        _require(self.eval.prompts, "eval.prompts", "the held-out prompts to sample responses for")
+
+    def named_policies(self) -> list[tuple[str, str]]:
+        return [tuple(e.split("=", 1)) for e in self.policies]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class ReportConfig:
+    out: str = _out()
+    seed: int = _seed()
+    overwrite: bool = _overwrite()
+    eval: str = option("", "Folder of an `rto eval` run (its eval.json) (required).")
+    curves: list[str] = option(
+        [], "RL runs to plot as NAME=PATH (their metrics.jsonl), e.g. ppo=runs/ppo,rto=runs/rto."
+    )
+    baseline: str = option("sft", "Method the win rates are against.")
+    title: str = option("rto results", "Title of results.md and the plots.")
+    pipeline_config: str | None = option(
+        None, "Resolved pipeline config to embed in results.json (default: OUT/../pipeline.yaml)."
+    )
+
+    def check(self) -> None:
+        _require(self.out, "out", "the folder to write results.json, results.md and the plots to")
+        _require(self.eval, "eval", "the folder of an `rto eval` run")
+        for entry in self.curves:
+            if "=" not in entry:
+                raise ConfigError(f"config key 'curves': entry {entry!r} must look like NAME=PATH")

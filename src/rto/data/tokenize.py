@@ -215,7 +215,8 @@ def build_pairs(
 def build_prompts(
     rows: Rows, tokenizer: Any, *, max_prompt_length: int, source: str
 ) -> tuple[list[dict[str, Any]], DataReport]:
-    """Examples {prompt_ids, prompt}: prompts longer than the limit keep their end (counted)."""
+    """Examples {prompt_ids, prompt, id}: prompts longer than the limit keep their end (counted).
+    `id` is the row's question_id / uid / id column when it has one, else its row number."""
     if "prompt" not in rows.columns and "messages" not in rows.columns:
         raise DataError(
             f"{rows.origin}: missing column 'prompt' (it has {', '.join(rows.columns) or 'no columns'}); "
@@ -227,7 +228,7 @@ def build_prompts(
     encoded = _encode_many(tokenizer, [t for t, _ in texts])
     prefix = special_prefix(tokenizer)
     examples = []
-    for (text, chat), ids in zip(texts, encoded):
+    for i, ((text, chat), ids) in enumerate(zip(texts, encoded)):
         if not text.strip():
             report.drop("empty prompt")
             continue
@@ -235,7 +236,9 @@ def build_prompts(
         if len(ids) > max_prompt_length:
             ids = ids[len(ids) - max_prompt_length :]
             report.truncated += 1
-        examples.append({"prompt_ids": ids, "prompt": text})
+        row = rows[i]
+        uid = next((row[k] for k in ("question_id", "uid", "id") if row.get(k) is not None), i)
+        examples.append({"prompt_ids": ids, "prompt": text, "id": uid})
     report.kept = len(examples)
     if not examples:
         raise DataError(f"{rows.origin}: no usable prompts ({report.describe()})")

@@ -60,7 +60,15 @@ class MetricsLogger:
         if log_cfg.progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, dynamic_ncols=True, file=sys.stderr, leave=True)
+            # on a terminal the bar redraws often; in a log file it writes a line every 30 s
+            interval = 0.5 if sys.stderr.isatty() else 30.0
+            self._bar = tqdm(
+                total=total_steps,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                leave=True,
+                mininterval=interval,
+            )
 
     def start_at(self, step: int) -> None:
         """Drop lines logged after `step` (work lost by an interruption, about to be redone)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
 import time
 from typing import Any
 
@@ -91,7 +92,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     gold_all: list[float] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts), disable=not cfg.log.progress, desc="pairs", dynamic_ncols=True)
+    bar = tqdm(total=len(prompts), disable=not cfg.log.progress, desc="pairs", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
     for start in range(0, len(prompts), per_call):
         chunk = prompts[start : start + per_call]
         s = sample(

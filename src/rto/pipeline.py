@@ -1,0 +1,267 @@
+"""`rto pipeline --config FILE`: run the stages a recipe lists, in order, each feeding the next.
+
+A recipe is YAML:
+
+    out: runs/demo                 # every stage writes OUT/<stage name>
+    seed: 0                        # default seed of every stage
+    defaults:                      # per stage kind, under each stage of that kind
+      rl: {train: {lr: 1.0e-4}}
+    stages:
+      task: {stage: task, task: sentiment}
+      sft:  {stage: sft, model: {path: "{task}/base_model"}, data: {path: "{task}/sft_train.jsonl"}}
+      ...
+
+"{name}" in a value is the output folder of stage `name` (and "{out}" the pipeline's root). A
+stage is skipped when its output is complete and was made with the same resolved config and the
+same inputs (a fingerprint of its config and of the stages it reads from); a changed config or
+`--force STAGE` reruns it and every stage after it that reads from it; an interrupted stage is
+resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rto.config import core
+from rto.engine.files import read_json, write_atomic, write_json
+from rto.engine.run import resolved_config
+from rto.errors import ConfigError
+
+RECIPES = Path(__file__).parent / "recipes"
+STATE_FILE = "pipeline.json"
+_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    kind: str
+    config: Any
+    task: str | None
+    deps: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+
+
+def recipe_path(spec: str) -> Path:
+    """A recipe file, or the name of a built-in recipe (src/rto/recipes/NAME.yaml)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    builtin = RECIPES / f"{spec.replace('-', '_')}.yaml"
+    if builtin.is_file():
+        return builtin
+    names = ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"pipeline config {spec} is neither a file nor a built-in recipe ({names})")
+
+
+def _substitute(value: Any, folders: dict[str, str], where: str, deps: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute(v, folders, f"{where}.{k}", deps) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, folders, f"{where}[{i}]", deps) for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def repl(m: re.Match) -> str:
+            ref = m.group(1)
+            if ref not in folders:
+                known = ", ".join(folders)
+                raise ConfigError(
+                    f"pipeline key '{where}' refers to {{{ref}}}, which is not an earlier stage ({known})"
+                )
+            if ref != "out":
+                deps.add(ref)
+            return folders[ref]
+
+        return _REF.sub(repl, value)
+    return value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_override(recipe: dict[str, Any], assignment: str) -> None:
+    """--set STAGE.key.sub=value"""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r} must look like STAGE.key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.split(".")
+    stages = recipe.get("stages") or {}
+    if parts[0] not in stages:
+        raise ConfigError(
+            f"--set {assignment!r}: no stage named {parts[0]!r} (stages: {', '.join(stages)})"
+        )
+    node = stages[parts[0]]
+    for p in parts[1:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = yaml.safe_load(value) if value else value
+
+
+def plan(
+    recipe_file: str, *, out: str | None = None, overrides: list[str] | None = None
+) -> tuple[list[PlannedStage], dict[str, Any]]:
+    """Validate every stage's config before any work; return them in order with fingerprints."""
+    from rto.cli import STAGES, TASK_STAGES
+
+    path = recipe_path(recipe_file)
+    recipe = core.load_yaml(path)
+    for a in overrides or []:
+        _set_override(recipe, a)
+    unknown = set(recipe) - {"out", "seed", "defaults", "stages", "description"}
+    if unknown:
+        raise ConfigError(
+            f"unknown pipeline key(s) {', '.join(sorted(unknown))} in {path}; allowed: out, seed, defaults, stages, description"
+        )
+    root = out or recipe.get("out")
+    if not root:
+        raise ConfigError(f"pipeline config {path} needs 'out' (or pass --out)")
+    stages = recipe.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"pipeline config {path} needs a non-empty mapping 'stages'")
+    defaults = recipe.get("defaults") or {}
+    kinds = {s.name: s for s in STAGES}
+    folders = {"out": str(root)}
+    planned: list[PlannedStage] = []
+    for name, spec in stages.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", str(name)) or name == "out":
+            raise ConfigError(
+                f"pipeline stage name {name!r} in {path}: use letters, digits, '_' and '-' (it names a folder and a {{placeholder}})"
+            )
+        if not isinstance(spec, dict) or "stage" not in spec:
+            raise ConfigError(
+                f"pipeline stage '{name}' in {path} needs 'stage: <kind>' (task, {', '.join(kinds)})"
+            )
+        spec = dict(spec)
+        kind = spec.pop("stage")
+        task = spec.pop("task", None) if kind == "task" else None
+        if kind == "task":
+            if task not in TASK_STAGES:
+                raise ConfigError(
+                    f"pipeline stage '{name}': unknown task {task!r}; built-in tasks: {', '.join(TASK_STAGES)}"
+                )
+            cls = TASK_STAGES[task].config_class()
+        elif kind in kinds:
+            cls = kinds[kind].config_class()
+        else:
+            raise ConfigError(
+                f"pipeline stage '{name}': unknown stage kind {kind!r}; use task, {', '.join(kinds)}"
+            )
+        values = _merge(defaults.get(kind, {}) or {}, spec)
+        values.setdefault("seed", recipe.get("seed", 0))
+        deps: set[str] = set()
+        values = _substitute(values, folders, f"stages.{name}", deps)
+        leftover = re.search(r"\{[A-Za-z_][^{}]*\}", json.dumps(values))
+        if leftover:
+            raise ConfigError(
+                f"pipeline stage '{name}': {leftover.group(0)} is not a stage name (stage names take letters, digits, '_' and '-')"
+            )
+        values["out"] = str(Path(root) / name)
+        cfg = core.build(cls, file_values=values, file_name=f"{path} (stage {name})")
+        planned.append(PlannedStage(name, kind, cfg, task, sorted(deps)))
+        folders[name] = values["out"]
+    by_name = {p.name: p for p in planned}
+    for p in planned:
+        payload = json.dumps({"kind": p.kind, "task": p.task, "config": resolved_config(p.config),
+                              "inputs": {d: by_name[d].fingerprint for d in p.deps}}, sort_keys=True)  # fmt: skip
+        p.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return planned, {"recipe": str(path), "out": str(root), "stages": {p.name: {"stage": p.kind, **({"task": p.task} if p.task else {}),
+                     **resolved_config(p.config)} for p in planned}}  # fmt: skip
+
+
+def _state(folder: Path) -> dict[str, Any]:
+    f = folder / STATE_FILE
+    try:
+        return read_json(f) if f.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def run(
+    recipe_file: str,
+    *,
+    out: str | None = None,
+    force: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    from rto.cli import STAGES, TASK_STAGES
+
+    planned, resolved = plan(recipe_file, out=out, overrides=overrides)
+    names = [p.name for p in planned]
+    for f in force or []:
+        if f not in names:
+            raise ConfigError(f"--force {f}: no stage of that name (stages: {', '.join(names)})")
+    forced_from = min((names.index(f) for f in force or []), default=len(names))
+    root = Path(resolved["out"])
+    root.mkdir(parents=True, exist_ok=True)
+    write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    runners = {s.name: s for s in STAGES}
+    rerun: set[str] = set()
+    report: dict[str, Any] = {}
+    for i, p in enumerate(planned):
+        folder = Path(p.config.out)
+        state = _state(folder)
+        same = state.get("fingerprint") == p.fingerprint
+        upstream_rerun = any(d in rerun for d in p.deps)
+        if (
+            i < forced_from
+            and same
+            and state.get("complete")
+            and (folder / "summary.json").is_file()
+            and not upstream_rerun
+        ):
+            print(f"[rto] pipeline: {p.name} is up to date, skipped", file=sys.stderr, flush=True)
+            report[p.name] = {"status": "skipped"}
+            continue
+        resumable = (
+            hasattr(p.config, "resume")
+            and same
+            and not upstream_rerun
+            and i < forced_from
+            and (folder / "checkpoints").is_dir()
+        )
+        if resumable:
+            p.config.resume = True
+            why = "resuming its interrupted run"
+        else:
+            p.config.overwrite = True
+            if i >= forced_from:
+                why = "forced"
+            elif not state:
+                why = "first run"
+            else:
+                why = (
+                    "its inputs were rerun"
+                    if upstream_rerun
+                    else "config changed"
+                    if not same
+                    else "incomplete"
+                )
+        print(f"[rto] pipeline: running {p.name} ({p.kind}; {why})", file=sys.stderr, flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
+        began = time.time()
+        if p.kind == "task":
+            TASK_STAGES[p.task].run_function()(p.config, p.task)
+        else:
+            runners[p.kind].run_function()(p.config)
+        write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": True})
+        rerun.add(p.name)
+        report[p.name] = {"status": "ran", "seconds": round(time.time() - began, 1)}
+    write_json(root / "pipeline_run.json", report)
+    return report
