@@ -156,7 +156,7 @@ def aggregate(runs: Path, seeds: list[int]) -> dict:
         n: {m: mean_sd([per_seed[s][n].get(m) for s in per_seed]) for m in metrics} for n in names
     }
     eff = []
-    for s, res in per_seed.items():
+    for res in per_seed.values():
         target = res["ppo"]["gold_reward_mean"]
         curve = {1 / frac: res[f"rto_{tag}"]["gold_reward_mean"] for tag, frac in BUDGETS.items()}
         curve[1.0] = res["rto"]["gold_reward_mean"]

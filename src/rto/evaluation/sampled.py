@@ -102,7 +102,7 @@ def sampled_metrics(
                 mask = torch.cat([s.prompt_mask, s.response_mask], 1)
                 extra["rm_score"] = sequence_scores(reward_model, ids, mask).tolist()
             for j, p in enumerate(chunk):
-                rec: dict[str, Any] = {"prompt": p["prompt"], "response": texts[j],
+                rec: dict[str, Any] = {"id": p.get("id", i + j), "prompt": p["prompt"], "response": texts[j],
                                        "length": int(s.response_mask[j].sum()), "truncated": bool(s.truncated[j])}  # fmt: skip
                 rec.update({k: v[j] for k, v in extra.items()})
                 records.append(rec)

@@ -94,7 +94,7 @@ def plot(
         plt.close(fig)
         files.append("gold_vs_samples.png")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (name, rows) in enumerate(curves.items()):
+    for i, rows in enumerate(curves.values()):
         ax.plot(
             [r["kl"] for r in rows],
             [r["gold"] for r in rows],
@@ -102,7 +102,7 @@ def plot(
             alpha=0.5,
             linewidth=1,
         )
-    for i, (name, m) in enumerate(methods.items()):
+    for name, m in methods.items():
         if m["gold_reward_mean"] is None or m["kl"] is None:
             continue
         color = colors[list(curves).index(name) % len(colors)] if name in curves else "black"
