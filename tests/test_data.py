@@ -228,3 +228,13 @@ def test_prompt_rows_long_prompts_keep_their_end(tmp_path: Path, tok) -> None:
     examples, report = build_prompts(load_rows(str(f)), tok, max_prompt_length=6, source="t")
     assert len(examples) == 1 and report.truncated == 1 and report.dropped == {"empty prompt": 1}
     assert tok.decode(examples[0]["prompt_ids"]).endswith(". i")
+
+
+def test_chat_prompts_render_plain_strings_with_the_template(tmp_path: Path, tok) -> None:
+    f = write_jsonl(tmp_path / "pc.jsonl", ROWS[:1])
+    (ex,), _ = sft(f, tok, chat_prompts=True)
+    assert tok.decode(ex["input_ids"]) == "<|user|>the food was</s><|assistant|> very good .</s>"
+    assert tok.decode([t for t in ex["labels"] if t != IGNORE]) == " very good .</s>"
+    p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the food was"}])
+    (pr,), _ = build_prompts(load_rows(str(p)), tok, max_prompt_length=32, source="t", chat_prompts=True)
+    assert tok.decode(pr["prompt_ids"]) == "<|user|>the food was</s><|assistant|>"

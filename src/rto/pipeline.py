@@ -39,6 +39,7 @@ from rto.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "pipeline.json"
+SINGLE_PROCESS = {"pairs", "eval", "report"}  # stages without a training loop
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
 
 
@@ -199,8 +200,12 @@ def run(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
+    from accelerate import PartialState
+
     from rto.cli import STAGES, TASK_STAGES
 
+    dist = PartialState()  # under accelerate launch: training stages run on every process,
+    main = dist.is_main_process  # the others (task, pairs, eval, report) on the main one
     planned, resolved = plan(recipe_file, out=out, overrides=overrides)
     names = [p.name for p in planned]
     for f in force or []:
@@ -208,12 +213,14 @@ def run(
             raise ConfigError(f"--force {f}: no stage of that name (stages: {', '.join(names)})")
     forced_from = min((names.index(f) for f in force or []), default=len(names))
     root = Path(resolved["out"])
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
     runners = {s.name: s for s in STAGES}
     rerun: set[str] = set()
     report: dict[str, Any] = {}
     for i, p in enumerate(planned):
+        dist.wait_for_everyone()
         folder = Path(p.config.out)
         state = _state(folder)
         same = state.get("fingerprint") == p.fingerprint
@@ -225,7 +232,10 @@ def run(
             and (folder / "summary.json").is_file()
             and not upstream_rerun
         ):
-            print(f"[rto] pipeline: {p.name} is up to date, skipped", file=sys.stderr, flush=True)
+            if main:
+                print(
+                    f"[rto] pipeline: {p.name} is up to date, skipped", file=sys.stderr, flush=True
+                )
             report[p.name] = {"status": "skipped"}
             continue
         resumable = (
@@ -252,16 +262,27 @@ def run(
                     if not same
                     else "incomplete"
                 )
-        print(f"[rto] pipeline: running {p.name} ({p.kind}; {why})", file=sys.stderr, flush=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
+        if main:
+            print(
+                f"[rto] pipeline: running {p.name} ({p.kind}; {why})", file=sys.stderr, flush=True
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
+        dist.wait_for_everyone()
         began = time.time()
         if p.kind == "task":
-            TASK_STAGES[p.task].run_function()(p.config, p.task)
+            if main:
+                TASK_STAGES[p.task].run_function()(p.config, p.task)
+        elif p.kind in SINGLE_PROCESS:
+            if main:
+                runners[p.kind].run_function()(p.config)
         else:
             runners[p.kind].run_function()(p.config)
-        write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": True})
+        dist.wait_for_everyone()
+        if main:
+            write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": True})
         rerun.add(p.name)
         report[p.name] = {"status": "ran", "seconds": round(time.time() - began, 1)}
-    write_json(root / "pipeline_run.json", report)
+    if main:
+        write_json(root / "pipeline_run.json", report)
     return report

@@ -61,6 +61,11 @@ class DataSection:
         512, "Most prompt tokens; longer prompts keep their end.", min=1
     )
 
+    chat_prompts: bool = option(
+        False,
+        "Render plain-string prompts (and responses) as a user turn (and an assistant reply) with the chat template.",
+    )
+
     def check(self) -> None:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(

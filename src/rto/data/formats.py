@@ -38,6 +38,14 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list)
 
 
+def _as_user(value: Any) -> Any:
+    return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+
+def _as_reply(value: Any) -> Any:
+    return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
+
+
 def check_messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise DataError(
@@ -71,11 +79,15 @@ def check_text(value: Any, where: str, column: str) -> str:
 
 
 class ChatRenderer:
-    """Renders messages with a tokenizer's chat template; refuses when there is none."""
+    """Renders messages with a tokenizer's chat template; refuses when there is none.
 
-    def __init__(self, tokenizer: Any, source: str):
+    With `wrap_strings` (config key data.chat_prompts), plain-string prompts and responses are
+    treated as a user message and an assistant reply, so a chat model sees its template."""
+
+    def __init__(self, tokenizer: Any, source: str, wrap_strings: bool = False):
         self.tokenizer = tokenizer
         self.source = source
+        self.wrap_strings = wrap_strings
 
     def __call__(
         self, messages: list[dict[str, str]], add_generation_prompt: bool, where: str
@@ -123,20 +135,27 @@ def sft_format(columns: list[str]) -> str:
     return ""
 
 
-def sft_pieces(row: dict[str, Any], fmt: str, render: ChatRenderer, where: str) -> list[Piece]:
+def sft_pieces(
+    row: dict[str, Any], fmt: str, render: ChatRenderer, where: str
+) -> tuple[list[Piece], bool]:
+    """(pieces, from_chat): from_chat pieces were rendered by the chat template, which brings its
+    own special tokens; plain text gets the tokenizer's BOS and an EOS added later."""
     if fmt == "text":
-        return [Piece(check_text(row.get("text"), where, "text"), True)]
+        return [Piece(check_text(row.get("text"), where, "text"), True)], False
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
+        if render.wrap_strings:
+            prompt, completion = _as_user(prompt), _as_reply(completion)
         if _is_messages(prompt) or _is_messages(completion):
             msgs = check_messages(prompt, where, "prompt")
             reply = check_messages(completion, where, "completion")
-            return _chat_pieces(msgs + reply, render, where)
-        return [
+            return _chat_pieces(msgs + reply, render, where), True
+        pieces = [
             Piece(check_text(prompt, where, "prompt"), False),
             Piece(check_text(completion, where, "completion"), True),
         ]
-    return _chat_pieces(check_messages(row.get("messages"), where, "messages"), render, where)
+        return pieces, False
+    return _chat_pieces(check_messages(row.get("messages"), where, "messages"), render, where), True
 
 
 def _chat_pieces(messages: list[dict[str, str]], render: ChatRenderer, where: str) -> list[Piece]:
@@ -180,6 +199,8 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
                 f"{where}: missing column '{col}'; preference rows need {PREFERENCE_FORMATS}"
             )
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+    if render.wrap_strings:
+        prompt, chosen, rejected = _as_user(prompt), _as_reply(chosen), _as_reply(rejected)
     if _is_messages(chosen) or _is_messages(rejected):
         chosen_m = check_messages(chosen, where, "chosen")
         rejected_m = check_messages(rejected, where, "rejected")
@@ -221,7 +242,7 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
 def prompt_text(row: dict[str, Any], render: ChatRenderer, where: str) -> tuple[str, bool]:
     """The prompt as text, and whether it came from chat messages."""
     if "prompt" in row and row["prompt"] is not None:
-        value = row["prompt"]
+        value = _as_user(row["prompt"]) if render.wrap_strings else row["prompt"]
         if _is_messages(value):
             return render(check_messages(value, where, "prompt"), True, where), True
         return check_text(value, where, "prompt"), False

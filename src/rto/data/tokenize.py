@@ -104,6 +104,7 @@ def build_sft(
     max_prompt_length: int,
     completion_only: bool,
     source: str,
+    chat_prompts: bool = False,
 ) -> tuple[list[dict[str, list[int]]], DataReport]:
     """Examples {input_ids, labels}; labels are IGNORE on prompt tokens when completion_only."""
     fmt = formats.sft_format(rows.columns)
@@ -112,15 +113,15 @@ def build_sft(
             f"{rows.origin}: no SFT columns found (it has {', '.join(rows.columns) or 'no columns'}); "
             f"SFT rows need {formats.SFT_FORMATS}"
         )
-    render = formats.ChatRenderer(tokenizer, source)
+    render = formats.ChatRenderer(tokenizer, source, chat_prompts)
     report = DataReport(rows.origin, total=len(rows))
-    all_pieces = [formats.sft_pieces(row, fmt, render, rows.where(i)) for i, row in enumerate(rows)]
-    flat = [p.text for pieces in all_pieces for p in pieces]
+    rendered = [formats.sft_pieces(row, fmt, render, rows.where(i)) for i, row in enumerate(rows)]
+    flat = [p.text for pieces, _ in rendered for p in pieces]
     encoded = iter(_encode_many(tokenizer, flat))
-    prefix = special_prefix(tokenizer) if fmt != "messages" else []
-    eos = eos_ids(tokenizer) if fmt != "messages" else []
+    plain_prefix, plain_eos = special_prefix(tokenizer), eos_ids(tokenizer)
     examples = []
-    for pieces in all_pieces:
+    for pieces, from_chat in rendered:
+        prefix, eos = ([], []) if from_chat else (plain_prefix, plain_eos)
         ids_list = [next(encoded) for _ in pieces]
         if not any(p.trainable and ids for p, ids in zip(pieces, ids_list)):
             report.drop("empty response")
@@ -163,6 +164,7 @@ def build_pairs(
     max_prompt_length: int,
     source: str,
     keep: tuple[str, ...] = (),
+    chat_prompts: bool = False,
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Examples {prompt_ids, chosen_ids, rejected_ids} (+ the `keep` columns, e.g. gold scores)."""
     cols = rows.columns
@@ -172,7 +174,7 @@ def build_pairs(
                 f"{rows.origin}: missing column '{col}' (it has {', '.join(cols) or 'no columns'}); "
                 f"preference rows need {formats.PREFERENCE_FORMATS}"
             )
-    render = formats.ChatRenderer(tokenizer, source)
+    render = formats.ChatRenderer(tokenizer, source, chat_prompts)
     report = DataReport(rows.origin, total=len(rows))
     texts = [formats.preference_text(row, render, rows.where(i)) for i, row in enumerate(rows)]
     enc = iter(
@@ -213,7 +215,7 @@ def build_pairs(
 
 
 def build_prompts(
-    rows: Rows, tokenizer: Any, *, max_prompt_length: int, source: str
+    rows: Rows, tokenizer: Any, *, max_prompt_length: int, source: str, chat_prompts: bool = False
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Examples {prompt_ids, prompt, id}: prompts longer than the limit keep their end (counted).
     `id` is the row's question_id / uid / id column when it has one, else its row number."""
@@ -222,7 +224,7 @@ def build_prompts(
             f"{rows.origin}: missing column 'prompt' (it has {', '.join(rows.columns) or 'no columns'}); "
             f"prompt rows need {formats.PROMPT_FORMATS}"
         )
-    render = formats.ChatRenderer(tokenizer, source)
+    render = formats.ChatRenderer(tokenizer, source, chat_prompts)
     report = DataReport(rows.origin, total=len(rows))
     texts = [formats.prompt_text(row, render, rows.where(i)) for i, row in enumerate(rows)]
     encoded = _encode_many(tokenizer, [t for t, _ in texts])

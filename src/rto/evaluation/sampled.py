@@ -20,12 +20,23 @@ from rto.tasks import call_judge, resolve
 
 
 def load_eval_prompts(
-    eval_cfg: Any, tokenizer: Any, max_prompt_length: int, seed: int, source: str
+    eval_cfg: Any,
+    tokenizer: Any,
+    max_prompt_length: int,
+    seed: int,
+    source: str,
+    chat_prompts: bool = False,
 ) -> list[dict[str, Any]]:
     rows = subsample(
         load_rows(eval_cfg.prompts, eval_cfg.prompts_split), eval_cfg.num_prompts, seed
     )
-    examples, _ = build_prompts(rows, tokenizer, max_prompt_length=max_prompt_length, source=source)
+    examples, _ = build_prompts(
+        rows,
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        source=source,
+        chat_prompts=chat_prompts,
+    )
     return examples
 
 

@@ -129,7 +129,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         )
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path,
-                 keep=tuple(cfg.gold_columns))  # fmt: skip
+                 keep=tuple(cfg.gold_columns), chat_prompts=cfg.data.chat_prompts)  # fmt: skip
     train, train_report = build_pairs(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())
     evals, eval_report = (
@@ -180,7 +180,12 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         )
     if cfg.eval.prompts and engine.is_main:
         prompts = load_eval_prompts(
-            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path
+            cfg.eval,
+            tokenizer,
+            cfg.data.max_prompt_length,
+            cfg.seed,
+            cfg.model.path,
+            cfg.data.chat_prompts,
         )
         metrics, records = sampled_metrics(engine.accelerator.unwrap_model(policy), tokenizer, prompts, cfg.eval,
                                            cfg.generate, device=engine.device, seed=cfg.seed)  # fmt: skip

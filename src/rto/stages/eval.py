@@ -125,7 +125,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             "reward model",
         )
     prompts = load_eval_prompts(
-        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, first_path
+        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, first_path, cfg.data.chat_prompts
     )
     ref = (
         load_causal_lm(cfg.model, path=cfg.ref_model, trainable=False).to(device)

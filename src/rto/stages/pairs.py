@@ -79,7 +79,11 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     model = load_causal_lm(cfg.model, trainable=False).to(device)
     rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
     prompts, report = build_prompts(
-        rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path
+        rows,
+        tokenizer,
+        max_prompt_length=cfg.data.max_prompt_length,
+        source=cfg.model.path,
+        chat_prompts=cfg.data.chat_prompts,
     )
     judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     eos = stop_ids(tokenizer, model)

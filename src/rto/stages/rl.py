@@ -64,13 +64,22 @@ def run(cfg: RLConfig) -> dict[str, Any]:
 
     rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
     prompts, report = build_prompts(
-        rows, tokenizer, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path
+        rows,
+        tokenizer,
+        max_prompt_length=cfg.data.max_prompt_length,
+        source=cfg.model.path,
+        chat_prompts=cfg.data.chat_prompts,
     )
     engine.say("[rto] prompts: " + report.describe())
     eval_prompts = []
     if cfg.eval.prompts:
         eval_prompts = load_eval_prompts(
-            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, cfg.model.path
+            cfg.eval,
+            tokenizer,
+            cfg.data.max_prompt_length,
+            cfg.seed,
+            cfg.model.path,
+            cfg.data.chat_prompts,
         )
 
     device = engine.device

@@ -97,6 +97,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         max_prompt_length=cfg.data.max_prompt_length,
         source=cfg.model.path,
         keep=keep,
+        chat_prompts=cfg.data.chat_prompts,
     )
     train, train_report = build_pairs(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())

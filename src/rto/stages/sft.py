@@ -97,6 +97,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         max_prompt_length=cfg.data.max_prompt_length,
         completion_only=cfg.completion_only_loss,
         source=source,
+        chat_prompts=cfg.data.chat_prompts,
     )
     train, train_report = build_sft(train_rows, tokenizer, **build)
     engine.say("[rto] " + train_report.describe())
@@ -131,7 +132,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         summary["eval/unigram_perplexity"] = unigram_perplexity(train, held_out, len(tokenizer))
     if cfg.eval.prompts and engine.is_main:
         prompts = load_eval_prompts(
-            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
         )
         policy = engine.accelerator.unwrap_model(model)
         metrics, records = sampled_metrics(
