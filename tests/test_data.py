@@ -236,5 +236,7 @@ def test_chat_prompts_render_plain_strings_with_the_template(tmp_path: Path, tok
     assert tok.decode(ex["input_ids"]) == "<|user|>the food was</s><|assistant|> very good .</s>"
     assert tok.decode([t for t in ex["labels"] if t != IGNORE]) == " very good .</s>"
     p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the food was"}])
-    (pr,), _ = build_prompts(load_rows(str(p)), tok, max_prompt_length=32, source="t", chat_prompts=True)
+    (pr,), _ = build_prompts(
+        load_rows(str(p)), tok, max_prompt_length=32, source="t", chat_prompts=True
+    )
     assert tok.decode(pr["prompt_ids"]) == "<|user|>the food was</s><|assistant|>"

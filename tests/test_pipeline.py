@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_TASK, rto, rto_subprocess
 from rto.stages.eval import distinct_n, win_rates
+
+from conftest import TINY_TASK, rto, rto_subprocess
 
 
 def task_args() -> dict:

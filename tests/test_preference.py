@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PREF_COMMON, rto
 from rto.config.stages import DPOConfig
 from rto.data.tokenize import collate_pairs, pad
 from rto.errors import ModelError
 from rto.models.forward import TokenScorer, sequence_scores
 from rto.preference import dpo_token_rewards
 from rto.stages.dpo import PreferenceObjective
+
+from conftest import PREF_COMMON, rto
 
 VOCAB = 40
 # ragged prompts and responses; pair 2 has a one-token rejected response

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import rto, rto_ok, rto_subprocess, sft_args
 from rto.engine.schedule import lr_at
+
+from conftest import rto, rto_ok, rto_subprocess, sft_args
 
 
 def test_lr_schedule_warmup_cosine_floor() -> None:

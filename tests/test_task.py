@@ -7,9 +7,10 @@ import json
 import statistics
 from pathlib import Path
 
-from conftest import TINY_TASK, rto_ok
 from rto.tasks import sentiment
 from rto.tasks.sentiment.grammar import generate_text, is_well_formed
+
+from conftest import TINY_TASK, rto_ok
 
 
 def _files(root: Path) -> dict[str, bytes]:

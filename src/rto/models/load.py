@@ -104,8 +104,26 @@ def load_causal_lm(section: Any, path: str | None = None, *, trainable: bool = T
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise _explain_load_error("causal language model", source, exc) from None
+    if kwargs.get("gguf_file"):
+        _detach_gguf_quantizer(model, source)
     _prepare(model, section, trainable)
     return model
+
+
+def _detach_gguf_quantizer(model: Any, source: str) -> None:
+    """A GGUF checkpoint that transformers de-quantized at load time holds plain float weights,
+    but keeps a GGUF quantizer attached that refuses training and saving. Drop it, so the model
+    trains and saves as an ordinary Hugging Face model."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if not all(p.dtype.is_floating_point for p in model.parameters()):
+        raise ModelError(
+            f"the GGUF model at {source} kept quantized weights; rto can fine-tune GGUF models only when "
+            "transformers de-quantizes them (convert it to a Hugging Face folder first)"
+        )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_sequence_scorer(
