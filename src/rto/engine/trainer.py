@@ -24,6 +24,7 @@ import torch
 from rto.engine.checkpoint import Checkpoints
 from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
+from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.schedule import lr_at
 from rto.errors import ConfigError, RtoError, TrainingError
 
@@ -78,6 +79,19 @@ class Engine:
         self.logger: MetricsLogger | None = None
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+
+    @classmethod
+    def for_stage(cls, cfg: Any, stage: str, progress_keys: tuple[str, ...]) -> tuple[Engine, Path]:
+        """The engine of a training stage and its prepared output folder."""
+        engine = cls(
+            cfg.train,
+            cfg.log,
+            cfg.out,
+            seed=cfg.seed,
+            run_config=resolved_config(cfg),
+            progress_keys=progress_keys,
+        )
+        return engine, prepare_out_dir(cfg, stage, is_main=engine.is_main)
 
     # ------------------------------------------------------------------ set-up helpers
 

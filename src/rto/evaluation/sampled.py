@@ -14,6 +14,7 @@ import torch
 
 from rto.data.sources import load_rows, subsample
 from rto.data.tokenize import build_prompts
+from rto.engine.files import write_jsonl
 from rto.models.forward import response_logprobs, sequence_scores
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.tasks import call_judge, resolve
@@ -128,3 +129,22 @@ def sampled_metrics(
         if fluent is not None:
             rec["fluent"] = fluent[j]
     return summarise(records), records
+
+
+def report_samples(
+    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str
+) -> dict[str, float]:
+    """After training: sample the policy on cfg.eval.prompts (main process only), write
+    OUT/samples.jsonl and return the metrics named sample/... for summary.json."""
+    if not cfg.eval.prompts or not engine.is_main:
+        return {}
+    prompts = load_eval_prompts(
+        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+    )
+    model = engine.accelerator.unwrap_model(policy)
+    metrics, records = sampled_metrics(
+        model, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed
+    )
+    write_jsonl(engine.out / "samples.jsonl", records)
+    engine.say("[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return {f"sample/{k}": v for k, v in metrics.items()}

@@ -15,14 +15,13 @@ import torch
 from rto.config.stages import DPOConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
-from rto.engine.files import write_json, write_jsonl
-from rto.engine.run import prepare_out_dir, resolved_config
+from rto.engine.files import write_json
 from rto.engine.trainer import Engine
-from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
+from rto.evaluation.preference import add_held_out_accuracy
+from rto.evaluation.sampled import report_samples
 from rto.models.forward import causal_logits, gather_logprobs
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained
 from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
-from rto.stages.rm import gold_ceiling
 
 INFO_FILE = "dpo.json"
 
@@ -118,9 +117,9 @@ def held_out(
 
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
-    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg),
-                    progress_keys=("loss", "rewards/accuracies", "rewards/margins"))  # fmt: skip
-    out = prepare_out_dir(cfg, "dpo", is_main=engine.is_main)
+    engine, out = Engine.for_stage(
+        cfg, "dpo", progress_keys=("loss", "rewards/accuracies", "rewards/margins")
+    )
     tokenizer = load_tokenizer(cfg.model)
     ref_path = cfg.ref_model or cfg.model.path
     if ref_path != cfg.model.path:
@@ -171,26 +170,15 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     }
     if eval_report is not None:
         summary["data"]["eval"] = eval_report.to_dict()
-        ceiling = gold_ceiling(evals, list(cfg.gold_columns))
-        if ceiling is not None:
-            summary["eval/gold_accuracy"] = ceiling
-        engine.say(
-            f"[rto] {cfg.loss} held-out implicit-reward accuracy {summary['eval/rewards/accuracies']:.3f}"
-            + (f" (gold reward on the same pairs: {ceiling:.3f})" if ceiling is not None else "")
+        add_held_out_accuracy(
+            summary,
+            engine,
+            evals,
+            list(cfg.gold_columns),
+            f"{cfg.loss} implicit-reward",
+            "eval/rewards/accuracies",
         )
-    if cfg.eval.prompts and engine.is_main:
-        prompts = load_eval_prompts(
-            cfg.eval,
-            tokenizer,
-            cfg.data.max_prompt_length,
-            cfg.seed,
-            cfg.model.path,
-            cfg.data.chat_prompts,
-        )
-        metrics, records = sampled_metrics(engine.accelerator.unwrap_model(policy), tokenizer, prompts, cfg.eval,
-                                           cfg.generate, device=engine.device, seed=cfg.seed)  # fmt: skip
-        summary.update({f"sample/{k}": v for k, v in metrics.items()})
-        write_jsonl(out / "samples.jsonl", records)
+    summary.update(report_samples(cfg, engine, policy, tokenizer, cfg.model.path))
     if engine.is_main:
         write_json(out / INFO_FILE, info)
     engine.finish(summary)

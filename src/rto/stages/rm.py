@@ -20,20 +20,12 @@ from rto.config.stages import RMConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
 from rto.engine.files import write_json
-from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.trainer import Engine
+from rto.evaluation.preference import add_held_out_accuracy
 from rto.models.forward import TokenScorer, sequence_scores
 from rto.models.load import load_sequence_scorer, load_tokenizer, save_pretrained
 
 STATS_FILE = "reward_stats.json"
-
-
-def gold_ceiling(examples: list[dict[str, Any]], columns: list[str]) -> float | None:
-    """Accuracy of the gold reward on these pairs (ties count one half), if the columns exist."""
-    if len(columns) != 2 or not examples or any(c not in examples[0] for c in columns):
-        return None
-    c, r = columns
-    return statistics.fmean(1.0 if e[c] > e[r] else 0.5 if e[c] == e[r] else 0.0 for e in examples)
 
 
 def collate(
@@ -80,15 +72,7 @@ def score_pairs(
 
 
 def run(cfg: RMConfig) -> dict[str, Any]:
-    engine = Engine(
-        cfg.train,
-        cfg.log,
-        cfg.out,
-        seed=cfg.seed,
-        run_config=resolved_config(cfg),
-        progress_keys=("loss", "accuracy"),
-    )
-    out = prepare_out_dir(cfg, "rm", is_main=engine.is_main)
+    engine, out = Engine.for_stage(cfg, "rm", progress_keys=("loss", "accuracy"))
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     keep = tuple(c for c in [cfg.margin_column, *cfg.gold_columns] if c)
@@ -142,12 +126,8 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         write_json(out / STATS_FILE, stats)
     if eval_report is not None:
         summary["data"]["eval"] = eval_report.to_dict()
-        ceiling = gold_ceiling(held_out, list(cfg.gold_columns))
-        if ceiling is not None:
-            summary["eval/gold_accuracy"] = ceiling
-        engine.say(
-            f"[rto] reward model held-out accuracy {summary['eval/accuracy']:.3f}"
-            + (f" (gold reward on the same pairs: {ceiling:.3f})" if ceiling is not None else "")
+        add_held_out_accuracy(
+            summary, engine, held_out, list(cfg.gold_columns), "reward model", "eval/accuracy"
         )
     engine.finish(summary)
     return summary

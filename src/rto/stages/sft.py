@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from rto.config.stages import SFTConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import IGNORE, build_sft, collate_sft
-from rto.engine.files import write_jsonl
-from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.trainer import Engine
-from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
+from rto.evaluation.sampled import report_samples
 from rto.models.forward import causal_logits
 from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
 
@@ -79,15 +77,7 @@ def unigram_perplexity(
 
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
-    engine = Engine(
-        cfg.train,
-        cfg.log,
-        cfg.out,
-        seed=cfg.seed,
-        run_config=resolved_config(cfg),
-        progress_keys=("loss", "lr"),
-    )
-    out = prepare_out_dir(cfg, "sft", is_main=engine.is_main)
+    engine, out = Engine.for_stage(cfg, "sft", progress_keys=("loss", "lr"))
     tokenizer = load_tokenizer(cfg.model)
     source = cfg.model.tokenizer or cfg.model.path
 
@@ -130,18 +120,6 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     if eval_report is not None:
         summary["data"]["eval"] = eval_report.to_dict()
         summary["eval/unigram_perplexity"] = unigram_perplexity(train, held_out, len(tokenizer))
-    if cfg.eval.prompts and engine.is_main:
-        prompts = load_eval_prompts(
-            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
-        )
-        policy = engine.accelerator.unwrap_model(model)
-        metrics, records = sampled_metrics(
-            policy, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed
-        )
-        summary.update({f"sample/{k}": v for k, v in metrics.items()})
-        write_jsonl(out / "samples.jsonl", records)
-        engine.say(
-            "[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-        )
+    summary.update(report_samples(cfg, engine, model, tokenizer, source))
     engine.finish(summary)
     return summary
