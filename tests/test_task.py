@@ -67,3 +67,26 @@ def test_generator_only_makes_parsable_texts() -> None:
     rng = random.Random(3)
     texts = [" ".join(generate_text(rng)) for _ in range(500)]
     assert sum(is_well_formed(t) for t in texts) >= 495  # only rare repeated sentences fail
+
+
+def test_user_judges_by_module_function(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    from rto.errors import ConfigError, RtoError
+    from rto.tasks import call_judge, resolve
+
+    (tmp_path / "my_judges.py").write_text(
+        "def length(prompts, responses):\n    return [len(r) for r in responses]\n"
+        "def broken(prompts, responses):\n    return [float('nan')] * len(responses)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = resolve("my_judges:length", "gold", "gold_reward")
+    assert call_judge(fn, ["p", "p"], ["ab", "abc"], "my_judges:length", "gold") == [2.0, 3.0]
+    with pytest.raises(RtoError, match="non-finite value for response 0"):
+        call_judge(
+            resolve("my_judges:broken", "gold", "k"), ["p"], ["x"], "my_judges:broken", "gold"
+        )
+    with pytest.raises(ConfigError, match="has no function 'nope'"):
+        resolve("my_judges:nope", "gold", "gold_reward")
+    with pytest.raises(ConfigError, match="not a registered gold judge"):
+        resolve("vader", "gold", "gold_reward")

@@ -14,7 +14,6 @@ from rto.config.stages import RLConfig
 from rto.data.sources import load_rows, subsample
 from rto.data.tokenize import build_prompts
 from rto.engine.files import read_json
-from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_prompts
@@ -46,9 +45,9 @@ def reward_stats(cfg: RLConfig) -> dict[str, float] | None:
 
 
 def run(cfg: RLConfig) -> dict[str, Any]:
-    engine = Engine(cfg.train, cfg.log, cfg.out, seed=cfg.seed, run_config=resolved_config(cfg),
-                    progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl"))  # fmt: skip
-    out = prepare_out_dir(cfg, "rl", is_main=engine.is_main)
+    engine, out = Engine.for_stage(
+        cfg, "rl", progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
+    )
     rl = cfg.rl
     tokenizer = load_tokenizer(cfg.model)
     ref_path = cfg.ref_model or cfg.model.path
