@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rto.engine.faults import maybe_fault
+from rto.errors import ConfigError, RtoError
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.rl.advantages import estimate, whiten
@@ -109,9 +110,12 @@ class PPOTrainer:
     def plan(self) -> tuple[int, int]:
         """(iterations, optimiser updates per iteration)."""
         rl, t = self.rl, self.cfg.train
+        if rl.rollout_batch_size % self.engine.world:
+            raise ConfigError(
+                f"config key 'rl.rollout_batch_size' ({rl.rollout_batch_size}) must be a multiple of the number of "
+                f"processes ({self.engine.world})"
+            )
         if len(self.prompts) < rl.rollout_batch_size:
-            from rto.errors import RtoError
-
             raise RtoError(
                 f"only {len(self.prompts)} prompts for rl.rollout_batch_size {rl.rollout_batch_size}; lower it or add prompts"
             )
