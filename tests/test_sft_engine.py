@@ -134,3 +134,11 @@ def test_sft_on_chat_messages(tiny_task: Path, tmp_path: Path) -> None:
            "--data.max_prompt_length", "32")  # fmt: skip
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 6 and math.isfinite(s["train/loss"]) and s["data"]["train"]["kept"] == 190
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_task: Path, tmp_path: Path) -> None:
+    common = ["--train.max_steps", "3", "--data.max_rows", "200"]
+    rto_ok(*sft_args(tiny_task, tmp_path / "plain", *common))
+    rto_ok(*sft_args(tiny_task, tmp_path / "gc", *common, "--model.gradient_checkpointing", "true"))
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "gc")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

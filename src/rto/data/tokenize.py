@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rto.data import formats
-from rto.data.sources import Rows
+from rto.data.sources import Rows, load_rows, subsample
 from rto.errors import DataError
 
 IGNORE = -100
@@ -245,6 +245,28 @@ def build_prompts(
     if not examples:
         raise DataError(f"{rows.origin}: no usable prompts ({report.describe()})")
     return examples, report
+
+
+def load_prompts(
+    spec: str,
+    split: str,
+    tokenizer: Any,
+    *,
+    max_rows: int | None,
+    max_prompt_length: int,
+    seed: int,
+    source: str,
+    chat_prompts: bool = False,
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Prompt examples from a dataset spec (at most `max_rows`, a seeded subset)."""
+    rows = subsample(load_rows(spec, split), max_rows, seed)
+    return build_prompts(
+        rows,
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        source=source,
+        chat_prompts=chat_prompts,
+    )
 
 
 # --------------------------------------------------------------------------- collators

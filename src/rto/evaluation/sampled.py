@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from rto.data.sources import load_rows, subsample
-from rto.data.tokenize import build_prompts
+from rto.data.tokenize import load_prompts
 from rto.engine.files import write_jsonl
 from rto.models.forward import response_logprobs, sequence_scores
 from rto.models.generate import decode_responses, sample, stop_ids
@@ -28,16 +27,10 @@ def load_eval_prompts(
     source: str,
     chat_prompts: bool = False,
 ) -> list[dict[str, Any]]:
-    rows = subsample(
-        load_rows(eval_cfg.prompts, eval_cfg.prompts_split), eval_cfg.num_prompts, seed
-    )
-    examples, _ = build_prompts(
-        rows,
-        tokenizer,
-        max_prompt_length=max_prompt_length,
-        source=source,
-        chat_prompts=chat_prompts,
-    )
+    examples, _ = load_prompts(
+        eval_cfg.prompts, eval_cfg.prompts_split, tokenizer, max_rows=eval_cfg.num_prompts, seed=seed,
+        max_prompt_length=max_prompt_length, source=source, chat_prompts=chat_prompts,
+    )  # fmt: skip
     return examples
 
 

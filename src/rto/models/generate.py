@@ -105,39 +105,3 @@ def decode_responses(tokenizer: Any, samples: Samples, eos: list[int]) -> list[s
         kept = [t for t, m in zip(ids, mask) if m and t not in eos]
         texts.append(tokenizer.decode(kept, skip_special_tokens=False))
     return texts
-
-
-def sample_texts(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    gen: Any,
-    *,
-    device: torch.device | str,
-    seed: int | None = None,
-) -> tuple[list[str], list[bool], list[int]]:
-    """Sample one response per prompt in batches of gen.batch_size.
-
-    Returns (texts, truncated flags, response lengths in tokens)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    eos = stop_ids(tokenizer, model)
-    texts: list[str] = []
-    truncated: list[bool] = []
-    lengths: list[int] = []
-    for i in range(0, len(prompts), gen.batch_size):
-        s = sample(
-            model,
-            prompts[i : i + gen.batch_size],
-            pad_id=tokenizer.pad_token_id,
-            eos=eos,
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            top_k=gen.top_k,
-            device=device,
-        )
-        texts += decode_responses(tokenizer, s, eos)
-        truncated += s.truncated.tolist()
-        lengths += s.response_mask.sum(1).tolist()
-    return texts, truncated, lengths

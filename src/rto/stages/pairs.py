@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from rto.config.stages import PairsConfig
-from rto.data.sources import load_rows, subsample
-from rto.data.tokenize import build_prompts
+from rto.data.tokenize import load_prompts
 from rto.engine.files import write_jsonl
 from rto.engine.logger import write_summary
 from rto.engine.run import prepare_out_dir
@@ -77,14 +76,10 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     device = PartialState().device
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, trainable=False).to(device)
-    rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
-    prompts, report = build_prompts(
-        rows,
-        tokenizer,
-        max_prompt_length=cfg.data.max_prompt_length,
-        source=cfg.model.path,
-        chat_prompts=cfg.data.chat_prompts,
-    )
+    prompts, report = load_prompts(
+        cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
+        max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
+    )  # fmt: skip
     judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     eos = stop_ids(tokenizer, model)
     torch.manual_seed(cfg.seed)

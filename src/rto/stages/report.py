@@ -82,7 +82,7 @@ def plot(
                     methods[name]["gold_reward_mean"],
                     color="gray",
                     linestyle=style,
-                    label=f"{name} (final)",
+                    label=f"{name} (rto eval)",
                 )
         ax.set_xlabel("RL samples (responses generated)")
         ax.set_ylabel("held-out gold reward (mean, 95% CI)")
@@ -102,7 +102,7 @@ def plot(
             alpha=0.5,
             linewidth=1,
         )
-    for name, m in methods.items():
+    for k, (name, m) in enumerate(methods.items()):
         if m["gold_reward_mean"] is None or m["kl"] is None:
             continue
         color = colors[list(curves).index(name) % len(colors)] if name in curves else "black"
@@ -114,9 +114,10 @@ def plot(
             color=color,
             capsize=3,
         )
-        ax.annotate(
-            name, (m["kl"], m["gold_reward_mean"]), textcoords="offset points", xytext=(6, 4)
-        )
+        ax.annotate(  # alternate label sides so that neighbouring methods stay readable
+            name, (m["kl"], m["gold_reward_mean"]), textcoords="offset points",
+            xytext=(8, 6) if k % 2 == 0 else (8, -14),
+        )  # fmt: skip
     ax.set_xlabel("KL to the SFT policy (per response, summed over tokens)")
     ax.set_ylabel("held-out gold reward (mean, 95% CI)")
     ax.set_title(f"{title}: reward against KL")

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rto.config.stages import RLConfig
-from rto.data.sources import load_rows, subsample
-from rto.data.tokenize import build_prompts
+from rto.data.tokenize import load_prompts
 from rto.engine.files import read_json
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
@@ -61,14 +60,10 @@ def run(cfg: RLConfig) -> dict[str, Any]:
             check_same_tokenizer(tokenizer, "policy", load_tokenizer(cfg.model, path=path), name)
     stats = reward_stats(cfg) if use_rm else None
 
-    rows = subsample(load_rows(cfg.data.path, cfg.data.split), cfg.data.max_rows, cfg.seed)
-    prompts, report = build_prompts(
-        rows,
-        tokenizer,
-        max_prompt_length=cfg.data.max_prompt_length,
-        source=cfg.model.path,
-        chat_prompts=cfg.data.chat_prompts,
-    )
+    prompts, report = load_prompts(
+        cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
+        max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
+    )  # fmt: skip
     engine.say("[rto] prompts: " + report.describe())
     eval_prompts = []
     if cfg.eval.prompts:
