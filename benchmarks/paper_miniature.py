@@ -1,7 +1,8 @@
 """The RTO paper's experiments in miniature, on the built-in sentiment task, over several seeds.
 
-    python benchmarks/paper_miniature.py                    # 3 seeds, 2 workers (about 2 h on 2 cores)
+    python benchmarks/paper_miniature.py --workers 3        # 3 seeds (about 1 h on 2 cores)
     python benchmarks/paper_miniature.py --seeds 0 --workers 1   # one seed
+    python benchmarks/paper_miniature.py --report-only      # re-aggregate finished runs
 
 Per seed, one `rto pipeline` run (so finished stages are kept and an interrupted benchmark
 resumes where it stopped) with:
@@ -9,6 +10,7 @@ resumes where it stopped) with:
   * ablations: Semi-RTO, DDPO, RS-PPO; the critic-free pair RPP vs RTO-RPP
   * data scaling: PPO and RTO with 1/8, 1/4, 1/2 and all of the RL budget
   * a beta1 sweep (the paper has none)
+  * PPO at smaller KL coefficients, so that RTO can be compared with PPO at equal KL to SFT
   * one `rto eval` of every policy on the same held-out prompts
 The task itself (data and base model) is the same for every seed; the seed changes everything
 trained on it. Each pipeline runs in its own process with one thread, so reruns reproduce the
@@ -22,7 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parent
 BASE_RECIPE = ROOT.parent / "src" / "rto" / "recipes" / "sentiment_quick.yaml"
 BUDGETS = {"b8": 8, "b4": 4, "b2": 2}
 BETAS = [0.01, 0.02, 0.1, 0.2]
+PPO_KL_COEFS = [0.05, 0.07]  # the recipe's kl_coef is 0.1; smaller ones let PPO drift as far as RTO
 RL_METHODS = ["ppo", "rto", "semi_rto", "ddpo", "rs_ppo", "rpp", "rto_rpp"]
 DIRECT = {"dpo": {}, "rdpo": {"loss": "rdpo"}, "simpo": {"loss": "simpo"}, "tdpo": {"loss": "tdpo"}}
 TABLE1 = ["sft", "dpo", "rdpo", "simpo", "tdpo", "ppo", "rto"]
@@ -46,9 +51,13 @@ def beta_stage(beta: float) -> str:
     return "rl_rto_beta_" + str(beta).replace(".", "p")  # stage names take no dots
 
 
+def kl_stage(coef: float) -> str:
+    return "rl_ppo_kl_" + str(coef).replace(".", "p")
+
+
 def policy_name(stage: str) -> str:
-    name = stage[len("rl_") :]
-    return name.replace("beta_", "beta").replace("p", ".") if "beta_" in name else name
+    """rl_rto_beta_0p01 -> rto_beta0.01, rl_ppo_kl_0p05 -> ppo_kl0.05, rl_ppo_b8 -> ppo_b8."""
+    return re.sub(r"_(\d+)p(\d+)$", r"\1.\2", stage[len("rl_") :])
 
 
 def recipe_for(seed: int, out: Path) -> dict:
@@ -76,6 +85,8 @@ def recipe_for(seed: int, out: Path) -> dict:
             }
     for beta in BETAS:
         new[beta_stage(beta)] = {"stage": "rl", "preset": "rto", "rl": {"dpo_reward_scale": beta}}
+    for coef in PPO_KL_COEFS:
+        new[kl_stage(coef)] = {"stage": "rl", "preset": "ppo", "rl": {"kl_coef": coef}}
     policies = ["sft={sft}"] + [f"{n}={{{n}}}" for n in DIRECT]
     policies += [f"{policy_name(n)}={{{n}}}" for n in new if n.startswith("rl_")]
     new["eval"] = {**copy.deepcopy(stages["eval"]), "policies": policies}
@@ -124,6 +135,20 @@ def mean_sd(values: list[float]) -> dict:
             "n": len(values), "values": values}  # fmt: skip
 
 
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the piecewise-linear curve through (x, y) points; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    return None
+
+
+def ppo_names() -> list[str]:
+    """Every PPO run of a seed: the budgets and the KL-coefficient sweep."""
+    return ["ppo", *[f"ppo_{t}" for t in BUDGETS], *[f"ppo_kl{c}" for c in PPO_KL_COEFS]]
+
+
 def efficiency(gold_by_budget: dict[float, float], target: float) -> float | None:
     """Smallest budget fraction where the curve (linear between measured budgets) reaches target."""
     points = sorted(gold_by_budget.items())
@@ -155,13 +180,20 @@ def aggregate(runs: Path, seeds: list[int]) -> dict:
     methods = {
         n: {m: mean_sd([per_seed[s][n].get(m) for s in per_seed]) for m in metrics} for n in names
     }
-    eff = []
+    eff, equal_kl = [], []
     for res in per_seed.values():
         target = res["ppo"]["gold_reward_mean"]
         curve = {1 / frac: res[f"rto_{tag}"]["gold_reward_mean"] for tag, frac in BUDGETS.items()}
         curve[1.0] = res["rto"]["gold_reward_mean"]
         eff.append(efficiency(curve, target))
-    return {"seeds": list(per_seed), "methods": methods, "sample_efficiency_rto_vs_ppo": eff}
+        # PPO's reward-KL frontier of this seed (every PPO run), read at RTO's KL
+        frontier = [
+            (res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in ppo_names() if n in res
+        ]
+        ppo_at = interpolate(frontier, res["rto"]["kl_mean"])
+        equal_kl.append(None if ppo_at is None else res["rto"]["gold_reward_mean"] - ppo_at)
+    return {"seeds": list(per_seed), "methods": methods, "sample_efficiency_rto_vs_ppo": eff,
+            "rto_minus_ppo_at_equal_kl": equal_kl}  # fmt: skip
 
 
 def g(res: dict, name: str) -> dict:
@@ -174,36 +206,57 @@ def diff(res: dict, a: str, b: str) -> dict:
     return mean_sd([x - y for x, y in zip(va, vb)])
 
 
+def verdict(d: dict) -> str:
+    """'yes' when a paired difference is positive by more than two standard errors over seeds,
+    'weak' when it is positive but within that noise, 'no' otherwise."""
+    if d["mean"] is None:
+        return "no"
+    se = d["sd"] / math.sqrt(d["n"]) if d["n"] > 1 else 0.0
+    return "yes" if d["mean"] - 2 * se > 0 else "weak" if d["mean"] > 0 else "no"
+
+
+def weakest(*verdicts: str) -> str:
+    return min(verdicts, key=["no", "weak", "yes"].index)
+
+
 def claims(res: dict) -> list[dict]:
     out = []
 
-    def add(claim: str, holds: bool, evidence: str) -> None:
-        out.append({"claim": claim, "holds": holds, "evidence": evidence})
+    def add(claim: str, holds: str, evidence: str) -> None:
+        out.append({"claim": claim, "verdict": holds, "evidence": evidence})
 
     def fmt(d: dict) -> str:
-        return f"{d['mean']:+.3f} ± {d['sd']:.3f} (sd over {d['n']} seeds)"
+        per_seed = ", ".join(f"{v:+.3f}" for v in d["values"])
+        return f"{d['mean']:+.3f} ± {d['sd']:.3f} (per seed {per_seed})"
 
     rp, ps = diff(res, "rto", "ppo"), diff(res, "ppo", "sft")
     add(
         "RTO > PPO > SFT",
-        rp["mean"] > 0 and ps["mean"] > 0,
+        weakest(verdict(rp), verdict(ps)),
         f"RTO-PPO {fmt(rp)}; PPO-SFT {fmt(ps)}",
     )
     ts, sd_ = diff(res, "rto", "semi_rto"), diff(res, "semi_rto", "ddpo")
-    add("token > sentence > end-of-response granularity", ts["mean"] > 0 and sd_["mean"] > 0,
+    add("token > sentence > end-of-response granularity", weakest(verdict(ts), verdict(sd_)),
         f"RTO-SemiRTO {fmt(ts)}; SemiRTO-DDPO {fmt(sd_)}")  # fmt: skip
     rs = diff(res, "rs_ppo", "rto")
-    gap = abs(rp["mean"]) if rp["mean"] else 1e-9
-    add("RS-PPO close to RTO (the DPO term works as reward shaping)", abs(rs["mean"]) <= max(gap, rs["sd"]),
-        f"RSPPO-RTO {fmt(rs)} (RTO-PPO gap {rp['mean']:+.3f})")  # fmt: skip
+    se = rs["sd"] / math.sqrt(rs["n"])
+    close = abs(rs["mean"]) <= max(2 * se, abs(rp["mean"]) / 2)
+    add("RS-PPO close to RTO (the DPO term works as reward shaping)", "yes" if close else "no",
+        f"RSPPO-RTO {fmt(rs)}, against the RTO-PPO gap {rp['mean']:+.3f}")  # fmt: skip
     rr = diff(res, "rto_rpp", "rpp")
-    add("RTO-RPP > RPP", rr["mean"] > 0, f"RTO_RPP-RPP {fmt(rr)}")
-    eff = [e for e in res["sample_efficiency_rto_vs_ppo"]]
+    add("RTO-RPP > RPP", verdict(rr), f"RTO_RPP-RPP {fmt(rr)}")
+    eff = res["sample_efficiency_rto_vs_ppo"]
     reached = [e for e in eff if e is not None]
     text = ", ".join("never" if e is None else f"{e:.2f}" for e in eff)
     add("RTO needs about 1/8 of PPO's data to match PPO's final gold reward",
-        bool(reached) and len(reached) == len(eff) and statistics.fmean(reached) <= 0.25,
-        f"budget fraction RTO needs per seed: {text}")  # fmt: skip
+        "yes" if reached and len(reached) == len(eff) and statistics.fmean(reached) <= 0.25 else "no",
+        f"share of the budget RTO needs per seed: {text}")  # fmt: skip
+    eq = [d for d in res["rto_minus_ppo_at_equal_kl"] if d is not None]
+    outside = len(res["rto_minus_ppo_at_equal_kl"]) - len(eq)
+    d = mean_sd(eq)
+    add("(our check) RTO > PPO at equal KL to SFT", verdict(d) if eq else "n/a",
+        (f"RTO minus PPO's reward-KL frontier at RTO's KL {fmt(d)}" if eq else "no seed to compare")
+        + (f"; {outside} seeds where RTO's KL is beyond every PPO run's" if outside else ""))  # fmt: skip
     return out
 
 
@@ -229,7 +282,7 @@ def plots(res: dict, out: Path) -> list[str]:
     plt.close(fig)
     files.append("paper_miniature_methods.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     fracs = [1 / 8, 1 / 4, 1 / 2, 1.0]
     for method in ("ppo", "rto"):
         names = [f"{method}_b8", f"{method}_b4", f"{method}_b2", method]
@@ -260,11 +313,44 @@ def plots(res: dict, out: Path) -> list[str]:
     axes[1].set_ylabel("held-out gold reward")
     axes[1].set_title("beta1 sweep")
     axes[1].grid(alpha=0.3)
+    ax = axes[2]
+    for method, color in (("ppo", "#4c72b0"), ("rto", "#dd8452")):
+        names = [n for n in m if n == method or n.startswith(method + "_")]
+        if method == "rto":
+            names = [n for n in names if n != "rto_rpp"]
+        pts = sorted((m[n]["kl_mean"]["mean"], m[n]["gold_reward_mean"]["mean"], n) for n in names)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            "o",
+            color=color,
+            label=f"{method.upper()} runs",
+        )
+        for x, y, n in pts:
+            ax.annotate(
+                n.replace(method, "").strip("_") or "full",
+                (x, y),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, -9 if method == "rto" else 4),
+            )
+    ppo_pts = sorted(
+        (m[n]["kl_mean"]["mean"], m[n]["gold_reward_mean"]["mean"]) for n in ppo_names() if n in m
+    )
+    ax.plot(*zip(*ppo_pts), color="#4c72b0", alpha=0.5, label="PPO frontier")
+    ax.set_xlabel("KL to SFT (mean over seeds)")
+    ax.set_ylabel("held-out gold reward")
+    ax.set_title("reward against KL: every PPO and RTO run")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "paper_miniature_scaling_beta.png", dpi=120)
     plt.close(fig)
     files.append("paper_miniature_scaling_beta.png")
     return files
+
+
+VERDICT_TEXT = {"yes": "**yes**", "weak": "*weak*", "no": "**no**", "n/a": "cannot tell"}
 
 
 def markdown(
@@ -273,6 +359,8 @@ def markdown(
     m = res["methods"]
 
     def row(n: str) -> str:
+        if n not in m:
+            return f"| {n} | not run |  |  |  |  |"
         cells = []
         for k in ("gold_reward_mean", "kl_mean", "fluency_rate", "length_mean", "win_rate_vs_sft"):
             d = m[n][k]
@@ -283,15 +371,24 @@ def markdown(
     lines = [
         "# The RTO paper in miniature (built-in sentiment task)",
         "",
-        f"Command: `{command}`" + (f" ({seconds / 60:.0f} min on this machine)" if seconds else ""),
+        f"Command: `{command}`"
+        + (
+            f" (this invocation: {seconds / 60:.0f} min; finished stages are reused)"
+            if seconds
+            else ""
+        ),
         f"Seeds: {res['seeds']}. Every number is the mean ± sd over seeds of a held-out evaluation "
         "(400 prompts, one sampled response each). Gold reward = VADER compound score in [-1, 1].",
         "",
         "## The paper's claims, checked",
         "",
+        "Differences are paired by seed (same SFT, reward model and DPO model). Verdict: **yes** when "
+        "the mean difference is positive by more than two standard errors over seeds, *weak* when "
+        "it is positive but within that noise, **no** otherwise.",
+        "",
         "| claim | holds here? | evidence |",
         "|---|---|---|",
-        *[f"| {c['claim']} | {'yes' if c['holds'] else '**no**'} | {c['evidence']} |" for c in cl],
+        *[f"| {c['claim']} | {VERDICT_TEXT[c['verdict']]} | {c['evidence']} |" for c in cl],
         "",
         "## Table 1 in miniature",
         "",
@@ -309,6 +406,17 @@ def markdown(
         *[
             row(n)
             for n in ("ppo_b8", "ppo_b4", "ppo_b2", "ppo", "rto_b8", "rto_b4", "rto_b2", "rto")
+        ],
+        "",
+        "## RTO against PPO at equal KL",
+        "",
+        "PPO with smaller KL coefficients (the recipe's is 0.1) moves further from SFT; together with "
+        "the budget runs these trace PPO's reward-KL frontier, read at RTO's KL in the last claim above.",
+        "",
+        head,
+        *[
+            row(n)
+            for n in ["ppo", *[f"ppo_kl{c}" for c in sorted(PPO_KL_COEFS, reverse=True)], "rto"]
         ],
         "",
         "## beta1 sweep (RTO's dpo_reward_scale; 0 is PPO)",
@@ -373,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     (results / "paper_miniature.json").write_text(json.dumps(res, indent=2) + "\n")
     (results / "paper_miniature.md").write_text(markdown(res, cl, files, command.strip(), seconds))
     for c in cl:
-        print(f"{'HOLDS' if c['holds'] else 'FAILS'}: {c['claim']} -- {c['evidence']}")
+        print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
 
 
 if __name__ == "__main__":

@@ -279,10 +279,12 @@ def run(
         else:
             runners[p.kind].run_function()(p.config)
         dist.wait_for_everyone()
+        seconds = round(time.time() - began, 1)
         if main:
-            write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": True})
+            write_json(folder / STATE_FILE,
+                       {"fingerprint": p.fingerprint, "complete": True, "seconds": seconds})  # fmt: skip
         rerun.add(p.name)
-        report[p.name] = {"status": "ran", "seconds": round(time.time() - began, 1)}
+        report[p.name] = {"status": "ran", "seconds": seconds}
     if main:
         write_json(root / "pipeline_run.json", report)
     return report
