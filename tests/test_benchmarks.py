@@ -1,0 +1,97 @@
+"""The paper-in-miniature benchmark's bookkeeping: its recipe is a valid pipeline, and the report
+reads per-seed results into the right verdicts (checked on made-up eval files, no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rto.pipeline import plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "paper_miniature", ROOT / "benchmarks" / "paper_miniature.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(bench.recipe_for(0, tmp_path / "seed0"), sort_keys=False))
+    planned, _ = plan(str(recipe))
+    names = [p.name for p in planned]
+    assert names[:2] == ["task", "sft"] and names[-1] == "eval"
+    policies = dict(s.split("=", 1) for s in planned[-1].config.policies)
+    expected = set(bench.TABLE1) | set(bench.ABLATIONS) | set(bench.ppo_names())
+    expected |= {f"rto_{t}" for t in bench.BUDGETS} | {f"rto_beta{b}" for b in bench.BETAS}
+    assert expected <= set(policies)
+    assert policies["rto_beta0.01"].endswith("rl_rto_beta_0p01")
+    assert policies["ppo_kl0.05"].endswith("rl_ppo_kl_0p05")
+
+
+def test_interpolation_and_sample_efficiency(bench) -> None:
+    assert bench.interpolate([(0.0, 0.0), (2.0, 1.0)], 1.0) == 0.5
+    assert bench.interpolate([(0.0, 0.0), (2.0, 1.0)], 3.0) is None
+    curve = {1 / 8: 0.1, 1 / 4: 0.2, 1 / 2: 0.4, 1.0: 0.6}
+    assert bench.efficiency(curve, 0.3) == pytest.approx(0.375)
+    assert bench.efficiency(curve, 0.05) == 1 / 8
+    assert bench.efficiency(curve, 0.7) is None
+
+
+def test_verdicts_account_for_seed_noise(bench) -> None:
+    assert bench.verdict(bench.mean_sd([0.10, 0.11, 0.12])) == "yes"
+    assert bench.verdict(bench.mean_sd([0.20, -0.05, 0.01])) == "weak"
+    assert bench.verdict(bench.mean_sd([-0.1, -0.2, 0.0])) == "no"
+    assert bench.weakest("yes", "weak") == "weak"
+
+
+def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
+    """A finished seed whose RTO runs beat PPO's by rto_gain at every budget."""
+    methods = {}
+    for name, gold, kl in [("sft", 0.0, 0.0), ("dpo", 0.8, 10.0), ("rdpo", 0.8, 10.0),
+                           ("simpo", 0.6, 9.0), ("tdpo", 0.7, 3.0), ("semi_rto", 0.45, 1.4),
+                           ("ddpo", 0.42, 1.3), ("rs_ppo", 0.48, 1.4), ("rpp", 0.3, 0.8),
+                           ("rto_rpp", 0.35, 0.8), ("ppo_kl0.07", 0.45, 1.6),
+                           ("ppo_kl0.05", 0.5, 2.2)]:  # fmt: skip
+        methods[name] = {"gold_reward_mean": gold, "kl_mean": kl}
+    for tag, gold, kl in [
+        ("_b8", 0.1, 0.05),
+        ("_b4", 0.15, 0.1),
+        ("_b2", 0.25, 0.4),
+        ("", 0.4, 1.2),
+    ]:
+        methods[f"ppo{tag}"] = {"gold_reward_mean": gold, "kl_mean": kl}
+        methods[f"rto{tag}"] = {"gold_reward_mean": gold + rto_gain, "kl_mean": kl}
+    for b in bench.BETAS:
+        methods[f"rto_beta{b}"] = {"gold_reward_mean": 0.4, "kl_mean": 1.5}
+    folder = runs / f"seed{seed}" / "eval"
+    folder.mkdir(parents=True)
+    (folder / "eval.json").write_text(json.dumps({"methods": methods}))
+
+
+def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
+    for seed, gain in enumerate([0.05, 0.06, 0.07]):
+        fake_seed(bench, tmp_path / "runs", seed, gain)
+    bench.main(
+        ["--report-only", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out")]
+    )
+    res = json.loads((tmp_path / "out" / "paper_miniature.json").read_text())
+    verdicts = {c["claim"]: c["verdict"] for c in res["claims"]}
+    assert verdicts["RTO > PPO > SFT"] == "yes"
+    assert verdicts["RTO-RPP > RPP"] == "yes"
+    # RTO at 1/2 of the budget (0.25 + gain) never reaches PPO's 0.4 before the full budget
+    assert verdicts["RTO needs about 1/8 of PPO's data to match PPO's final gold reward"] == "no"
+    # at RTO's KL (1.2) PPO's frontier is 0.4, so RTO is ahead by the gain in every seed
+    assert res["rto_minus_ppo_at_equal_kl"] == pytest.approx([0.05, 0.06, 0.07])
+    md = (tmp_path / "out" / "paper_miniature.md").read_text()
+    assert "| ppo_kl0.05 | 0.500 ± 0.000" in md and "paper_miniature_scaling_beta.png" in md
