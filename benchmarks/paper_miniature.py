@@ -332,7 +332,8 @@ def plots(res: dict, out: Path) -> list[str]:
                 (x, y),
                 fontsize=7,
                 textcoords="offset points",
-                xytext=(4, -9 if method == "rto" else 4),
+                xytext=(5, -9) if method == "rto" else (-5, 4),
+                ha="left" if method == "rto" else "right",
             )
     ppo_pts = sorted(
         (m[n]["kl_mean"]["mean"], m[n]["gold_reward_mean"]["mean"]) for n in ppo_names() if n in m
@@ -353,9 +354,7 @@ def plots(res: dict, out: Path) -> list[str]:
 VERDICT_TEXT = {"yes": "**yes**", "weak": "*weak*", "no": "**no**", "n/a": "cannot tell"}
 
 
-def markdown(
-    res: dict, cl: list[dict], files: list[str], command: str, seconds: float | None
-) -> str:
+def markdown(res: dict, cl: list[dict], files: list[str], command: str) -> str:
     m = res["methods"]
 
     def row(n: str) -> str:
@@ -371,12 +370,8 @@ def markdown(
     lines = [
         "# The RTO paper in miniature (built-in sentiment task)",
         "",
-        f"Command: `{command}`"
-        + (
-            f" (this invocation: {seconds / 60:.0f} min; finished stages are reused)"
-            if seconds
-            else ""
-        ),
+        f"Command: `{command}` (add `--workers 3` to run the seeds side by side; the runs are "
+        "kept, so a rerun skips every finished stage and rebuilds this report)",
         f"Seeds: {res['seeds']}. Every number is the mean ± sd over seeds of a held-out evaluation "
         "(400 prompts, one sampled response each). Gold reward = VADER compound score in [-1, 1].",
         "",
@@ -468,18 +463,11 @@ def main(argv: list[str] | None = None) -> None:
     res = aggregate(runs, args.seeds)
     cl = claims(res)
     files = plots(res, results)
-    command = "python benchmarks/paper_miniature.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    res.update(
-        {
-            "claims": cl,
-            "command": command.strip(),
-            "minutes": round(seconds / 60, 1) if seconds else None,
-        }
-    )
+    # the command that reproduces these numbers (workers, folders and --report-only do not change them)
+    command = "python benchmarks/paper_miniature.py --seeds " + " ".join(map(str, args.seeds))
+    res.update({"claims": cl, "command": command, "minutes_this_invocation": round(seconds / 60, 1) if seconds else None})  # fmt: skip
     (results / "paper_miniature.json").write_text(json.dumps(res, indent=2) + "\n")
-    (results / "paper_miniature.md").write_text(markdown(res, cl, files, command.strip(), seconds))
+    (results / "paper_miniature.md").write_text(markdown(res, cl, files, command))
     for c in cl:
         print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
 
