@@ -82,7 +82,7 @@ def plot(
                     methods[name]["gold_reward_mean"],
                     color="gray",
                     linestyle=style,
-                    label=f"{name} (rto eval)",
+                    label=f"{name} (eval stage)",
                 )
         ax.set_xlabel("RL samples (responses generated)")
         ax.set_ylabel("held-out gold reward (mean, 95% CI)")
