@@ -142,3 +142,19 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_task: Path, tmp_path
     rto_ok(*sft_args(tiny_task, tmp_path / "gc", *common, "--model.gradient_checkpointing", "true"))
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "gc")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_tensorboard_gets_the_same_numbers_as_metrics_jsonl(
+    tiny_task: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    rto_ok(*sft_args(tiny_task, out, "--train.max_steps", "3", "--data.max_rows", "200",
+                     "--log.tensorboard", "true", "--log.run_name", "mine"))  # fmt: skip
+    events = EventAccumulator(str(out / "tensorboard" / "mine"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-6)
