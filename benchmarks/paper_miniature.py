@@ -193,7 +193,19 @@ def aggregate(runs: Path, seeds: list[int]) -> dict:
         ppo_at = interpolate(frontier, res["rto"]["kl_mean"])
         equal_kl.append(None if ppo_at is None else res["rto"]["gold_reward_mean"] - ppo_at)
     return {"seeds": list(per_seed), "methods": methods, "sample_efficiency_rto_vs_ppo": eff,
-            "rto_minus_ppo_at_equal_kl": equal_kl}  # fmt: skip
+            "rto_minus_ppo_at_equal_kl": equal_kl, "environment": run_environment(runs, list(per_seed))}  # fmt: skip
+
+
+def run_environment(runs: Path, seeds: list[int]) -> dict | None:
+    """Where the evaluations were made (recorded in each eval summary.json), not where this report
+    is written: CPU runs repeat to the last digit only on the same CPU kind and package versions."""
+    for s in seeds:
+        f = runs / f"seed{s}" / "eval" / "summary.json"
+        if f.is_file():
+            env = json.loads(f.read_text()).get("environment")
+            if env:
+                return env
+    return None
 
 
 def g(res: dict, name: str) -> dict:
@@ -354,6 +366,17 @@ def plots(res: dict, out: Path) -> list[str]:
 VERDICT_TEXT = {"yes": "**yes**", "weak": "*weak*", "no": "**no**", "n/a": "cannot tell"}
 
 
+def made_on(env: dict | None) -> str:
+    if not env:
+        return "Made on: not recorded."
+    p = env.get("packages", {})
+    where = ", ".join(env.get("gpus") or [f"{env.get('cpu')} ({env.get('cpu_capability')})"])
+    return (f"Made on: {where}; Python {env.get('python')}, torch {p.get('torch')}, transformers "
+            f"{p.get('transformers')}. The same command on the same CPU kind and package versions "
+            "gives the same numbers; elsewhere float rounding differs and the numbers move within "
+            "their spread.")  # fmt: skip
+
+
 def markdown(res: dict, cl: list[dict], files: list[str], command: str) -> str:
     m = res["methods"]
 
@@ -374,6 +397,7 @@ def markdown(res: dict, cl: list[dict], files: list[str], command: str) -> str:
         "kept, so a rerun skips every finished stage and rebuilds this report)",
         f"Seeds: {res['seeds']}. Every number is the mean ± sd over seeds of a held-out evaluation "
         "(400 prompts, one sampled response each). Gold reward = VADER compound score in [-1, 1].",
+        made_on(res.get("environment")),
         "",
         "## The paper's claims, checked",
         "",

@@ -77,6 +77,13 @@ def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
     folder = runs / f"seed{seed}" / "eval"
     folder.mkdir(parents=True)
     (folder / "eval.json").write_text(json.dumps({"methods": methods}))
+    env = {
+        "cpu": "Test CPU",
+        "cpu_capability": "AVX2",
+        "python": "3.11.7",
+        "packages": {"torch": "2.13.0"},
+    }
+    (folder / "summary.json").write_text(json.dumps({"stage": "eval", "environment": env}))
 
 
 def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
@@ -95,3 +102,5 @@ def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
     assert res["rto_minus_ppo_at_equal_kl"] == pytest.approx([0.05, 0.06, 0.07])
     md = (tmp_path / "out" / "paper_miniature.md").read_text()
     assert "| ppo_kl0.05 | 0.500 ± 0.000" in md and "paper_miniature_scaling_beta.png" in md
+    # the report says where the runs were made (read from the runs, not from this process)
+    assert res["environment"]["cpu"] == "Test CPU" and "Made on: Test CPU (AVX2)" in md

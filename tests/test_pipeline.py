@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rto.stages.eval import distinct_n, win_rates
@@ -127,6 +128,7 @@ def test_first_run_runs_every_stage_and_writes_results(pipeline_run: tuple[Path,
     assert set(statuses(out).values()) == {"ran"}
     results = json.loads((out / "report" / "results.json").read_text())
     assert set(results["methods"]) == {"sft", "dpo", "ppo", "rto"}
+    assert results["environment"]["packages"]["torch"] == torch.__version__  # where it was made
     for m in results["methods"].values():
         assert {
             "gold_reward_mean",

@@ -33,6 +33,8 @@ def test_sft_learns_and_reports(sft_model: Path) -> None:
         s["sample/fluency_rate"] >= 0.6
     )  # tiny model, 3 short epochs; the quick demo setting reaches >= 0.9
     assert -0.5 < s["sample/gold_reward_mean"] < 0.5
+    # where it was made, so that results from two machines can be told apart
+    assert s["environment"]["cpu_capability"] and s["environment"]["packages"]["transformers"]
     lines = [json.loads(x) for x in (sft_model / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, s["steps"] + 1))
     assert (sft_model / "config.yaml").exists() and (sft_model / "samples.jsonl").exists()

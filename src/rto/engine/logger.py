@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rto.engine.environment import environment
 from rto.engine.files import write_atomic, write_json
 
 
@@ -133,4 +134,7 @@ class MetricsLogger:
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
-    write_json(Path(out_dir) / "summary.json", {k: _clean(v) for k, v in summary.items()})
+    """Write summary.json: the stage's final numbers, then where they were made (`environment`)."""
+    summary = {k: _clean(v) for k, v in summary.items()}
+    summary.setdefault("environment", environment())
+    write_json(Path(out_dir) / "summary.json", summary)

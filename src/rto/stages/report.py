@@ -1,7 +1,8 @@
 """`rto report`: results.json, results.md and plots from an `rto eval` run and RL curves.
 
 results.json: {"methods": {NAME: {gold_reward_mean, gold_reward_sem, kl, fluency_rate,
-length_mean, win_rate_vs_sft, ...}}, "config": <the resolved pipeline config>}
+length_mean, win_rate_vs_sft, ...}}, "config": <the resolved pipeline config>,
+"environment": <where it ran: CPU/GPU, Python and package versions>}
 Plots: gold reward against RL samples for each RL run (held-out evaluations during training),
 and gold reward against KL for every method (with the RL runs' paths through that plane).
 """
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from rto.config.stages import ReportConfig
+from rto.engine.environment import environment
 from rto.engine.files import read_json, write_atomic, write_json
 from rto.engine.logger import write_summary
 from rto.engine.run import prepare_out_dir
@@ -153,7 +155,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     plots = plot(methods, curves, out, cfg.title)
     config_file = Path(cfg.pipeline_config) if cfg.pipeline_config else out.parent / "pipeline.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
-    result = {"methods": methods, "curves": curves, "config": config}
+    result = {"methods": methods, "curves": curves, "config": config, "environment": environment()}
     write_json(out / "results.json", result)
     write_atomic(out / "results.md", markdown(cfg.title, methods, cfg.baseline, plots, eval_result))
     print(
