@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rto.config.sections import GenerateSection, ModelSection
     from rto.data.sources import load_rows, subsample
     from rto.data.tokenize import build_prompts
+    from rto.engine.environment import environment
     from rto.models.generate import sample, stop_ids
     from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
     from rto.preference import dpo_token_rewards
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         tok, "SFT (reference) model", load_tokenizer(section, path=str(dpo)), "DPO model"
     )
     beta = json.loads((dpo / "dpo.json").read_text())["beta"]
+    dpo_summary = json.loads((dpo / "summary.json").read_text())
     ref = load_causal_lm(section, trainable=False)
     pi_dpo = load_causal_lm(section, path=str(dpo), trainable=False)
     rows = subsample(load_rows(str(run / "task" / "prompts_eval.jsonl")), args.prompts, args.seed)
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         "words": len(pairs),
         "sentiment_words": len(sentiment),
         "dpo_beta": beta,
+        "dpo_heldout_accuracy": dpo_summary.get("eval/rewards/accuracies"),
         "pearson_reward_vs_lexicon_valence": round(pearson(rewards, plain), 4),
         "pearson_reward_vs_valence_in_context": round(pearson(rewards, context), 4),
         "pearson_on_sentiment_words_in_context": round(
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "command": "python benchmarks/token_reward_diagnostics.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ an interrupted pipeline resumes where it stopped."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import yaml
 from rto.stages.eval import distinct_n, win_rates
 
 from conftest import TINY_TASK, rto, rto_subprocess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def task_args() -> dict:
@@ -158,6 +161,26 @@ def test_first_run_runs_every_stage_and_writes_results(pipeline_run: tuple[Path,
         arena["model_id"] == "rto"
         and arena["choices"][0]["turns"][0]["content"] == alpaca[0]["output"]
     )
+
+
+def test_token_reward_diagnostics_run_on_a_pipeline_folder(
+    pipeline_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """benchmarks/token_reward_diagnostics.py reads task/, sft/ and dpo/ of a finished run."""
+    spec = importlib.util.spec_from_file_location(
+        "token_reward_diagnostics", ROOT / "benchmarks" / "token_reward_diagnostics.py"
+    )
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    _, out = pipeline_run
+    res = diag.main(["--run", str(out), "--prompts", "24", "--out", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.json").read_text()) == res
+    assert res["words"] > 24 and res["dpo_beta"] == pytest.approx(0.1)
+    dpo_summary = json.loads((out / "dpo" / "summary.json").read_text())
+    assert res["dpo_heldout_accuracy"] == dpo_summary["eval/rewards/accuracies"]
+    for key in ("pearson_reward_vs_lexicon_valence", "pearson_reward_vs_valence_in_context"):
+        assert -1.0 <= res[key] <= 1.0
+    assert res["environment"]["packages"]["torch"] == torch.__version__
 
 
 def test_unchanged_rerun_skips_everything_and_one_rl_change_reruns_only_what_depends(
