@@ -37,6 +37,11 @@ def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> 
     assert expected <= set(policies)
     assert policies["rto_beta0.01"].endswith("rl_rto_beta_0p01")
     assert policies["ppo_kl0.05"].endswith("rl_ppo_kl_0p05")
+    # the better-fit DPO model: its own stage, evaluated, and the token reward of one RTO run
+    stages = {p.name: p for p in planned}
+    assert stages["dpo_fit"].config.train.lr == bench.DPO_FIT_LR != stages["dpo"].config.train.lr
+    assert stages["rl_rto_dpo_fit"].config.dpo_model.endswith("dpo_fit")
+    assert policies["dpo_fit"].endswith("dpo_fit") and "rto_dpo_fit" in policies
 
 
 def test_interpolation_and_sample_efficiency(bench) -> None:
@@ -72,6 +77,8 @@ def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
     ]:
         methods[f"ppo{tag}"] = {"gold_reward_mean": gold, "kl_mean": kl}
         methods[f"rto{tag}"] = {"gold_reward_mean": gold + rto_gain, "kl_mean": kl}
+    methods["dpo_fit"] = {"gold_reward_mean": 0.9, "kl_mean": 13.0}
+    methods["rto_dpo_fit"] = {"gold_reward_mean": 0.43 + rto_gain, "kl_mean": 1.2}
     for b in bench.BETAS:
         methods[f"rto_beta{b}"] = {"gold_reward_mean": 0.4, "kl_mean": 1.5}
     folder = runs / f"seed{seed}" / "eval"
@@ -84,6 +91,11 @@ def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
         "packages": {"torch": "2.13.0"},
     }
     (folder / "summary.json").write_text(json.dumps({"stage": "eval", "environment": env}))
+    for stage, summary in [("rm", {"eval/accuracy": 0.8, "eval/gold_accuracy": 0.95}),
+                           ("dpo", {"eval/rewards/accuracies": 0.75 + seed / 100}),
+                           ("dpo_fit", {"eval/rewards/accuracies": 0.85})]:  # fmt: skip
+        (runs / f"seed{seed}" / stage).mkdir()
+        (runs / f"seed{seed}" / stage / "summary.json").write_text(json.dumps(summary))
 
 
 def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
@@ -102,5 +114,11 @@ def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
     assert res["rto_minus_ppo_at_equal_kl"] == pytest.approx([0.05, 0.06, 0.07])
     md = (tmp_path / "out" / "paper_miniature.md").read_text()
     assert "| ppo_kl0.05 | 0.500 ± 0.000" in md and "paper_miniature_scaling_beta.png" in md
+    # a better-fit DPO model: RTO gains 0.03 in every seed, and stays above PPO at equal KL
+    assert verdicts["(our check) a DPO model fit closer to the ceiling makes RTO better"] == "yes"
+    assert res["rto_dpo_fit_minus_ppo_at_equal_kl"] == pytest.approx([0.08, 0.09, 0.10])
+    assert res["heldout_accuracy"]["dpo"]["values"] == pytest.approx([0.75, 0.76, 0.77])
+    assert "DPO held-out accuracy 0.760 -> 0.850" in json.dumps(res["claims"])
+    assert "gold reward (ceiling) 0.950 ± 0.000, reward model 0.800 ± 0.000" in md
     # the report says where the runs were made (read from the runs, not from this process)
     assert res["environment"]["cpu"] == "Test CPU" and "Made on: Test CPU (AVX2)" in md
