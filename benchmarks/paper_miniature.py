@@ -301,7 +301,9 @@ def claims(res: dict) -> list[dict]:
         text = (f"{label} minus PPO's reward-KL frontier at {label}'s KL {fmt(d)}" if eq
                 else "no seed to compare")  # fmt: skip
         return (verdict(d) if eq else "n/a"), text + (
-            f"; {outside} seeds where {label}'s KL is beyond every PPO run's" if outside else ""
+            f"; {outside} seed{'' if outside == 1 else 's'} where {label}'s KL is beyond every PPO run's"
+            if outside
+            else ""
         )
 
     add("(our check) RTO > PPO at equal KL to SFT", *at_equal_kl("rto", "RTO"))
@@ -496,7 +498,8 @@ def markdown(res: dict, cl: list[dict], files: list[str], command: str) -> str:
         "",
         "## A DPO model fit closer to the gold ceiling",
         "",
-        f"`dpo_fit` is DPO trained at {DPO_FIT_LR:g} instead of the recipe's learning rate; "
+        f"`dpo_fit` is DPO trained at learning rate {DPO_FIT_LR:g} instead of the recipe's "
+        f"{yaml.safe_load(BASE_RECIPE.read_text())['stages']['dpo']['train']['lr']:g}; "
         "`rto_dpo_fit` is RTO with its token reward. Held-out pairwise accuracy (mean ± sd over "
         "seeds, same pairs): " + accuracy_text(res.get("heldout_accuracy") or {}) + ".",
         "",
