@@ -215,26 +215,23 @@ def heldout_accuracy(runs: Path, seeds: list[int]) -> dict:
     reward's on the same pairs (the ceiling under annotator noise), from their summary.json."""
     keys = {"gold": ("rm", "eval/gold_accuracy"), "rm": ("rm", "eval/accuracy"),
             "dpo": ("dpo", "eval/rewards/accuracies"), "dpo_fit": ("dpo_fit", "eval/rewards/accuracies")}  # fmt: skip
-    out = {}
-    for name, (stage, key) in keys.items():
-        values = []
-        for s in seeds:
-            f = runs / f"seed{s}" / stage / "summary.json"
-            values.append(json.loads(f.read_text()).get(key) if f.is_file() else None)
-        out[name] = mean_sd(values)
-    return out
+    return {
+        name: mean_sd([stage_summary(runs, s, stage).get(key) for s in seeds])
+        for name, (stage, key) in keys.items()
+    }
 
 
 def run_environment(runs: Path, seeds: list[int]) -> dict | None:
     """Where the evaluations were made (recorded in each eval summary.json), not where this report
     is written: CPU runs repeat to the last digit only on the same CPU kind and package versions."""
-    for s in seeds:
-        f = runs / f"seed{s}" / "eval" / "summary.json"
-        if f.is_file():
-            env = json.loads(f.read_text()).get("environment")
-            if env:
-                return env
-    return None
+    envs = (stage_summary(runs, s, "eval").get("environment") for s in seeds)
+    return next((e for e in envs if e), None)
+
+
+def stage_summary(runs: Path, seed: int, stage: str) -> dict:
+    """A finished stage's summary.json, or {} when that stage has not finished."""
+    f = runs / f"seed{seed}" / stage / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def g(res: dict, name: str) -> dict:

