@@ -64,6 +64,35 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def build_task(out: Path, arch: str, chat_template: str, *extra: str) -> Path:
+    rto_ok("task", "sentiment", "--out", out, *TINY_TASK, "--arch", arch,
+           "--chat_template", chat_template, *extra)  # fmt: skip
+    return out
+
+
+# The same task on the shapes real models have: a GPT-2 with its dropout (0.1), a Qwen2 with a
+# ChatML template (text after <|im_end|>) and dropout, a Llama with a Llama-3 template (turns end
+# with <|eot_id|>, EOS <|end_of_text|>), and the built-in Llama with a simple template.
+@pytest.fixture(scope="session")
+def gpt2_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_task(tmp_path_factory.mktemp("gpt2_task"), "gpt2", "none")
+
+
+@pytest.fixture(scope="session")
+def qwen2_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_task(tmp_path_factory.mktemp("qwen2_task"), "qwen2", "chatml", "--dropout", "0.1")
+
+
+@pytest.fixture(scope="session")
+def llama3_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_task(tmp_path_factory.mktemp("llama3_task"), "llama", "llama3")
+
+
+@pytest.fixture(scope="session")
+def chat_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_task(tmp_path_factory.mktemp("chat_task"), "llama", "simple")
+
+
 @pytest.fixture(scope="session")
 def sft_model(tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sft")

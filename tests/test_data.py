@@ -22,8 +22,9 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_task: Path):
-    return load_tokenizer(ModelSection(path=str(tiny_task / "base_model")))
+def tok(chat_task: Path):
+    """The built-in task's tokenizer with a simple chat template (<|user|>...</s><|assistant|>)."""
+    return load_tokenizer(ModelSection(path=str(chat_task / "base_model")))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -119,8 +120,8 @@ def test_preference_missing_column_and_bad_messages(tmp_path: Path, tok) -> None
 
 
 def test_messages_need_a_chat_template(tmp_path: Path, tiny_task: Path) -> None:
-    tok = load_tokenizer(ModelSection(path=str(tiny_task / "base_model")))
-    tok.chat_template = None
+    tok = load_tokenizer(ModelSection(path=str(tiny_task / "base_model")))  # a base model
+    assert tok.chat_template is None
     f = write_jsonl(
         tmp_path / "m.jsonl",
         [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],

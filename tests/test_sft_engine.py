@@ -110,7 +110,7 @@ def test_non_finite_losses_stop_with_a_clear_error(
     assert "3 steps in a row" in err and "non-finite" in err and "lower train.lr" in err
 
 
-def test_sft_on_chat_messages(tiny_task: Path, tmp_path: Path) -> None:
+def test_sft_on_chat_messages(tiny_task: Path, chat_task: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tiny_task / "sft_train.jsonl").read_text().splitlines()][
         :200
     ]
@@ -130,7 +130,7 @@ def test_sft_on_chat_messages(tiny_task: Path, tmp_path: Path) -> None:
         )
     )
     out = tmp_path / "chat_sft"
-    rto_ok("sft", "--out", out, "--model.path", tiny_task / "base_model", "--data.path", data,
+    rto_ok("sft", "--out", out, "--model.path", chat_task / "base_model", "--data.path", data,
            "--train.batch_size", "16", "--train.micro_batch_size", "8", "--train.max_steps", "6",
            "--train.lr", "3e-3", "--log.progress", "false", "--data.max_length", "80",
            "--data.max_prompt_length", "32")  # fmt: skip

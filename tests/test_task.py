@@ -90,3 +90,22 @@ def test_user_judges_by_module_function(tmp_path: Path, monkeypatch) -> None:
         resolve("my_judges:nope", "gold", "gold_reward")
     with pytest.raises(ConfigError, match="not a registered gold judge"):
         resolve("vader", "gold", "gold_reward")
+
+
+def test_base_model_comes_in_the_shapes_real_models_have(
+    gpt2_task: Path, qwen2_task: Path, llama3_task: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good ."}]
+    gpt2 = AutoModelForCausalLM.from_pretrained(gpt2_task / "base_model")
+    assert gpt2.config.model_type == "gpt2" and gpt2.config.attn_pdrop == 0.1
+    assert AutoTokenizer.from_pretrained(gpt2_task / "base_model").chat_template is None
+    qwen = AutoModelForCausalLM.from_pretrained(qwen2_task / "base_model")
+    tok = AutoTokenizer.from_pretrained(qwen2_task / "base_model")
+    assert qwen.config.model_type == "qwen2" and qwen.config.attention_dropout == 0.1
+    assert tok.apply_chat_template(reply, tokenize=False).endswith("good .<|im_end|>\n")
+    assert tok.eos_token == "<|im_end|>"
+    tok = AutoTokenizer.from_pretrained(llama3_task / "base_model")
+    assert tok.apply_chat_template(reply, tokenize=False).endswith("good .<|eot_id|>")
+    assert tok.eos_token == "<|end_of_text|>" and tok("a").input_ids[0] == tok.bos_token_id

@@ -63,6 +63,23 @@ class SentimentTaskConfig:
     num_layers: int = option(3, "Transformer layers of the base model.", min=1)
     num_heads: int = option(4, "Attention heads of the base model.", min=1)
     max_positions: int = option(128, "Longest sequence the base model handles.", min=32)
+    arch: str = option(
+        "llama",
+        "Architecture of the base model: llama (no dropout), gpt2 (dropout 0.1), qwen2.",
+        choices=["llama", "gpt2", "qwen2"],
+    )
+    dropout: float | None = option(
+        None,
+        "Dropout probability of the base model (null = the architecture's default: gpt2 0.1, else 0).",
+        min=0.0,
+        max=0.9,
+    )
+    chat_template: str = option(
+        "none",
+        "Chat template of the tokenizer: none (a base model), simple, chatml (Qwen / SmolLM2 style, "
+        "text after <|im_end|>) or llama3 (turns end with <|eot_id|>, EOS <|end_of_text|>).",
+        choices=["none", "simple", "chatml", "llama3"],
+    )
     overwrite: bool = _overwrite()
 
     def check(self) -> None:

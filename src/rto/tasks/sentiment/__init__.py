@@ -4,8 +4,9 @@
 * Gold reward: VADER's compound score of the response, in [-1, 1].
 * Fluency: whether prompt + response is a well-formed text of the grammar.
 * Data: SFT rows {prompt, completion}, train / held-out prompt rows {prompt}.
-* Model: a BPE tokenizer trained here and a tiny Llama-style causal LM (random init), both saved
-  in Hugging Face format, so every later stage loads them like a user's hub model.
+* Model: a BPE tokenizer trained here and a tiny causal LM (random init; Llama-style by default,
+  GPT-2 or Qwen2 on request, with or without a chat template; model.py), both saved in Hugging
+  Face format, so every later stage loads them like a user's hub model.
 
 The same seed gives byte-identical files.
 """
@@ -19,11 +20,6 @@ from typing import Any
 
 from rto.engine.files import write_json, write_jsonl
 from rto.tasks.sentiment.grammar import generate_text, is_well_formed, parse_sentences, prompt_cuts
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @lru_cache(maxsize=1)
@@ -132,4 +128,4 @@ def build(cfg: Any) -> dict[str, Any]:
     return info
 
 
-__all__ = ["build", "fluency", "gold_reward", "parse_sentences", "word_valence", "CHAT_TEMPLATE"]
+__all__ = ["build", "fluency", "gold_reward", "parse_sentences", "word_valence"]
