@@ -201,6 +201,15 @@ def load_config(stage: Stage, args: argparse.Namespace, unknown: list[str]) -> A
     return core.build(cls, file_values=file_values, file_name=args.config, cli_values=cli_values)
 
 
+def quiet_loading(cfg: Any) -> None:
+    """Model loading draws progress bars (GGUF de-quantisation) only when log.progress is on."""
+    log = getattr(cfg, "log", None)
+    if log is not None:
+        from rto.models.load import show_load_progress
+
+        show_load_progress(log.progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_pipeline(args)
         stage = next(s for s in STAGES if s.name == args.stage)
         cfg = load_config(stage, args, unknown)
+        quiet_loading(cfg)
         stage.run_function()(cfg)
         return 0
     except RtoError as exc:

@@ -202,7 +202,7 @@ def run(
 ) -> dict[str, Any]:
     from accelerate import PartialState
 
-    from rto.cli import STAGES, TASK_STAGES
+    from rto.cli import STAGES, TASK_STAGES, quiet_loading
 
     dist = PartialState()  # under accelerate launch: training stages run on every process,
     main = dist.is_main_process  # the others (task, pairs, eval, report) on the main one
@@ -270,6 +270,7 @@ def run(
             write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
         dist.wait_for_everyone()
         began = time.time()
+        quiet_loading(p.config)
         if p.kind == "task":
             if main:
                 TASK_STAGES[p.task].run_function()(p.config, p.task)

@@ -125,7 +125,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
                     skipped["tie"] += 1
                     continue
                 w, l_ = (ia, ib) if a_wins else (ib, ia)
-                made.append({"prompt": p["prompt"], "chosen": texts[w], "rejected": texts[l_],
+                made.append({"prompt": p["prompt_value"], "chosen": texts[w], "rejected": texts[l_],
                              "chosen_gold": gold[w], "rejected_gold": gold[l_]})  # fmt: skip
             pairs_by_prompt.append(made)
         bar.update(len(chunk))
