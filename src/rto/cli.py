@@ -210,6 +210,19 @@ def quiet_loading(cfg: Any) -> None:
         show_load_progress(log.progress)
 
 
+def publish(cfg: Any) -> None:
+    """--push_to_hub: upload the finished output folder (main process only)."""
+    repo = getattr(cfg, "push_to_hub", None)
+    if not repo:
+        return
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        from rto.engine.card import push_to_hub
+
+        print(f"[rto] uploaded {cfg.out} to {push_to_hub(cfg.out, repo)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -232,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(stage, args, unknown)
         quiet_loading(cfg)
         stage.run_function()(cfg)
+        publish(cfg)
         return 0
     except RtoError as exc:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)

@@ -202,7 +202,7 @@ def run(
 ) -> dict[str, Any]:
     from accelerate import PartialState
 
-    from rto.cli import STAGES, TASK_STAGES, quiet_loading
+    from rto.cli import STAGES, TASK_STAGES, publish, quiet_loading
 
     dist = PartialState()  # under accelerate launch: training stages run on every process,
     main = dist.is_main_process  # the others (task, pairs, eval, report) on the main one
@@ -280,6 +280,7 @@ def run(
         else:
             runners[p.kind].run_function()(p.config)
         dist.wait_for_everyone()
+        publish(p.config)
         seconds = round(time.time() - began, 1)
         if main:
             write_json(folder / STATE_FILE,

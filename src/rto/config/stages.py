@@ -38,6 +38,14 @@ def _overwrite() -> bool:
     )
 
 
+def _push() -> str | None:
+    return option(
+        None,
+        "After the run finishes, upload the output folder (not its checkpoints) to this hub repo id, "
+        "e.g. me/my-rto-policy (needs `huggingface-cli login`).",
+    )
+
+
 def _seed() -> int:
     return option(0, "Random seed (data order, initialisation, sampling).", min=0)
 
@@ -99,6 +107,7 @@ class SFTConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     completion_only_loss: bool = option(
         True, "Loss on response tokens only for {prompt, completion} and {messages} rows."
     )
@@ -189,6 +198,7 @@ class RMConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     margin_column: str | None = option(
         None, "Column with a per-pair margin m: loss = -log sigmoid(r_w - r_l - m)."
     )
@@ -231,6 +241,7 @@ class DPOConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     loss: str = option("dpo", "Preference loss.", choices=["dpo", "ipo", "rdpo", "simpo", "tdpo"])
     beta: float | None = option(
         None,
@@ -444,6 +455,7 @@ class RLConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     preset: str | None = option(
         None,
         "Method preset, applied before the file and the command line: " + ", ".join(PRESETS) + ".",
