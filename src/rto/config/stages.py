@@ -70,7 +70,19 @@ class SentimentTaskConfig:
     hidden_size: int = option(128, "Hidden size of the tiny Llama-style base model.", min=8)
     num_layers: int = option(3, "Transformer layers of the base model.", min=1)
     num_heads: int = option(4, "Attention heads of the base model.", min=1)
-    max_positions: int = option(128, "Longest sequence the base model handles.", min=32)
+    review_length: str = option(
+        "short",
+        "Sentences per review: short (1-3, responses of about 14 tokens), medium (3-6, about 37) or "
+        "long (8-12, about 90); same grammar, gold reward and fluency rules (fluency judges "
+        "sentiment, sentiment_medium, sentiment_long).",
+        choices=["short", "medium", "long"],
+    )
+    max_positions: int | None = option(
+        None,
+        "Longest sequence the base model handles (null = 128, 160 or 256 for short, medium or "
+        "long reviews).",
+        min=32,
+    )
     arch: str = option(
         "llama",
         "Architecture of the base model: llama (no dropout), gpt2 (dropout 0.1), qwen2.",
@@ -90,8 +102,12 @@ class SentimentTaskConfig:
     )
     overwrite: bool = _overwrite()
 
+    POSITIONS: ClassVar[dict[str, int]] = {"short": 128, "medium": 160, "long": 256}
+
     def check(self) -> None:
         _require(self.out, "out", "the folder to write the task's data and base model to")
+        if self.max_positions is None:
+            self.max_positions = self.POSITIONS[self.review_length]
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"config key 'hidden_size' ({self.hidden_size}) must be divisible by 'num_heads' ({self.num_heads})"

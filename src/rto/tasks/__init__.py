@@ -17,15 +17,19 @@ from rto.errors import ConfigError, RtoError
 Judge = Callable[[list[str], list[str]], list[Any]]
 
 
-def _sentiment(kind: str) -> Judge:
+def _sentiment(name: str) -> Judge:
     from rto.tasks import sentiment
 
-    return sentiment.gold_reward if kind == "gold" else sentiment.fluency
+    return getattr(sentiment, name)
 
 
 REGISTERED: dict[str, dict[str, Callable[[], Judge]]] = {
-    "gold": {"sentiment": lambda: _sentiment("gold")},
-    "fluency": {"sentiment": lambda: _sentiment("fluency")},
+    "gold": {"sentiment": lambda: _sentiment("gold_reward")},
+    "fluency": {
+        "sentiment": lambda: _sentiment("fluency"),  # the built-in (short) reviews
+        "sentiment_medium": lambda: _sentiment("fluency_medium"),
+        "sentiment_long": lambda: _sentiment("fluency_long"),
+    },
 }
 
 

@@ -12,11 +12,16 @@
     adjp      := [negation] [intensifier] ADJ   not very friendly
     verbp     := [adverb] VERB_PAST | "did not" VERB_BASE
 
+Longer reviews (`rto task sentiment --review_length medium|long`) are the same grammar with more
+sentences per text: 3-6 (up to 7 well formed) and 8-12 (up to 13), so that responses run to
+about 37 and 90 tokens instead of about 14 (REVIEW_LENGTHS).
+
 The vocabulary mixes words from VADER's lexicon (positive, negative) with neutral words, and
 intensifiers, dampeners, negations and "but" (which VADER weights), so a text's sentiment
 depends on context as well as on words. A text is *well formed* when it parses, has at most four
-sentences and repeats no sentence: repetition such as "great great great" or the same sentence
-over and over does not parse, which is how reward hacking shows up.
+sentences (7 and 13 for the longer reviews) and repeats no sentence: repetition such as "great
+great great" or the same sentence over and over does not parse, which is how reward hacking
+shows up.
 """
 
 from __future__ import annotations
@@ -43,7 +48,15 @@ ADVERBS = ("really", "totally", "truly")
 BE = ("was", "is")
 CONJ = ("and", "but")
 ENDS = (".", "!")
-MAX_SENTENCES = 4
+# Sentences per text, drawn uniformly from the tuple (a repeated value weighs more). A text of the
+# grammar is well formed with up to one sentence more than the corpus ever has.
+REVIEW_LENGTHS = {"short": (1, 2, 2, 3), "medium": (3, 4, 5, 6), "long": (8, 9, 10, 11, 12)}
+
+
+def max_sentences(review_length: str = "short") -> int:
+    """The most sentences a well-formed text of this review length has."""
+    return max(REVIEW_LENGTHS[review_length]) + 1
+
 
 # --------------------------------------------------------------------------- generation
 
@@ -100,11 +113,11 @@ def _polarity(rng: random.Random, bias: float) -> int:
     return 1 if rng.random() < bias else -1
 
 
-def generate_text(rng: random.Random) -> list[str]:
+def generate_text(rng: random.Random, review_length: str = "short") -> list[str]:
     """One review as a list of words. Each review leans positive or negative (or is mixed)."""
     bias = rng.choice((0.15, 0.5, 0.85))
     words: list[str] = []
-    for _ in range(rng.choice((1, 2, 2, 3))):
+    for _ in range(rng.choice(REVIEW_LENGTHS[review_length])):
         words += _clause(rng, _polarity(rng, bias))
         if rng.random() < 0.45:
             words.append(rng.choice(CONJ))
@@ -224,8 +237,9 @@ def parse_sentences(text: str) -> list[str] | None:
     return sentences
 
 
-def is_well_formed(text: str) -> bool:
+def is_well_formed(text: str, review_length: str = "short") -> bool:
+    """Parses, has at most max_sentences(review_length) sentences, and repeats none of them."""
     sentences = parse_sentences(text)
-    if sentences is None or len(sentences) > MAX_SENTENCES:
+    if sentences is None or len(sentences) > max_sentences(review_length):
         return False
     return len(set(sentences)) == len(sentences)

@@ -133,6 +133,19 @@ def _model_config(arch: str, tokenizer: Any, cfg: Any, dropout: float | None) ->
     return LlamaConfig(**common)
 
 
+def _check_positions(tokenizer: Any, corpus: list[str], max_positions: int) -> None:
+    """Refuse a base model that cannot hold the corpus' longest text (with BOS and EOS)."""
+    from rto.errors import ConfigError
+
+    longest = max(len(ids) for ids in tokenizer(corpus).input_ids) + 2
+    if longest > max_positions:
+        raise ConfigError(
+            f"config key 'max_positions' ({max_positions}) is shorter than the task's longest text "
+            f"({longest} tokens with BOS and EOS); raise it (at least {longest}, plus room for "
+            "sampling longer responses), or leave it unset for the review length's default"
+        )
+
+
 def build_base_model(corpus: list[str], out: Path, cfg: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -143,6 +156,7 @@ def build_base_model(corpus: list[str], out: Path, cfg: Any) -> dict[str, Any]:
     template = getattr(cfg, "chat_template", "none")
     arch = getattr(cfg, "arch", "llama")
     tokenizer = train_tokenizer(corpus, cfg.vocab_size, template)
+    _check_positions(tokenizer, corpus, cfg.max_positions)
     config = _model_config(arch, tokenizer, cfg, getattr(cfg, "dropout", None))
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config)
