@@ -80,6 +80,27 @@ def test_bad_files_name_the_file_and_line(tmp_path: Path, content: str, message:
         load_rows(str(f))
 
 
+def test_train_fraction_takes_nested_seeded_shares_and_keeps_the_held_out_rows(
+    tmp_path: Path,
+) -> None:
+    from rto.config.sections import DataSection
+    from rto.data.sources import load_train_eval
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}"} for i in range(200)])
+
+    def texts(fraction: float, seed: int = 0, **kw) -> tuple[set, set]:
+        data = DataSection(path=str(path), eval_fraction=0.1, train_fraction=fraction, **kw)
+        train, held_out = load_train_eval(data, seed)
+        return {r["text"] for r in train}, {r["text"] for r in held_out}
+
+    shares = {f: texts(f) for f in (1 / 8, 1 / 4, 1 / 2, 1.0)}
+    assert [len(shares[f][0]) for f in sorted(shares)] == [22, 45, 90, 180]
+    assert shares[1 / 8][0] < shares[1 / 4][0] < shares[1 / 2][0] < shares[1.0][0]
+    assert len({frozenset(h) for _, h in shares.values()}) == 1  # the same 20 held-out rows
+    assert texts(1 / 4, seed=1)[0] != shares[1 / 4][0]  # another seed, another share
+    assert len(texts(1 / 4, max_rows=100)[0]) == 22  # a share of what max_rows left (90 rows)
+
+
 def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"))

@@ -18,7 +18,7 @@ from rto.models.forward import TokenScorer, sequence_scores
 from rto.preference import dpo_token_rewards
 from rto.stages.dpo import PreferenceObjective
 
-from conftest import PREF_COMMON, rto
+from conftest import PREF_COMMON, rto, rto_ok
 
 VOCAB = 40
 # ragged prompts and responses; pair 2 has a one-token rejected response
@@ -189,6 +189,22 @@ def test_pairs_rm_and_dpo_on_the_tiny_task(
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(reward_model).config.num_labels == 1
+
+
+def test_reward_model_on_a_share_of_the_pairs(
+    sft_model: Path, pairs_data: Path, tmp_path: Path
+) -> None:
+    """`rto rm --data.train_fraction 0.25`: trained on a quarter of the pairs, judged on all the
+    held-out pairs (how the token-reward study makes noisier reward models)."""
+    n_pairs = len((pairs_data / "pairs_train.jsonl").read_text().splitlines())
+    rto_ok("rm", "--out", tmp_path / "rm", "--model.path", sft_model,
+           "--data.path", pairs_data / "pairs_train.jsonl", "--data.eval_path", pairs_data / "pairs_eval.jsonl",
+           "--data.train_fraction", "0.25", "--train.max_steps", "1", "--train.batch_size", "8",
+           "--train.micro_batch_size", "8", *PREF_COMMON)  # fmt: skip
+    summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert summary["data"]["train"]["rows"] == round(n_pairs / 4)
+    n_eval = len((pairs_data / "pairs_eval.jsonl").read_text().splitlines())
+    assert summary["data"]["eval"]["rows"] == n_eval
 
 
 def test_reward_model_folder_without_score_head_is_refused(sft_model: Path) -> None:

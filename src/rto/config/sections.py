@@ -71,6 +71,14 @@ class DataSection:
     max_rows: int | None = option(
         None, "Use at most this many training rows (after shuffling with the seed).", min=1
     )
+    train_fraction: float = option(
+        1.0,
+        "Use this share of the training rows (a seeded subset, taken after max_rows and after "
+        "holding out eval rows; for one seed, a smaller share's rows are among a larger one's).",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+    )
     max_eval_rows: int | None = option(1000, "Use at most this many held-out rows.", min=1)
     max_length: int = option(
         1024, "Most tokens of prompt + response; longer responses are cut at the end.", min=2

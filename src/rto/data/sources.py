@@ -207,14 +207,24 @@ def subsample(rows: Rows, limit: int | None, seed: int) -> Rows:
     return rows.select(sorted(order[:limit]))
 
 
+def take_share(rows: Rows, fraction: float, seed: int) -> Rows:
+    """A seeded `fraction` of rows (at least one). The same seed shuffles the same rows the same
+    way, so the rows of a smaller share are among those of a larger one: data-size sweeps nest."""
+    if fraction >= 1.0:
+        return rows
+    return subsample(rows, max(1, int(round(len(rows) * fraction))), seed)
+
+
 def load_train_eval(data: Any, seed: int) -> tuple[Rows, Rows | None]:
     """Training rows and held-out rows for a stage's `data` section: the held-out rows come from
-    `eval_path` / `eval_split` when given, else a seeded `eval_fraction` of the training rows."""
+    `eval_path` / `eval_split` when given, else a seeded `eval_fraction` of the training rows
+    (split off before `train_fraction` is taken, so every share is judged on the same rows)."""
     rows = subsample(load_rows(data.path, data.split), data.max_rows, seed)
     if data.eval_path or data.eval_split:
         eval_rows = load_rows(data.eval_path or data.path, data.eval_split or data.split)
     else:
         rows, eval_rows = split_rows(rows, data.eval_fraction, seed)
+    rows = take_share(rows, data.train_fraction, seed)
     if eval_rows is not None:
         eval_rows = subsample(eval_rows, data.max_eval_rows, seed)
     return rows, eval_rows

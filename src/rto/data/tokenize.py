@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rto.data import formats
-from rto.data.sources import Rows, load_rows, subsample
+from rto.data.sources import Rows, load_rows, subsample, take_share
 from rto.errors import DataError
 
 IGNORE = -100
@@ -274,9 +274,11 @@ def load_prompts(
     seed: int,
     source: str,
     chat_prompts: bool | str = "auto",
+    fraction: float = 1.0,
 ) -> tuple[list[dict[str, Any]], DataReport]:
-    """Prompt examples from a dataset spec (at most `max_rows`, a seeded subset)."""
-    rows = subsample(load_rows(spec, split), max_rows, seed)
+    """Prompt examples from a dataset spec (at most `max_rows`, then a `fraction` of them: seeded
+    subsets)."""
+    rows = take_share(subsample(load_rows(spec, split), max_rows, seed), fraction, seed)
     return build_prompts(
         rows,
         tokenizer,

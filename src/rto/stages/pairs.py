@@ -79,6 +79,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     prompts, report = load_prompts(
         cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
         max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
+        fraction=cfg.data.train_fraction,
     )  # fmt: skip
     judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     eos = stop_ids(tokenizer, model)

@@ -63,6 +63,7 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     prompts, report = load_prompts(
         cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
         max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
+        fraction=cfg.data.train_fraction,
     )  # fmt: skip
     engine.say("[rto] prompts: " + report.describe())
     check_prompt_count(len(prompts), cfg.rl.rollout_batch_size)  # before loading five models
