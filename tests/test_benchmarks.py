@@ -37,11 +37,14 @@ def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> 
     assert expected <= set(policies)
     assert policies["rto_beta0.01"].endswith("rl_rto_beta_0p01")
     assert policies["ppo_kl0.05"].endswith("rl_ppo_kl_0p05")
-    # the better-fit DPO model: its own stage, evaluated, and the token reward of one RTO run
+    # the recipe's DPO model is the better-fit one (lr 1e-3); the earlier rate gets its own stage,
+    # evaluated, and the token reward of one RTO run
     stages = {p.name: p for p in planned}
-    assert stages["dpo_fit"].config.train.lr == bench.DPO_FIT_LR != stages["dpo"].config.train.lr
-    assert stages["rl_rto_dpo_fit"].config.dpo_model.endswith("dpo_fit")
-    assert policies["dpo_fit"].endswith("dpo_fit") and "rto_dpo_fit" in policies
+    assert stages["dpo"].config.train.lr == 1e-3
+    assert stages["dpo_lr2e-4"].config.train.lr == bench.DPO_EARLIER_LR == 2e-4
+    assert stages["rl_rto_dpo_lr2e-4"].config.dpo_model.endswith("dpo_lr2e-4")
+    assert stages["rl_rto"].config.dpo_model.endswith("/dpo")
+    assert policies["dpo_lr2e-4"].endswith("dpo_lr2e-4") and "rto_dpo_lr2e-4" in policies
 
 
 def test_interpolation_and_sample_efficiency(bench) -> None:
@@ -60,8 +63,10 @@ def test_verdicts_account_for_seed_noise(bench) -> None:
     assert bench.weakest("yes", "weak") == "weak"
 
 
-def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
-    """A finished seed whose RTO runs beat PPO's by rto_gain at every budget."""
+def fake_seed(bench, runs: Path, seed: int, rto_gain: float, earlier_layout: bool = True) -> None:
+    """A finished seed whose RTO runs beat PPO's by rto_gain at every budget. earlier_layout: as
+    runs made before the recipe's DPO learning rate went from 2e-4 to 1e-3 (a `dpo_fit` stage at
+    1e-3 beside the recipe's `dpo`); else today's (the recipe's `dpo` beside `dpo_lr2e-4`)."""
     methods = {}
     for name, gold, kl in [("sft", 0.0, 0.0), ("dpo", 0.8, 10.0), ("rdpo", 0.8, 10.0),
                            ("simpo", 0.6, 9.0), ("tdpo", 0.7, 3.0), ("semi_rto", 0.45, 1.4),
@@ -77,8 +82,12 @@ def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
     ]:
         methods[f"ppo{tag}"] = {"gold_reward_mean": gold, "kl_mean": kl}
         methods[f"rto{tag}"] = {"gold_reward_mean": gold + rto_gain, "kl_mean": kl}
-    methods["dpo_fit"] = {"gold_reward_mean": 0.9, "kl_mean": 13.0}
-    methods["rto_dpo_fit"] = {"gold_reward_mean": 0.43 + rto_gain, "kl_mean": 1.2}
+    if earlier_layout:
+        methods["dpo_fit"] = {"gold_reward_mean": 0.9, "kl_mean": 13.0}
+        methods["rto_dpo_fit"] = {"gold_reward_mean": 0.43 + rto_gain, "kl_mean": 1.2}
+    else:  # the recipe's RTO has the better DPO model; the less-fit one's RTO is 0.03 lower
+        methods["dpo_lr2e-4"] = {"gold_reward_mean": 0.85, "kl_mean": 10.0}
+        methods["rto_dpo_lr2e-4"] = {"gold_reward_mean": 0.37 + rto_gain, "kl_mean": 1.2}
     for b in bench.BETAS:
         methods[f"rto_beta{b}"] = {"gold_reward_mean": 0.4, "kl_mean": 1.5}
     folder = runs / f"seed{seed}" / "eval"
@@ -91,11 +100,16 @@ def fake_seed(bench, runs: Path, seed: int, rto_gain: float) -> None:
         "packages": {"torch": "2.13.0"},
     }
     (folder / "summary.json").write_text(json.dumps({"stage": "eval", "environment": env}))
+    worse, better = ("dpo", "dpo_fit") if earlier_layout else ("dpo_lr2e-4", "dpo")
     for stage, summary in [("rm", {"eval/accuracy": 0.8, "eval/gold_accuracy": 0.95}),
-                           ("dpo", {"eval/rewards/accuracies": 0.75 + seed / 100}),
-                           ("dpo_fit", {"eval/rewards/accuracies": 0.85})]:  # fmt: skip
+                           (worse, {"eval/rewards/accuracies": 0.75 + seed / 100}),
+                           (better, {"eval/rewards/accuracies": 0.85})]:  # fmt: skip
         (runs / f"seed{seed}" / stage).mkdir()
         (runs / f"seed{seed}" / stage / "summary.json").write_text(json.dumps(summary))
+    for stage, lr in ((worse, 2e-4), (better, 1e-3)):
+        (runs / f"seed{seed}" / stage / "config.yaml").write_text(
+            yaml.safe_dump({"train": {"lr": lr}})
+        )
 
 
 def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
@@ -120,5 +134,27 @@ def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
     assert res["heldout_accuracy"]["dpo"]["values"] == pytest.approx([0.75, 0.76, 0.77])
     assert "DPO held-out accuracy 0.760 -> 0.850" in json.dumps(res["claims"])
     assert "gold reward (ceiling) 0.950 ± 0.000, reward model 0.800 ± 0.000" in md
+    # the learning rates come from the runs, not from today's recipe
+    assert "`dpo_fit` is DPO trained at learning rate 0.001, `dpo` at 0.0002" in md
     # the report says where the runs were made (read from the runs, not from this process)
     assert res["environment"]["cpu"] == "Test CPU" and "Made on: Test CPU (AVX2)" in md
+
+
+def test_report_reads_todays_layout_where_the_recipe_has_the_better_fit_dpo(
+    bench, tmp_path: Path
+) -> None:
+    for seed, gain in enumerate([0.05, 0.06, 0.07]):
+        fake_seed(bench, tmp_path / "runs", seed, gain, earlier_layout=False)
+    bench.main(
+        ["--report-only", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out")]
+    )
+    res = json.loads((tmp_path / "out" / "paper_miniature.json").read_text())
+    verdicts = {c["claim"]: c["verdict"] for c in res["claims"]}
+    assert verdicts["(our check) a DPO model fit closer to the ceiling makes RTO better"] == "yes"
+    assert "rto - rto_dpo_lr2e-4 +0.030" in json.dumps(res["claims"], ensure_ascii=False)
+    # RTO with the less-fit model: 0.37 + gain at KL 1.2, where PPO's frontier is 0.4
+    assert res["rto_dpo_lr2e-4_minus_ppo_at_equal_kl"] == pytest.approx([0.02, 0.03, 0.04])
+    assert verdicts["(our check) RTO with the less-fit DPO model > PPO at equal KL"] == "yes"
+    md = (tmp_path / "out" / "paper_miniature.md").read_text()
+    assert "`dpo` is DPO trained at learning rate 0.001, `dpo_lr2e-4` at 0.0002" in md
+    assert "| rto_dpo_lr2e-4 | 0.430 ± 0.010" in md
