@@ -117,9 +117,14 @@ def recipe_for(seed: int, out: Path) -> dict:
 
 def run_seed(seed: int, runs: Path) -> tuple[int, float]:
     out = runs / f"seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = out / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_for(seed, out), sort_keys=False))
+    return run_pipeline(recipe_for(seed, out), out / "recipe.yaml", out / "log.txt")
+
+
+def run_pipeline(recipe: dict, recipe_file: Path, log_file: Path) -> tuple[int, float]:
+    """`rto pipeline` on `recipe` in its own process with one thread (so that runs side by side
+    do not slow each other down and reruns repeat the numbers); (exit code, seconds)."""
+    recipe_file.parent.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -127,9 +132,9 @@ def run_seed(seed: int, runs: Path) -> tuple[int, float]:
         "TOKENIZERS_PARALLELISM": "false",
     }
     began = time.time()
-    with open(out / "log.txt", "a") as log:
+    with open(log_file, "a") as log:
         code = subprocess.call(
-            [sys.executable, "-m", "rto", "pipeline", "--config", str(recipe)],
+            [sys.executable, "-m", "rto", "pipeline", "--config", str(recipe_file)],
             stdout=log,
             stderr=log,
             env=env,
@@ -232,12 +237,14 @@ def dpo_learning_rates(runs: Path, seeds: list[int]) -> dict:
     return out
 
 
-def above_ppo_frontier(res: dict, name: str) -> float | None:
-    """Gold reward of `name` minus PPO's reward-KL frontier of the same seed (every PPO run),
-    read at `name`'s KL; None when that KL is outside the frontier or `name` was not run."""
+def above_ppo_frontier(res: dict, name: str, ppo: list[str] | None = None) -> float | None:
+    """Gold reward of `name` minus PPO's reward-KL frontier of the same seed (the PPO runs `ppo`,
+    by default every PPO run of this benchmark), read at `name`'s KL; None when that KL is outside
+    the frontier or `name` was not run."""
     if name not in res:
         return None
-    frontier = [(res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in ppo_names() if n in res]
+    ppo = ppo_names() if ppo is None else ppo
+    frontier = [(res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in ppo if n in res]
     ppo_at = interpolate(frontier, res[name]["kl_mean"])
     return None if ppo_at is None else res[name]["gold_reward_mean"] - ppo_at
 

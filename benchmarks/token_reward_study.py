@@ -1,0 +1,372 @@
+"""Where does RTO's token reward pay? PPO against RTO at equal KL as responses get longer, as the
+reward model gets noisier, and with the gold reward itself as the sentence reward (issue 14).
+
+    python benchmarks/token_reward_study.py --workers 2     # the study, 3 seeds
+    python benchmarks/token_reward_study.py --smoke         # every part at toy size (minutes)
+    python benchmarks/token_reward_study.py --report-only   # re-aggregate finished runs
+    python benchmarks/token_reward_study.py --estimate      # time shortened stages, predict the
+                                                            # study's wall time on this machine
+
+The claims and the rules that decide them (CLAIMS below, echoed in the report and the README)
+were written down before any run of the study. Per seed, five `rto pipeline` runs ("units"),
+each derived from the built-in recipe (src/rto/recipes/sentiment_quick.yaml, its settings
+unchanged except the response budget of the longer reviews):
+
+  short    the built-in task: SFT, pairs, reward model, DPO; PPO at every KL coefficient of
+           PPO_KL_COEFS and RTO (at the recipe's); one `rto eval` of them all
+  medium   the same on reviews of 3-6 sentences (responses of about 37 tokens, not 14)
+  long     the same on reviews of 8-12 sentences (about 90 tokens)
+  rm_data  in short's folder: reward models on 1/8, 1/4 and 1/2 of short's pairs (all of them is
+           short's), each the sentence reward and the critic's start of its own PPO runs and RTO
+  oracle   in short's folder: PPO and RTO with the gold reward itself as the sentence reward
+           (`rto rl --reward_fn sentiment`; skipped, and said so, where rto rl lacks it)
+
+Units in one folder reuse its finished stages (same configs, same fingerprints) and run one after
+another; folders run side by side (--workers), each pipeline in its own process with one thread,
+so an interrupted study resumes where it stopped and a rerun repeats the numbers on the same
+machine type. The task is the same for every seed (seed 0); the seed changes all trained on it.
+
+Outputs: benchmarks/results/token_reward_study.{json,md} and three plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import paper_miniature as pm  # noqa: E402  (the shared helpers: runner, frontier, verdicts)
+
+BASE_RECIPE = pm.BASE_RECIPE
+# Review length -> the response budget of every stage (SFT responses of about 14, 37 and 90
+# tokens; the longest SFT responses are about 48, 88 and 162 tokens) and the fluency judge.
+LENGTHS = {
+    "short": {"max_new_tokens": 48, "max_length": 96, "fluency": "sentiment"},
+    "medium": {"max_new_tokens": 96, "max_length": 128, "fluency": "sentiment_medium"},
+    "long": {"max_new_tokens": 176, "max_length": 208, "fluency": "sentiment_long"},
+}
+RM_SHARES = {"f8": 1 / 8, "f4": 1 / 4, "f2": 1 / 2}  # all of the pairs: short's reward model
+# PPO's reward-KL frontier in every condition; RTO runs at the recipe's coefficient (0.1), and
+# its KL usually lies between PPO's at 0.1 and at 0.05 (paper miniature), sometimes outside.
+PPO_KL_COEFS = (0.2, 0.1, 0.05, 0.025)
+UNITS = ("short", "rm_data", "oracle", "medium", "long")
+FOLDER = {
+    "short": "short",
+    "rm_data": "short",
+    "oracle": "short",
+    "medium": "medium",
+    "long": "long",
+}
+# The oracle's sentence reward: the gold reward through `rto rl --reward_fn` (issue 15), in place
+# of the reward model's score; the reward model still starts the critic, as in every other run,
+# so that the sentence reward is the only difference. Phase 2: check these keys against the
+# interface issue 15 lands (reward_fn normalised like the reward model's score, the score off).
+ORACLE = {"reward_fn": "sentiment", "rl": {"score_coef": 0.0, "score_normalization": "running"}}
+
+# Condition point -> (unit whose eval holds its runs, tag in their names)
+POINTS = {
+    "short": ("short", ""),
+    "medium": ("medium", ""),
+    "long": ("long", ""),
+    "rm_1/8": ("rm_data", "f8"),
+    "rm_1/4": ("rm_data", "f4"),
+    "rm_1/2": ("rm_data", "f2"),
+    "oracle": ("oracle", "oracle"),
+}
+RM_POINTS = {"rm_1/8": 1 / 8, "rm_1/4": 1 / 4, "rm_1/2": 1 / 2, "short": 1.0}
+
+CLAIMS = [
+    {
+        "id": "length",
+        "claim": "RTO's advantage over PPO grows with response length.",
+        "measure": "In each seed and review length: RTO's held-out gold reward minus PPO's "
+        "reward-KL frontier (PPO at every KL coefficient, same length) read at RTO's KL; per "
+        "seed, the least-squares slope of that difference against log2 of the SFT policy's mean "
+        "response length (gold reward per doubling of length).",
+        "rule": "yes: the mean slope over seeds is positive by more than two standard errors; "
+        "weak: positive within that noise; no: zero or negative. No difference is read where "
+        "RTO's KL lies outside PPO's frontier; a seed counts where two or more lengths are read; "
+        "cannot tell with fewer than two counting seeds.",
+    },
+    {
+        "id": "rm_noise",
+        "claim": "The DPO token reward helps more when the sentence reward is noisier.",
+        "measure": "In each seed and share of the pairs (1/8, 1/4, 1/2, all) that the reward model "
+        "(PPO's and RTO's sentence reward and critic start) is trained on: RTO minus PPO's "
+        "frontier at RTO's KL, as above; per seed, the slope of that difference against log2 of "
+        "the share.",
+        "rule": "yes: the mean slope is negative by more than two standard errors (the advantage "
+        "shrinks as the reward model gets more data); weak: negative within that noise; no: zero "
+        "or positive. Reading rules as above.",
+    },
+    {
+        "id": "oracle_credit",
+        "claim": "With the gold reward itself as the sentence reward, RTO still beats PPO at "
+        "equal KL: the token reward helps by spreading credit over the tokens, not only as a "
+        "second judge.",
+        "measure": "Per seed: RTO minus PPO's frontier at RTO's KL, both with the gold reward as "
+        "the sentence reward.",
+        "rule": "yes: the mean over seeds is positive by more than two standard errors; weak: "
+        "positive within that noise; no: zero or negative; cannot tell with fewer than two seeds "
+        "read.",
+    },
+    {
+        "id": "oracle_judge",
+        "claim": "Part of RTO's advantage with a learned reward model is a second judge: the "
+        "advantage is smaller with the oracle sentence reward.",
+        "measure": "Per seed: (RTO minus PPO's frontier, reward model on all pairs) minus (RTO "
+        "minus PPO's frontier, oracle sentence reward).",
+        "rule": "As for the oracle claim above, on this paired difference.",
+    },
+    {
+        "id": "efficiency",
+        "claim": "RTO reaches PPO's final gold reward with about 1/8 of PPO's RL samples (the "
+        "paper's data-scaling result).",
+        "measure": "In each condition and seed: the gold reward of the RL rollouts against "
+        "samples (trailing mean over a tenth of the iterations), PPO and RTO at the recipe's KL "
+        "coefficient; the share of PPO's samples after which RTO's curve first reaches PPO's "
+        "final value.",
+        "rule": "In a condition: yes when RTO reaches it in every seed and the mean share is at "
+        "most 1/4 (generous to the paper's 1/8), else no. Overall: yes in every condition: yes; "
+        "in none: no; otherwise partly, naming the conditions.",
+    },
+]
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big each part is: the study's (FULL) or the smoke test's (SMOKE)."""
+
+    kl_coefs: tuple[float, ...] = PPO_KL_COEFS
+    task: dict = field(default_factory=dict)  # extra `rto task sentiment` options
+    train: dict = field(default_factory=dict)  # stage kind -> train overrides
+    rl: dict = field(default_factory=dict)  # rl section overrides
+    eval_prompts: int | None = None  # held-out prompts of every sampled evaluation
+
+
+FULL = Size()
+SMOKE = Size(
+    kl_coefs=(0.1, 0.05),
+    task={"num_sft": 400, "num_sft_eval": 40, "num_train_prompts": 160, "num_eval_prompts": 32,
+          "hidden_size": 32, "num_layers": 1, "num_heads": 2},
+    train={"sft": {"max_steps": 40}, "rm": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
+           "dpo": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
+           "rl": {"max_steps": 4, "batch_size": 16, "micro_batch_size": 16}},
+    rl={"rollout_batch_size": 16},
+    eval_prompts=32,
+)  # fmt: skip
+
+
+def coef_tag(coef: float) -> str:
+    return str(coef).replace(".", "p")  # stage names take no dots
+
+
+def _sfx(tag: str) -> str:
+    return f"_{tag}" if tag else ""
+
+
+def ppo_stage(tag: str, coef: float) -> str:
+    return f"rl_ppo{_sfx(tag)}_kl_{coef_tag(coef)}"
+
+
+def rto_stage(tag: str) -> str:
+    return f"rl_rto{_sfx(tag)}"
+
+
+def ppo_policy(tag: str, coef: float) -> str:
+    return f"ppo{_sfx(tag)}_kl{coef}"
+
+
+def rto_policy(tag: str) -> str:
+    return f"rto{_sfx(tag)}"
+
+
+def recipe_kl_coef() -> float:
+    return yaml.safe_load(BASE_RECIPE.read_text())["defaults"]["rl"]["rl"]["kl_coef"]
+
+
+def oracle_supported() -> bool:
+    """Whether this rto's `rto rl` takes a reward function (issue 15) for the oracle unit."""
+    from rto.config.stages import RLConfig
+
+    return any(f.name == "reward_fn" for f in fields(RLConfig))
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def recipe_for(unit: str, seed: int, out: Path, size: Size = FULL) -> dict:
+    """The `rto pipeline` recipe of one unit of one seed, writing into `out` (its folder)."""
+    base = yaml.safe_load(BASE_RECIPE.read_text())
+    length = unit if unit in LENGTHS else "short"
+    budget = LENGTHS[length]
+    stages = base["stages"]
+    defaults = copy.deepcopy(base["defaults"])
+    for kind in ("sft", "rm", "dpo"):
+        defaults[kind]["data"]["max_length"] = budget["max_length"]
+    rl = defaults["rl"]
+    rl["generate"]["max_new_tokens"] = budget["max_new_tokens"]
+    rl["train"]["eval_every"] = 0  # the rollouts give the curves, the eval stage the results
+    rl["train"].update(size.train.get("rl", {}))
+    rl["rl"].update(size.rl)
+    rl["eval"].pop("prompts", None)
+    rl["eval"]["fluency"] = budget["fluency"]
+
+    def sampled(stage: dict) -> dict:  # a stage that samples responses, at this length
+        stage = copy.deepcopy(stage)
+        stage["generate"]["max_new_tokens"] = budget["max_new_tokens"]
+        if "eval" in stage:
+            stage["eval"]["fluency"] = budget["fluency"]
+            if size.eval_prompts:
+                stage["eval"]["num_prompts"] = size.eval_prompts
+        return stage
+
+    new: dict = {"task": {**stages["task"], "seed": 0, "review_length": length, **size.task}}
+    for name in ("sft", "pairs", "rm", "dpo"):
+        new[name] = (
+            sampled(stages[name]) if name in ("sft", "pairs") else copy.deepcopy(stages[name])
+        )
+        if name in size.train:
+            new[name]["train"] = {**new[name]["train"], **size.train[name]}
+    policies = ["sft={sft}"]
+    if unit in LENGTHS:
+        policies.append("dpo={dpo}")
+        runs = rl_runs("", "{rm}", size)
+    elif unit == "rm_data":
+        runs = {}
+        for tag, share in RM_SHARES.items():
+            new[f"rm_{tag}"] = copy.deepcopy(new["rm"])
+            new[f"rm_{tag}"]["data"]["train_fraction"] = share
+            runs.update(rl_runs(tag, f"{{rm_{tag}}}", size))
+    elif unit == "oracle":
+        runs = rl_runs("oracle", "{rm}", size, ORACLE)
+    else:
+        raise ValueError(f"unknown unit {unit!r}; units: {', '.join(UNITS)}")
+    new.update({stage: spec for stage, (_, spec) in runs.items()})
+    policies += [f"{policy}={{{stage}}}" for stage, (policy, _) in runs.items()]
+    new[f"eval_{unit}"] = {**sampled(stages["eval"]), "policies": policies}
+    return {"description": f"token-reward study: {unit}, seed {seed}", "out": str(out),
+            "seed": seed, "defaults": defaults, "stages": new}  # fmt: skip
+
+
+def rl_runs(tag: str, reward_model: str, size: Size, extra: dict | None = None) -> dict:
+    """stage name -> (policy name, stage spec): PPO at every KL coefficient, RTO at the recipe's."""
+    extra = extra or {}
+
+    def spec(preset: str, rl: dict) -> dict:
+        return {"stage": "rl", "preset": preset, "reward_model": reward_model,
+                **{k: v for k, v in extra.items() if k != "rl"}, "rl": {**rl, **extra.get("rl", {})}}  # fmt: skip
+
+    runs = {
+        ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl_coef": c})) for c in size.kl_coefs
+    }
+    runs[rto_stage(tag)] = (rto_policy(tag), spec("rto", {}))
+    return runs  # fmt: skip
+
+
+def unit_folder(runs: Path, seed: int, unit: str) -> Path:
+    return runs / f"seed{seed}" / FOLDER[unit]
+
+
+def jobs(seeds: list[int], units: list[str]) -> list[list[tuple[int, str]]]:
+    """Chains of (seed, unit) that run one after another (units sharing a folder); the costliest
+    chains first, so that the last one to start is short (long, then short's, then medium)."""
+    chains = []
+    for folder in ("long", "short", "medium"):
+        for seed in seeds:
+            chain = [(seed, u) for u in units if FOLDER[u] == folder]
+            if chain:
+                chains.append(chain)
+    return chains
+
+
+def run_chain(
+    chain: list[tuple[int, str]], runs: Path, size: Size
+) -> list[tuple[int, str, int, float]]:
+    done = []
+    for seed, unit in chain:
+        folder = unit_folder(runs, seed, unit)
+        code, secs = pm.run_pipeline(recipe_for(unit, seed, folder, size),
+                                     folder / f"recipe_{unit}.yaml", folder / f"log_{unit}.txt")  # fmt: skip
+        done.append((seed, unit, code, secs))
+        print(f"seed {seed} {unit}: exit {code} after {secs / 60:.1f} min "
+              f"(log: {folder / f'log_{unit}.txt'})", flush=True)  # fmt: skip
+        if code:
+            break  # the next unit in this folder would redo the failed stage's work
+    return done
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", help="Seeds (default 0 1 2; --smoke: 0).")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="Pipelines run at once (one thread each)."
+    )
+    ap.add_argument(
+        "--units",
+        nargs="+",
+        default=list(UNITS),
+        choices=UNITS,
+        help="Run only these units (the report reads whatever has finished).",
+    )
+    ap.add_argument("--runs", default=None, help="Where the runs go (kept for resuming).")
+    ap.add_argument("--results", default=None, help="Where the report goes.")
+    ap.add_argument("--report-only", action="store_true", help="Only aggregate finished runs.")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Toy sizes, one seed, runs and report under benchmarks/_runs/token_reward_smoke.",
+    )
+    ap.add_argument(
+        "--estimate",
+        action="store_true",
+        help="Time shortened stages of every kind and predict the study's wall time.",
+    )
+    args = ap.parse_args(argv)  # fmt: skip
+    size = SMOKE if args.smoke else FULL
+    name = "token_reward_smoke" if args.smoke else "token_reward"
+    runs = Path(args.runs or ROOT / "_runs" / name)
+    results = Path(args.results or (runs / "report" if args.smoke else ROOT / "results"))
+    seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
+    if args.estimate:
+        import token_reward_estimate
+
+        token_reward_estimate.main(runs.parent / "token_reward_estimate", seeds, args.workers)
+        return
+    units = list(args.units)
+    minutes = None
+    if not args.report_only:
+        if "oracle" in units and not oracle_supported():
+            units.remove("oracle")
+            print("oracle unit skipped: this rto's `rto rl` has no --reward_fn yet (issue 15)")
+        began = time.time()
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            done = [d for chain in pool.map(lambda c: run_chain(c, runs, size), jobs(seeds, units))
+                    for d in chain]  # fmt: skip
+        minutes = round((time.time() - began) / 60, 1)
+        if any(code for *_, code, _ in done):
+            raise SystemExit("some units failed; rerun the same command to resume them")
+    command = "python benchmarks/token_reward_study.py" + (
+        " --smoke" if args.smoke else " --seeds " + " ".join(map(str, seeds))
+    )
+    import token_reward_report as report
+
+    res = report.build(runs, seeds, command, minutes)
+    report.write(res, results, "token_reward_study")
+    for c in res["claims"]:
+        print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
+
+
+if __name__ == "__main__":
+    main()

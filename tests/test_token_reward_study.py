@@ -1,0 +1,197 @@
+"""The token-reward study's bookkeeping (benchmarks/token_reward_study.py): its units are valid
+pipelines that share what they should, the schedule keeps units of one folder in order, and the
+report turns per-seed results into the verdicts its pre-written rules give (made-up results, no
+training)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rto.pipeline import plan
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import token_reward_report as report  # noqa: E402
+import token_reward_study as study  # noqa: E402
+
+
+def planned(unit: str, tmp_path: Path, size=study.FULL) -> dict:
+    recipe = tmp_path / f"{unit}.yaml"
+    folder = study.unit_folder(tmp_path / "runs", 0, unit)
+    recipe.write_text(yaml.safe_dump(study.recipe_for(unit, 0, folder, size), sort_keys=False))
+    return {p.name: p for p in plan(str(recipe))[0]}
+
+
+def test_units_are_valid_pipelines_that_reuse_shared_stages(tmp_path: Path) -> None:
+    short, rm_data = planned("short", tmp_path), planned("rm_data", tmp_path)
+    shared = ("task", "sft", "pairs", "rm", "dpo")
+    # the units of short's folder reuse its finished stages: same configs, same fingerprints
+    assert [short[s].fingerprint for s in shared] == [rm_data[s].fingerprint for s in shared]
+    # the recipe's settings, with the better defaults (DPO lr 1e-3, reward model 8 epochs)
+    assert short["dpo"].config.train.lr == 1e-3 and short["rm"].config.train.epochs == 8
+    assert short["task"].config.seed == 0 and short["sft"].config.seed == 0
+    coefs = {s: p.config.rl.kl_coef for s, p in short.items() if s.startswith("rl_ppo")}
+    assert sorted(coefs.values()) == sorted(study.PPO_KL_COEFS)
+    assert short["rl_rto"].config.rl.kl_coef == study.recipe_kl_coef() == 0.1
+    assert short["rl_rto"].config.rl.dpo_reward_scale == 0.05
+    policies = dict(e.split("=", 1) for e in short["eval_short"].config.policies)
+    assert set(policies) == {"sft", "dpo", "rto", *(f"ppo_kl{c}" for c in study.PPO_KL_COEFS)}
+    # each share of the pairs: its own reward model, the sentence reward and critic start of its runs
+    for tag, share in study.RM_SHARES.items():
+        assert rm_data[f"rm_{tag}"].config.data.train_fraction == share
+        for name in (study.rto_stage(tag), study.ppo_stage(tag, 0.05)):
+            assert rm_data[name].config.reward_model.endswith(f"rm_{tag}")
+            assert rm_data[name].config.rl.critic_init == "reward_model"
+    policies = dict(e.split("=", 1) for e in rm_data["eval_rm_data"].config.policies)
+    assert policies["rto_f8"].endswith("rl_rto_f8") and "ppo_f2_kl0.025" in policies
+    assert short["rm"].config.data.train_fraction == 1.0
+
+
+@pytest.mark.parametrize("length", ["medium", "long"])
+def test_longer_reviews_get_room_for_their_responses(length: str, tmp_path: Path) -> None:
+    stages = planned(length, tmp_path)
+    from rto.config.stages import SentimentTaskConfig
+
+    task = stages["task"].config
+    assert task.review_length == length
+    budget = study.LENGTHS[length]
+    rl = stages["rl_rto"].config
+    assert rl.generate.max_new_tokens == budget["max_new_tokens"] > 48
+    assert rl.data.max_prompt_length + rl.generate.max_new_tokens <= task.max_positions
+    assert task.max_positions == SentimentTaskConfig.POSITIONS[length]
+    assert stages["sft"].config.data.max_length == budget["max_length"]
+    assert stages[f"eval_{length}"].config.eval.fluency == f"sentiment_{length}"
+    # the same RL budget (prompts and iterations) as the short reviews
+    short = planned("short", tmp_path)["rl_rto"].config
+    assert (rl.train.max_steps, rl.rl.rollout_batch_size) == (
+        short.train.max_steps,
+        short.rl.rollout_batch_size,
+    )
+
+
+def test_oracle_unit_uses_the_gold_reward_as_sentence_reward(tmp_path: Path) -> None:
+    recipe = study.recipe_for("oracle", 0, tmp_path / "seed0" / "short")
+    runs = {k: v for k, v in recipe["stages"].items() if k.startswith("rl_")}
+    assert set(runs) == {study.rto_stage("oracle")} | {
+        study.ppo_stage("oracle", c) for c in study.PPO_KL_COEFS
+    }
+    assert all(r["reward_fn"] == "sentiment" for r in runs.values())
+    if study.oracle_supported():  # once `rto rl --reward_fn` has landed (issue 15)
+        planned("oracle", tmp_path)
+
+
+def test_schedule_keeps_the_units_of_one_folder_in_order() -> None:
+    chains = study.jobs([0, 1], list(study.UNITS))
+    assert chains[0] == [(0, "long")] and chains[1] == [(1, "long")]
+    assert [(0, "short"), (0, "rm_data"), (0, "oracle")] in chains
+    assert sorted(u for c in chains for u in c) == sorted(
+        (s, u) for s in (0, 1) for u in study.UNITS
+    )
+
+
+def test_readme_states_every_claim_before_the_results() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Where does the token reward pay?")
+    section = " ".join(readme[start:].split())
+    for claim in study.CLAIMS:
+        assert claim["claim"] in section and claim["rule"] in section, claim["id"]
+
+
+# --------------------------------------------------------------------------- the report
+
+# made-up results: PPO's frontier is KL 1, 2, 3, 4 -> gold 0.3, 0.5, 0.6, 0.65 in every condition;
+# RTO lies at KL 2.5, where the frontier is 0.55, plus the condition's advantage
+FRONTIER = {0.2: (1.0, 0.3), 0.1: (2.0, 0.5), 0.05: (3.0, 0.6), 0.025: (4.0, 0.65)}
+ADVANTAGE = {"short": 0.0, "medium": 0.05, "long": 0.10, "rm_1/8": 0.09, "rm_1/4": 0.06,
+             "rm_1/2": 0.03, "oracle": -0.02}  # fmt: skip
+SFT_LENGTH = {"short": 14.0, "medium": 37.0, "long": 90.0}
+
+
+def fake_study(runs: Path, seeds: list[int]) -> None:
+    for seed in seeds:
+        noise = 0.004 * (seed - 1)
+        evals: dict[str, dict] = {}
+        for point, (unit, tag) in study.POINTS.items():
+            methods = evals.setdefault(unit, {})
+            methods["sft"] = {"gold_reward_mean": 0.05, "kl_mean": 0.0, "fluency_rate": 0.95,
+                              "length_mean": SFT_LENGTH.get(point, 14.0)}  # fmt: skip
+            for coef, (kl, gold) in FRONTIER.items():
+                methods[study.ppo_policy(tag, coef)] = {"gold_reward_mean": gold, "kl_mean": kl,
+                                                        "fluency_rate": 0.9, "length_mean": 20.0}  # fmt: skip
+            rto_kl = 5.0 if (point, seed) == ("long", 2) else 2.5  # beyond PPO's frontier: not read
+            methods[study.rto_policy(tag)] = {"gold_reward_mean": 0.55 + ADVANTAGE[point] + noise,
+                                              "kl_mean": rto_kl, "fluency_rate": 0.9, "length_mean": 21.0}  # fmt: skip
+            folder = study.unit_folder(runs, seed, unit)
+            # rollout curves: PPO flat at 0.5; RTO 0 for 4 iterations, then 1 (reaches PPO's
+            # final value after a quarter of the samples), except with the oracle: never
+            ppo = [0.5] * 20
+            rto = [0.0] * 4 + [1.0 if point != "oracle" else 0.2] * 16
+            for stage, curve in ((study.ppo_stage(tag, 0.1), ppo), (study.rto_stage(tag), rto)):
+                (folder / stage).mkdir(parents=True, exist_ok=True)
+                rows = [{"step": i + 1, "samples": 64 * (i + 1), "rollout/gold_reward": g}
+                        for i, g in enumerate(curve)]  # fmt: skip
+                (folder / stage / "metrics.jsonl").write_text(
+                    "".join(json.dumps(r) + "\n" for r in rows)
+                )
+        for unit, methods in evals.items():
+            out = study.unit_folder(runs, seed, unit) / f"eval_{unit}"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps({"methods": methods}))
+            env = {"cpu": "Test CPU", "cpu_capability": "AVX2", "packages": {"torch": "2.13.0"}}
+            (out / "summary.json").write_text(json.dumps({"environment": env}))
+        for stage, share in (("rm", 1.0), ("rm_f8", 1 / 8), ("rm_f4", 1 / 4), ("rm_f2", 1 / 2)):
+            folder = study.unit_folder(runs, seed, "short") / stage
+            folder.mkdir(parents=True, exist_ok=True)
+            summary = {"eval/accuracy": 0.7 + 0.1 * share, "eval/gold_accuracy": 0.95,
+                       "data": {"train": {"rows": round(3000 * share)}}}  # fmt: skip
+            (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_turns_seed_results_into_the_written_verdicts(tmp_path: Path) -> None:
+    fake_study(tmp_path / "runs", [0, 1, 2])
+    study.main(
+        ["--report-only", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out")]
+    )
+    res = json.loads((tmp_path / "out" / "token_reward_study.json").read_text())
+    verdicts = {c["id"]: c["verdict"] for c in res["claims"]}
+    evidence = {c["id"]: c["evidence"] for c in res["claims"]}
+    assert verdicts == {"length": "yes", "rm_noise": "yes", "oracle_credit": "no",
+                        "oracle_judge": "yes", "efficiency": "partly"}  # fmt: skip
+    # equal KL: RTO minus PPO's frontier at KL 2.5 (0.55), per seed; long's seed 2 is not read
+    assert res["points"]["long"]["equal_kl"] == pytest.approx([0.096, 0.1, None])
+    assert res["points"]["medium"]["same_coef"] == pytest.approx([0.096, 0.1, 0.104])
+    assert "long +0.098 (+0.096, +0.100, not read)" in evidence["length"]
+    # per seed, the slope against log2 of the SFT length (seed 2: from two lengths only)
+    import math
+
+    xs = [math.log2(SFT_LENGTH[p]) for p in ("short", "medium", "long")]
+    three = report.slope(list(zip(xs, [0.0, 0.05, 0.10])))
+    two = report.slope(list(zip(xs[:2], [0.0, 0.05])))
+    assert f"slope per doubling of length +{(2 * three + two) / 3:.3f}" in evidence["length"]
+    assert "1/8 of the pairs +0.090" in evidence["rm_noise"]
+    assert "oracle no (never, never, never)" in evidence["efficiency"]
+    assert "short yes (0.25, 0.25, 0.25)" in evidence["efficiency"]
+    md = (tmp_path / "out" / "token_reward_study.md").read_text()
+    assert "Made on: Test CPU (AVX2)" in md
+    for claim in study.CLAIMS:  # the rules are echoed beside the verdicts
+        assert claim["rule"] in md
+    assert "| 0.25 | 750 ± 0 | 0.725 ± 0.000 | 0.950 ± 0.000 |" in md
+    assert "| long | " in md and "(per seed +0.096, +0.100, not read) |" in md
+    for name in ("samples", "kl", "delta"):
+        assert (tmp_path / "out" / f"token_reward_study_{name}.png").stat().st_size > 10_000
+
+
+def test_slopes_and_too_few_seeds(tmp_path: Path) -> None:
+    assert report.slope([(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]) == pytest.approx(2.0)
+    assert report.seed_verdict([0.1]) == "n/a"  # one seed cannot tell
+    assert report.seed_verdict([0.1, 0.12, 0.11]) == "yes"
+    assert report.seed_verdict([0.1, 0.12, 0.11], sign=-1) == "no"
+    fake_study(tmp_path / "runs", [0])
+    res = report.build(tmp_path / "runs", [0], "cmd", None)
+    assert {c["verdict"] for c in res["claims"] if c["id"] != "efficiency"} == {"n/a"}
