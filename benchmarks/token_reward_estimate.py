@@ -120,22 +120,32 @@ def makespan(chains: list[list[float]], workers: int) -> float:
     return max(free)
 
 
-def main(runs: Path, seeds: list[int], workers: int) -> None:
+def main(runs: Path, seeds: list[int], workers: int, results: Path) -> None:
     load = os.getloadavg()[0]
     if load > 1.2:
-        print(f"warning: load average {load:.1f}: other work is running, timings will be long")
-    costs = {}
+        print(f"warning: load average {load:.1f}: other work is running; stages timed now (not "
+              "those already finished under {runs}) will take longer than on an idle machine")  # fmt: skip
+    costs, loads = {}, {}
     for length in study.LENGTHS:
         root = runs / length
+        before = os.getloadavg()[0]
         code, _ = pm.run_pipeline(
             probe_recipe(length, root), root / "recipe.yaml", root / "log.txt"
         )
         if code:
             raise SystemExit(f"timing probe {length} failed (exit {code}); see {root / 'log.txt'}")
+        ran = json.loads((root / "pipeline_run.json").read_text())
+        if any(r["status"] == "ran" for r in ran.values()):  # else timed by an earlier call
+            (root / "load.json").write_text(
+                json.dumps({"before": before, "after": os.getloadavg()[0]})
+            )
+        loads[length] = json.loads((root / "load.json").read_text())
         costs[length] = length_costs(root, length)
+    summary = runs / "short" / "eval_large" / "summary.json"
     result = {
-        "load_average_before": load,
-        "load_average_after": os.getloadavg()[0],
+        "command": "python benchmarks/token_reward_study.py --estimate",
+        "environment": json.loads(summary.read_text()).get("environment"),
+        "load_average_while_timed": loads,  # 1-minute averages; the probes use one core
         "per_length": costs,
     }
     for tag in ("low", "high"):
@@ -147,10 +157,11 @@ def main(runs: Path, seeds: list[int], workers: int) -> None:
             "per_unit": {u: round(s / 60, 1) for u, s in units.items()},
         }
     (runs / "estimate.json").write_text(json.dumps(result, indent=2) + "\n")
+    results.write_text(json.dumps(result, indent=2) + "\n")
     for length, c in costs.items():
         print(f"{length}: " + ", ".join(f"{k} {v:.0f} s" for k, v in c["per_stage"].items()))
     lo, hi = result["minutes_low"], result["minutes_high"]
     print(f"units (minutes of one core): {lo['per_unit']} to {hi['per_unit']}")
     print(f"the study, seeds {seeds}, {workers} workers: about {lo[f'wall_minutes_{workers}_workers']:.0f} "
           f"to {hi[f'wall_minutes_{workers}_workers']:.0f} min ({lo['core_minutes']:.0f} to "
-          f"{hi['core_minutes']:.0f} core-minutes); details in {runs / 'estimate.json'}")  # fmt: skip
+          f"{hi['core_minutes']:.0f} core-minutes); details in {results}")  # fmt: skip

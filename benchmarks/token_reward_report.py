@@ -90,6 +90,20 @@ def point_result(runs: Path, seed: int, point: str) -> dict | None:
     return out
 
 
+def oracle_check(runs: Path, seeds: list[int]) -> dict | None:
+    """Whether the oracle runs' sentence reward was the gold reward: the largest difference, over
+    their rollouts, between the logged mean score and the mean gold reward (None: no oracle run)."""
+    diffs = []
+    for seed in seeds:
+        folder = study.unit_folder(runs, seed, "oracle")
+        for stage in sorted(folder.glob("rl_*_oracle*")):
+            f = stage / "metrics.jsonl"
+            rows = [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+            diffs += [abs(r["rollout/score"] - r["rollout/gold_reward"]) for r in rows
+                      if "rollout/score" in r and "rollout/gold_reward" in r]  # fmt: skip
+    return {"max_abs_difference": max(diffs), "rollouts": len(diffs)} if diffs else None
+
+
 def stage_summary(runs: Path, seed: int, unit: str, stage: str) -> dict:
     f = study.unit_folder(runs, seed, unit) / stage / "summary.json"
     return json.loads(f.read_text()) if f.is_file() else {}
@@ -130,6 +144,7 @@ def build(runs: Path, seeds: list[int], command: str, minutes: float | None) -> 
         "seeds": list(per_seed),
         "points": points,
         "reward_models": reward_models(runs, list(per_seed)),
+        "oracle_check": oracle_check(runs, list(per_seed)),
         "environment": next((e for s in per_seed for u in ("short", "medium", "long")
                              if (e := stage_summary(runs, s, u, f"eval_{u}").get("environment"))), None),
         "command": command,
@@ -255,23 +270,36 @@ def judge(res: dict) -> list[dict]:
     labels = {p: f"{'all' if sh == 1 else p[3:]} of the pairs" for p, sh in study.RM_POINTS.items()}
     add("rm_noise", seed_verdict(s, -1), f"slope per doubling of the pairs {fmt(pm.mean_sd(s))}; "
         "RTO - PPO at equal KL: " + delta_text(res, labels))  # fmt: skip
-    oracle_all = points.get("oracle", {}).get("equal_kl", [])
-    oracle = [v for v in oracle_all if v is not None]
-    add("oracle_credit", seed_verdict(oracle),
-        "RTO - PPO at equal KL, oracle sentence reward: " + fmt_seeds(oracle_all) if "oracle" in points
-        else "not run")  # fmt: skip
-    paired = []
-    if "oracle" in points and "short" in points:
-        for seed, o in zip(points["oracle"]["seeds"], points["oracle"]["equal_kl"]):
-            if seed in points["short"]["seeds"]:
-                r = points["short"]["equal_kl"][points["short"]["seeds"].index(seed)]
-                if r is not None and o is not None:
-                    paired.append(r - o)
-    add("oracle_judge", seed_verdict(paired),
-        f"(RTO - PPO, reward model) - (RTO - PPO, oracle) {fmt(pm.mean_sd(paired))}" if "oracle" in points
-        else "not run")  # fmt: skip
+    check = res.get("oracle_check")
+    if "oracle" in points and (not check or check["max_abs_difference"] > 1e-4):
+        # the sentence reward of these runs was not the gold reward: no verdict rests on them
+        why = "the oracle runs logged no score" if not check else (
+            "the oracle runs' logged score is not the gold reward (largest difference "
+            f"{check['max_abs_difference']:.3g}); check ORACLE against `rto rl --reward_fn`")  # fmt: skip
+        points = {k: v for k, v in points.items() if k != "oracle"}
+        add("oracle_credit", "n/a", why)
+        add("oracle_judge", "n/a", why)
+    elif "oracle" not in points:
+        add("oracle_credit", "n/a", "not run")
+        add("oracle_judge", "n/a", "not run")
+    else:
+        oracle = points["oracle"]["equal_kl"]
+        add("oracle_credit", seed_verdict([v for v in oracle if v is not None]),
+            "RTO - PPO at equal KL, oracle sentence reward: " + fmt_seeds(oracle))  # fmt: skip
+        paired = paired_differences(points.get("short"), points["oracle"])
+        add("oracle_judge", seed_verdict(paired),
+            f"(RTO - PPO, reward model) - (RTO - PPO, oracle) {fmt(pm.mean_sd(paired))}")  # fmt: skip
     add("efficiency", *efficiency_verdict(points))
     return out
+
+
+def paired_differences(a: dict | None, b: dict) -> list[float]:
+    """Per seed read in both, a's equal-KL difference minus b's."""
+    if not a:
+        return []
+    b_by_seed = dict(zip(b["seeds"], b["equal_kl"]))
+    return [x - b_by_seed[s] for s, x in zip(a["seeds"], a["equal_kl"])
+            if x is not None and b_by_seed.get(s) is not None]  # fmt: skip
 
 
 def efficiency_verdict(points: dict) -> tuple[str, str]:

