@@ -21,13 +21,8 @@ from rto.engine.files import write_atomic, write_json, write_jsonl
 from rto.engine.logger import write_summary
 from rto.engine.run import prepare_out_dir
 from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
-from rto.models.forward import TokenScorer
-from rto.models.load import (
-    check_same_tokenizer,
-    load_causal_lm,
-    load_sequence_scorer,
-    load_tokenizer,
-)
+from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rto.models.reward_model import load_reward_model
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -117,13 +112,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             load_tokenizer(cfg.model, path=path),
             f"policy {name}" if name != "reference" else "reference model",
         )
-    if cfg.reward_model:
-        check_same_tokenizer(
-            tokenizer,
-            f"policy {first_name}",
-            load_tokenizer(cfg.model, path=cfg.reward_model),
-            "reward model",
-        )
     prompts = load_eval_prompts(
         cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, first_path, cfg.data.chat_prompts
     )
@@ -133,12 +121,11 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         else None
     )
     rm = None
-    if cfg.reward_model:
-        rm = TokenScorer(
-            load_sequence_scorer(
-                cfg.model, cfg.reward_model, trainable=False, require_head=True, role="reward model"
-            )
-        ).to(device)
+    if cfg.reward_model:  # may have its own tokenizer: it then reads re-rendered text
+        rm = load_reward_model(cfg.model, cfg.reward_model, tokenizer, chat_prompts=cfg.data.chat_prompts,
+                               device=device)  # fmt: skip
+        rm.check_prompts([p["prompt_value"] for p in prompts])
+        print("[rto] " + rm.describe(), flush=True)
 
     methods: dict[str, dict[str, Any]] = {}
     all_records: dict[str, list[dict[str, Any]]] = {}
