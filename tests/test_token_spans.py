@@ -148,6 +148,7 @@ def test_bad_token_rewards_are_refused_with_the_response_named(
     tok = tokenizer_of(request, "tiny_task")
     ids = canonical(tok, "the food was good")
     _, (row,) = token_spans(tok, [ids], [])
+    assert rewards_on_tokens([], row, "the food was good", "response 0") == [0.0] * len(row)
     with pytest.raises(RtoError, match="3 rewards for"):
         rewards_on_tokens([0.0, 1.0, 2.0], row, "the food was good", "response 0")
     with pytest.raises(RtoError, match="not a non-empty character range"):

@@ -125,13 +125,13 @@ def rewards_on_tokens(value: Any, spans: list[TokenSpan], text: str, where: str)
     """One response's rewards per token, from what a token reward function returned for it:
     a list of numbers, one per token (len(spans)), or a list of (start, end, reward) character
     spans of the text, each reward placed on the token that owns the span's last character
-    (rewards of spans ending on the same token add up)."""
+    (rewards of spans ending on the same token add up; an empty list rewards nothing)."""
     if not isinstance(value, (list, tuple)):
         raise RtoError(
             f"{where}: expected a list (one reward per token, or (start, end, reward) spans), got {value!r:.80}"
         )
     items = list(value)
-    if all(_is_number(v) for v in items):
+    if items and all(_is_number(v) for v in items):  # an empty list: no span rewarded
         if len(items) != len(spans):
             raise RtoError(f"{where}: {len(items)} rewards for {len(spans)} tokens; give one per token "
                            "(the stop token included), or (start, end, reward) character spans")  # fmt: skip

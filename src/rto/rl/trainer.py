@@ -320,6 +320,8 @@ class PPOTrainer:
         if "dpo_per_token" in parts:
             m["rollout/dpo_reward_sum"] = float(parts["dpo_per_token"].sum(1).mean())
         for name, (total, share) in reward_breakdown(parts, self.kl.value).items():
+            if name == "score" and not self.roles.has("reward") and not self.rl.missing_eos_penalty:
+                continue  # no reward model: no score to report
             m[f"reward/{name}_sum"], m[f"reward/{name}_share"] = total, share
         if r.values is not None:
             m["value/explained_variance"] = explained_variance(r.values, r.returns, r.response_mask)
