@@ -6,6 +6,7 @@ that are not the canonical tokenisation of their text."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,24 @@ def test_bad_token_rewards_are_refused_with_the_response_named(
         rewards_on_tokens([(0, 3, float("nan"))], row, "the food was good", "response 0")
     with pytest.raises(RtoError, match="neither a number nor"):
         rewards_on_tokens([(0, 3)], row, "the food was good", "response 0")
+
+
+def test_the_readme_per_sentence_example_rewards_each_sentences_last_token(
+    request: pytest.FixtureRequest,
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("# my_rewards.py", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(code, namespace)  # the example as the README shows it
+    tok = tokenizer_of(request, "gpt2_task")
+    text = "the food was good . the staff was not great ! and"
+    ctx = SourceContext(None, tok, stop_ids(tok), batch_size=4, temperature=1.0)
+    source = FunctionSource(
+        namespace["sentence_checks"], "my_rewards:sentence_checks", SourceSettings(), ctx
+    )
+    r = rollout_of(tok, [text], canonical)
+    got = source(r)[0]
+    _, (row,) = token_spans(tok, [canonical(tok, text)], [])
+    ends = {k: s.text for k, s in enumerate(row) if got[k] != 0}
+    assert [v.strip() for v in ends.values()] == [".", "!", "and"]  # each sentence's last token
+    assert [float(got[k]) for k in ends] == [1.0, -1.0, 1.0]  # the checker rejects "not"

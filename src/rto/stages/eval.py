@@ -1,8 +1,9 @@
 """`rto eval`: compare policies on held-out prompts.
 
 For each policy, one sampled response per prompt (same prompts, same sampling settings), and:
-gold reward (when the task has one), reward-model score, KL to the reference (summed over the
-response's tokens), fluency (when the task has a check), response length, distinct-1/2, and win
+gold reward (when the task has one), reward-model score (a reward model with its own tokenizer
+reads the prompt and response re-rendered with its own chat template), KL to the reference
+(summed over the response's tokens), fluency (when the task has a check), response length, distinct-1/2, and win
 rates of every policy against every other (by gold reward, or by the reward model), a tie
 counting one half. Writes eval.json, generations/<name>.jsonl and a table on the terminal;
 optionally exports generations for AlpacaEval 2 and Arena-Hard.
