@@ -17,7 +17,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("summary.json", "config.yaml")
+        if p.is_file() and p.name not in ("summary.json", "config.yaml", "README.md")
     }
 
 
