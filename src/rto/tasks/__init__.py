@@ -63,20 +63,32 @@ def resolve(spec: str, kind: str, key: str) -> Judge:
 
 
 def call_judge(
-    fn: Judge, prompts: list[str], responses: list[str], spec: str, kind: str
+    fn: Judge,
+    prompts: list[str],
+    responses: list[str],
+    spec: str,
+    kind: str,
+    what: str | None = None,
 ) -> list[Any]:
-    """Call a judge and check that it returned one finite value per response."""
+    """Call a judge and check that it returned one finite value per response (`what` names it
+    in errors: "gold reward", "reward function" ...)."""
+    what = what or ("gold reward" if kind == "gold" else f"{kind} judge")
     values = list(fn(prompts, responses))
     if len(values) != len(responses):
         raise RtoError(
-            f"{kind} judge {spec!r} returned {len(values)} values for {len(responses)} responses"
+            f"{what} {spec!r} returned {len(values)} values for {len(responses)} responses"
         )
     if kind == "gold":
-        values = [float(v) for v in values]
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise RtoError(
+                f"{what} {spec!r} returned a value that is not a number: {values!r:.80}"
+            ) from None
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad:
             raise RtoError(
-                f"gold reward {spec!r} returned a non-finite value for response {bad[0]}: {responses[bad[0]]!r:.80}"
+                f"{what} {spec!r} returned a non-finite value for response {bad[0]}: {responses[bad[0]]!r:.80}"
             )
     else:
         values = [bool(v) for v in values]
