@@ -273,7 +273,7 @@ def rl_runs(tag: str, reward_model: str, size: Size, extra: dict | None = None) 
         ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl_coef": c})) for c in size.kl_coefs
     }
     runs[rto_stage(tag)] = (rto_policy(tag), spec("rto", {}))
-    return runs  # fmt: skip
+    return runs
 
 
 def unit_folder(runs: Path, seed: int, unit: str) -> Path:

@@ -166,6 +166,23 @@ def test_longer_reviews_have_the_lengths_asked_for(tmp_path: Path) -> None:
     assert 30 < means["medium"] < 45 and 80 < means["long"] < 100
 
 
+def test_long_reviews_fit_every_architecture(tmp_path: Path) -> None:
+    """GPT-2 learns its positions: its table must hold the long reviews too (and Qwen2's ChatML
+    template adds tokens around them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    for arch, template in (("gpt2", "none"), ("qwen2", "chatml")):
+        out = tmp_path / arch
+        rto_ok("task", "sentiment", "--out", out, "--review_length", "long", "--arch", arch,
+               "--chat_template", template, *LONG_TASK)  # fmt: skip
+        config = AutoConfig.from_pretrained(out / "base_model")
+        positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+        assert positions == 256
+        tok = AutoTokenizer.from_pretrained(out / "base_model")
+        rows = [json.loads(line) for line in (out / "sft_train.jsonl").read_text().splitlines()]
+        assert max(len(tok(r["prompt"] + r["completion"]).input_ids) for r in rows) < 200
+
+
 def tasks_resolve(name: str):
     from rto.tasks import resolve
 
