@@ -18,10 +18,14 @@ from pathlib import Path
 
 import paper_miniature as pm
 import token_reward_study as study
+import yaml
 
 METRICS = ("gold_reward_mean", "kl_mean", "fluency_rate", "length_mean")
 LENGTH_POINTS = ("short", "medium", "long")
 VERDICT_TEXT = {**pm.VERDICT_TEXT, "partly": "*partly*"}
+# the oracle claim's guard: a gain in gold reward bought with malformed text (fluency, RTO minus
+# PPO's frontier at RTO's KL, below -FLUENCY_DROP) is read as weak at best (CLAIMS)
+FLUENCY_DROP = 0.05
 
 
 # --------------------------------------------------------------------------- per seed
@@ -77,6 +81,7 @@ def point_result(runs: Path, seed: int, point: str) -> dict | None:
         "rto": row(rto),
         "sft": row("sft") if "sft" in methods else None,
         "equal_kl": pm.above_ppo_frontier(methods, rto, list(ppo.values())),
+        "equal_kl_fluency": fluency_above_frontier(methods, rto, list(ppo.values())),
         "same_coef": methods[rto]["gold_reward_mean"] - methods[ppo[coef]]["gold_reward_mean"]
         if coef in ppo
         else None,
@@ -90,18 +95,38 @@ def point_result(runs: Path, seed: int, point: str) -> dict | None:
     return out
 
 
+def fluency_above_frontier(methods: dict, name: str, ppo: list[str]) -> float | None:
+    """`name`'s fluency rate minus that of PPO's frontier (linear in KL between the PPO runs) read
+    at `name`'s KL; None outside the frontier or without fluency rates."""
+    runs = [methods[n] for n in ppo if n in methods]
+    if name not in methods or any(m.get("fluency_rate") is None for m in [methods[name], *runs]):
+        return None
+    at = pm.interpolate([(m["kl_mean"], m["fluency_rate"]) for m in runs], methods[name]["kl_mean"])
+    return None if at is None else methods[name]["fluency_rate"] - at
+
+
 def oracle_check(runs: Path, seeds: list[int]) -> dict | None:
-    """Whether the oracle runs' sentence reward was the gold reward: the largest difference, over
-    their rollouts, between the logged mean score and the mean gold reward (None: no oracle run)."""
-    diffs = []
+    """Whether the oracle runs' sentence reward was the gold reward and nothing else: over their
+    rollouts, the largest difference between the logged reward_fn reward (divided by its weight)
+    and the mean gold reward, and how many rollouts also had a reward-model score in their
+    reward (None: no oracle run has logged both)."""
+    diffs, with_score, weights = [], 0, set()
     for seed in seeds:
         folder = study.unit_folder(runs, seed, "oracle")
         for stage in sorted(folder.glob("rl_*_oracle*")):
-            f = stage / "metrics.jsonl"
-            rows = [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
-            diffs += [abs(r["rollout/score"] - r["rollout/gold_reward"]) for r in rows
-                      if "rollout/score" in r and "rollout/gold_reward" in r]  # fmt: skip
-    return {"max_abs_difference": max(diffs), "rollouts": len(diffs)} if diffs else None
+            f, cfg = stage / "metrics.jsonl", stage / "config.yaml"
+            if not (f.is_file() and cfg.is_file()):
+                continue
+            weight = (yaml.safe_load(cfg.read_text()).get("rl") or {}).get("reward_fn_coef")
+            weights.add(weight)
+            for r in (json.loads(x) for x in f.read_text().splitlines() if x.strip()):
+                with_score += "reward/score_sum" in r
+                if weight and "reward/reward_fn_sum" in r and "rollout/gold_reward" in r:
+                    diffs.append(abs(r["reward/reward_fn_sum"] / weight - r["rollout/gold_reward"]))
+    if not diffs:
+        return None
+    return {"max_abs_difference": max(diffs), "rollouts": len(diffs),
+            "rollouts_with_score": with_score, "weights": sorted(weights)}  # fmt: skip
 
 
 def stage_summary(runs: Path, seed: int, unit: str, stage: str) -> dict:
@@ -167,6 +192,7 @@ def summarise(done: dict[int, dict]) -> dict:
         "rto": over_seeds(lambda r: r["rto"]),
         "sft": over_seeds(lambda r: r["sft"] or {}),
         "equal_kl": [r["equal_kl"] for r in done.values()],
+        "equal_kl_fluency": [r.get("equal_kl_fluency") for r in done.values()],
         "same_coef": [r["same_coef"] for r in done.values()],
         "efficiency": [r.get("efficiency", {}).get("share") for r in done.values()],
         "reached_known": [("efficiency" in r) for r in done.values()],
@@ -271,11 +297,8 @@ def judge(res: dict) -> list[dict]:
     add("rm_noise", seed_verdict(s, -1), f"slope per doubling of the pairs {fmt(pm.mean_sd(s))}; "
         "RTO - PPO at equal KL: " + delta_text(res, labels))  # fmt: skip
     check = res.get("oracle_check")
-    if "oracle" in points and (not check or check["max_abs_difference"] > 1e-4):
-        # the sentence reward of these runs was not the gold reward: no verdict rests on them
-        why = "the oracle runs logged no score" if not check else (
-            "the oracle runs' logged score is not the gold reward (largest difference "
-            f"{check['max_abs_difference']:.3g}); check ORACLE against `rto rl --reward_fn`")  # fmt: skip
+    if "oracle" in points and (why := oracle_refusal(check)):
+        # the sentence reward of these runs was not (only) the gold reward: no verdict rests on them
         points = {k: v for k, v in points.items() if k != "oracle"}
         add("oracle_credit", "n/a", why)
         add("oracle_judge", "n/a", why)
@@ -284,13 +307,31 @@ def judge(res: dict) -> list[dict]:
         add("oracle_judge", "n/a", "not run")
     else:
         oracle = points["oracle"]["equal_kl"]
-        add("oracle_credit", seed_verdict([v for v in oracle if v is not None]),
-            "RTO - PPO at equal KL, oracle sentence reward: " + fmt_seeds(oracle))  # fmt: skip
+        verdict = seed_verdict([v for v in oracle if v is not None])
+        fluency = [v for v in points["oracle"]["equal_kl_fluency"] if v is not None]
+        fluency_drop = bool(fluency) and statistics.fmean(fluency) < -FLUENCY_DROP
+        add("oracle_credit", "weak" if verdict == "yes" and fluency_drop else verdict,
+            "RTO - PPO at equal KL, oracle sentence reward: " + fmt_seeds(oracle)
+            + "; fluency, RTO - PPO's frontier: " + fmt_seeds(points["oracle"]["equal_kl_fluency"])
+            + (" (more than a drop of 0.05: a yes is read as weak)" if fluency_drop else ""))  # fmt: skip
         paired = paired_differences(points.get("short"), points["oracle"])
         add("oracle_judge", seed_verdict(paired),
             f"(RTO - PPO, reward model) - (RTO - PPO, oracle) {fmt(pm.mean_sd(paired))}")  # fmt: skip
     add("efficiency", *efficiency_verdict(points))
     return out
+
+
+def oracle_refusal(check: dict | None) -> str | None:
+    """Why no oracle verdict can be read from these runs (None: they can be)."""
+    if not check:
+        return "the oracle runs logged no reward_fn reward"
+    if check["rollouts_with_score"]:
+        return (f"{check['rollouts_with_score']} oracle rollouts had a reward-model score in their "
+                "reward; the oracle's sentence reward must be the gold reward alone")  # fmt: skip
+    if check["max_abs_difference"] > 1e-4:
+        return ("the oracle runs' reward_fn reward is not the gold reward (largest difference "
+                f"{check['max_abs_difference']:.3g}); check token_reward_study.oracle_spec")  # fmt: skip
+    return None
 
 
 def paired_differences(a: dict | None, b: dict) -> list[float]:
@@ -360,11 +401,12 @@ def markdown(res: dict, files: list[str]) -> str:
         "",
         *[f"- **{c['id']}**: {c['measure']} *Rule:* {c['rule']}" for c in study.CLAIMS],
         "",
+        *oracle_note(res.get("oracle_check")),
         "## RTO against PPO in every condition",
         "",
         "| condition | SFT gold | PPO gold at KL coefficient 0.1 | RTO gold | RTO KL | RTO - PPO "
-        "at equal KL | RTO - PPO, same KL coefficient |",
-        "|---|---|---|---|---|---|---|",
+        "at equal KL | RTO - PPO, same KL coefficient | fluency, RTO - PPO at equal KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     coef = str(study.recipe_kl_coef())
     for p, pt in pts.items():
@@ -372,7 +414,8 @@ def markdown(res: dict, files: list[str]) -> str:
             f"| {p} | {cell(pt['sft']['gold_reward_mean'])} | "
             f"{cell(pt['ppo'].get(coef, {}).get('gold_reward_mean', {}))} | "
             f"{cell(pt['rto']['gold_reward_mean'])} | {cell(pt['rto']['kl_mean'], 2)} | "
-            f"{fmt_seeds(pt['equal_kl'])} | {fmt_seeds(pt['same_coef'])} |"
+            f"{fmt_seeds(pt['equal_kl'])} | {fmt_seeds(pt['same_coef'])} | "
+            f"{fmt_seeds(pt['equal_kl_fluency'])} |"
         )
     lines += ["", "Every run (mean ± sd over seeds):", "",
               "| condition | run | gold reward | KL to SFT | fluency | length |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -397,6 +440,24 @@ def markdown(res: dict, files: list[str]) -> str:
                      f"{', '.join('never' if s is None else f'{s:.2f}' for s in shares)} |")  # fmt: skip
     lines += ["", *[f"![{f}]({f})\n" for f in files]]
     return "\n".join(lines)
+
+
+def oracle_note(check: dict | None) -> list[str]:
+    """What the oracle control asks, and the check that its runs were what they claim to be."""
+    if not check:
+        return []
+    weights = ", ".join(f"{w:g}" for w in check["weights"])
+    return [
+        "With the oracle the gold reward is both the sentence reward and the judge, for PPO and RTO "
+        "alike: its claims ask whether the token reward helps optimise a given sentence reward at "
+        "equal KL (credit assignment), not whether either method generalises to a judge it did not "
+        "train on (the main comparisons, where the reward model is a noisy stand-in for the gold "
+        f"reward). Checked in the oracle runs' logs: {check['rollouts']} rollouts, weight of the gold "
+        f"reward {weights}, largest difference between the logged reward_fn reward / weight and "
+        f"the gold reward {check['max_abs_difference']:.2g}, rollouts with a reward-model score in "
+        f"their reward: {check['rollouts_with_score']}.",
+        "",
+    ]
 
 
 def plots(res: dict, out: Path, stem: str) -> list[str]:

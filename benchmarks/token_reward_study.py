@@ -19,7 +19,8 @@ unchanged except the response budget of the longer reviews):
   rm_data  in short's folder: reward models on 1/8, 1/4 and 1/2 of short's pairs (all of them is
            short's), each the sentence reward and the critic's start of its own PPO runs and RTO
   oracle   in short's folder: PPO and RTO with the gold reward itself as the sentence reward
-           (`rto rl --reward_fn sentiment`; skipped, and said so, where rto rl lacks it)
+           (`rto rl --reward_fn sentiment --rl.score_coef 0`, weighted like the reward model's
+           normalised score; ORACLE_FN below)
 
 Units in one folder reuse its finished stages (same configs, same fingerprints) and run one after
 another; folders run side by side (--workers), each pipeline in its own process with one thread,
@@ -33,10 +34,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -67,13 +71,38 @@ FOLDER = {
     "medium": "medium",
     "long": "long",
 }
-# The oracle's sentence reward: the gold reward through `rto rl --reward_fn` (issue 15) in place of
-# the reward model's score, normalised to zero mean and unit sd over the rollouts as the reward
-# model's score is by its stored statistics (so beta1 and the KL coefficient weigh the same); the
-# reward model still starts the critic, as in every other run, so that the sentence reward is the
-# only difference. Phase 2: check these keys against the interface issue 15 lands; the report
-# checks that the oracle runs' logged score is the gold reward (`oracle_check`).
-ORACLE = {"reward_fn": "sentiment", "rl": {"score_normalization": "running"}}
+# The oracle's sentence reward: the gold reward through `rto rl --reward_fn sentiment` in place of
+# the reward model's score (rl.score_coef 0), weighted by 1 / its sd over the training pairs'
+# responses, as the reward model's score is normalised by its sd over the same responses
+# (reward_stats.json), so that beta1 and the KL coefficient weigh the same against the sentence
+# reward in every condition. (reward_fn is added without centring: the gold reward's mean over
+# those responses, a tenth of its sd or so, stays in; whitened advantages and the critic absorb a
+# constant.) The reward model still starts the critic (rl.critic_init reward_model, kept when
+# score_coef is 0), as in every other run, so that the sentence reward is the only difference.
+# The report refuses an oracle verdict unless the logged rewards show the gold reward, and no
+# reward-model score, as the sentence reward (token_reward_report.oracle_check).
+ORACLE_FN = "sentiment"
+
+
+def oracle_weight(folder: Path) -> float:
+    """1 / sd of the gold reward over the responses of short's training pairs (chosen and
+    rejected, as `rto rm` computes its stored statistics), to 4 significant digits."""
+    pairs = folder / "pairs" / "pairs_train.jsonl"
+    if not pairs.is_file():
+        raise SystemExit(
+            f"the oracle unit weighs the gold reward by its spread over short's pairs, and {pairs} "
+            "does not exist: run the short unit first (--units short oracle)"
+        )
+    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
+    gold = [r[k] for r in rows for k in ("chosen_gold", "rejected_gold")]
+    return float(f"{1 / statistics.pstdev(gold):.4g}")
+
+
+def oracle_spec(folder: Path) -> dict:
+    """What the oracle's RL runs change: the sentence reward."""
+    return {"reward_fn": ORACLE_FN,
+            "rl": {"score_coef": 0.0, "reward_fn_coef": oracle_weight(folder)}}  # fmt: skip
+
 
 # Condition point -> (unit whose eval holds its runs, tag in their names)
 POINTS = {
@@ -117,10 +146,14 @@ CLAIMS = [
         "equal KL: the token reward helps by spreading credit over the tokens, not only as a "
         "second judge.",
         "measure": "Per seed: RTO minus PPO's frontier at RTO's KL, both with the gold reward as "
-        "the sentence reward.",
+        "the sentence reward (and the reward model, as everywhere, as the critic's start); beside "
+        "it, RTO's fluency rate minus that of PPO's frontier at RTO's KL.",
         "rule": "yes: the mean over seeds is positive by more than two standard errors; weak: "
         "positive within that noise; no: zero or negative; cannot tell with fewer than two seeds "
-        "read.",
+        "read. Here the judge is also the training reward, so a gain could be bought with "
+        "malformed text that VADER likes: where RTO's mean fluency is more than 0.05 below the "
+        "frontier's, a yes is read as weak. No oracle verdict unless the logged rewards show the "
+        "gold reward alone as the sentence reward.",
     },
     {
         "id": "oracle_judge",
@@ -197,13 +230,6 @@ def recipe_kl_coef() -> float:
     return yaml.safe_load(BASE_RECIPE.read_text())["defaults"]["rl"]["rl"]["kl_coef"]
 
 
-def oracle_supported() -> bool:
-    """Whether this rto's `rto rl` takes a reward function (issue 15) for the oracle unit."""
-    from rto.config.stages import RLConfig
-
-    return any(f.name == "reward_fn" for f in fields(RLConfig))
-
-
 # --------------------------------------------------------------------------- the plan
 
 
@@ -251,7 +277,7 @@ def recipe_for(unit: str, seed: int, out: Path, size: Size = FULL) -> dict:
             new[f"rm_{tag}"]["data"]["train_fraction"] = share
             runs.update(rl_runs(tag, f"{{rm_{tag}}}", size))
     elif unit == "oracle":
-        runs = rl_runs("oracle", "{rm}", size, ORACLE)
+        runs = rl_runs("oracle", "{rm}", size, oracle_spec(out))
     else:
         raise ValueError(f"unknown unit {unit!r}; units: {', '.join(UNITS)}")
     new.update({stage: spec for stage, (_, spec) in runs.items()})
@@ -295,14 +321,20 @@ def jobs(seeds: list[int], units: list[str]) -> list[list[tuple[int, str]]]:
 def run_chain(
     chain: list[tuple[int, str]], runs: Path, size: Size
 ) -> list[tuple[int, str, int, float]]:
+    """Run a chain's units in order; each unit's wall and CPU seconds go to time_UNIT.json in its
+    folder (phase 2 checks the estimate against them)."""
     done = []
     for seed, unit in chain:
         folder = unit_folder(runs, seed, unit)
-        code, secs = pm.run_pipeline(recipe_for(unit, seed, folder, size),
-                                     folder / f"recipe_{unit}.yaml", folder / f"log_{unit}.txt")  # fmt: skip
+        load = os.getloadavg()[0]
+        code, secs, cpu = pm.run_pipeline_timed(recipe_for(unit, seed, folder, size),
+                                                folder / f"recipe_{unit}.yaml", folder / f"log_{unit}.txt")  # fmt: skip
+        (folder / f"time_{unit}.json").write_text(json.dumps(
+            {"exit": code, "wall_s": round(secs, 1), "cpu_s": round(cpu, 1),
+             "load_average_before": load, "load_average_after": os.getloadavg()[0]}) + "\n")  # fmt: skip
         done.append((seed, unit, code, secs))
-        print(f"seed {seed} {unit}: exit {code} after {secs / 60:.1f} min "
-              f"(log: {folder / f'log_{unit}.txt'})", flush=True)  # fmt: skip
+        print(f"seed {seed} {unit}: exit {code} after {secs / 60:.1f} min, {cpu / 60:.1f} min of "
+              f"CPU (log: {folder / f'log_{unit}.txt'})", flush=True)  # fmt: skip
         if code:
             break  # the next unit in this folder would redo the failed stage's work
     return done
@@ -352,9 +384,6 @@ def main(argv: list[str] | None = None) -> None:
     units = list(args.units)
     minutes = None
     if not args.report_only:
-        if "oracle" in units and not oracle_supported():
-            units.remove("oracle")
-            print("oracle unit skipped: this rto's `rto rl` has no --reward_fn yet (issue 15)")
         began = time.time()
         with ThreadPoolExecutor(max_workers=args.workers) as pool:
             done = [d for chain in pool.map(lambda c: run_chain(c, runs, size), jobs(seeds, units))

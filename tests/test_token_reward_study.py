@@ -75,15 +75,41 @@ def test_longer_reviews_get_room_for_their_responses(length: str, tmp_path: Path
     )
 
 
-def test_oracle_unit_uses_the_gold_reward_as_sentence_reward(tmp_path: Path) -> None:
-    recipe = study.recipe_for("oracle", 0, tmp_path / "seed0" / "short")
-    runs = {k: v for k, v in recipe["stages"].items() if k.startswith("rl_")}
+def fake_pairs(folder: Path, gold: list[tuple[float, float]]) -> None:
+    (folder / "pairs").mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": "the food", "chosen": " was good .", "rejected": " was bad .",
+             "chosen_gold": c, "rejected_gold": r} for c, r in gold]  # fmt: skip
+    (folder / "pairs" / "pairs_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_oracle_unit_uses_the_gold_reward_alone_as_sentence_reward(tmp_path: Path) -> None:
+    folder = study.unit_folder(tmp_path / "runs", 0, "oracle")
+    assert folder == study.unit_folder(tmp_path / "runs", 0, "short")  # short's pairs and models
+    with pytest.raises(SystemExit, match="run the short unit first"):
+        study.recipe_for("oracle", 0, folder)
+    # gold rewards of the pair responses: 0.5, -0.5, 0.3, -0.3 -> sd 0.4123 -> weight 2.425
+    fake_pairs(folder, [(0.5, -0.5), (0.3, -0.3)])
+    stages = planned("oracle", tmp_path)
+    runs = {k: p.config for k, p in stages.items() if k.startswith("rl_")}
     assert set(runs) == {study.rto_stage("oracle")} | {
         study.ppo_stage("oracle", c) for c in study.PPO_KL_COEFS
     }
-    assert all(r["reward_fn"] == "sentiment" for r in runs.values())
-    if study.oracle_supported():  # once `rto rl --reward_fn` has landed (issue 15)
-        planned("oracle", tmp_path)
+    for cfg in runs.values():
+        # the gold reward in place of the reward model's score, weighted as the score is
+        # normalised; the reward model still starts the critic
+        assert cfg.reward_fn == "sentiment" and cfg.reward_sources()[-1] == "reward_fn"
+        assert "score" not in cfg.reward_sources() and cfg.rl.score_coef == 0.0
+        assert cfg.rl.reward_fn_coef == 2.425
+        assert cfg.reward_model.endswith("/rm") and cfg.rl.critic_init == "reward_model"
+    from rto.stages.rl import critic_source
+
+    assert critic_source(runs[study.rto_stage("oracle")], True)[0].endswith("/rm")
+    assert runs[study.rto_stage("oracle")].reward_sources() == ["dpo", "reward_fn"]
+    # everything upstream is short's, so the oracle unit reuses short's finished stages
+    short = planned("short", tmp_path)
+    assert [short[s].fingerprint for s in ("sft", "rm", "dpo")] == [
+        stages[s].fingerprint for s in ("sft", "rm", "dpo")
+    ]
 
 
 def test_schedule_keeps_the_units_of_one_folder_in_order() -> None:
@@ -134,13 +160,17 @@ def fake_study(runs: Path, seeds: list[int]) -> None:
             rto = [0.0] * 4 + [1.0 if point != "oracle" else 0.2] * 16
             for stage, curve in ((study.ppo_stage(tag, 0.1), ppo), (study.rto_stage(tag), rto)):
                 (folder / stage).mkdir(parents=True, exist_ok=True)
-                # the oracle runs' sentence reward is the gold reward (the report checks it)
-                rows = [{"step": i + 1, "samples": 64 * (i + 1), "rollout/gold_reward": g,
-                         "rollout/score": g if tag == "oracle" else 2 * g}
-                        for i, g in enumerate(curve)]  # fmt: skip
+                # the oracle runs' sentence reward is the gold reward alone, weighted 2.5 (the
+                # report checks it); the others' is the reward model's score
+                sentence = ({"reward/reward_fn_sum": 2.5 * g} if tag == "oracle" else
+                            {"reward/score_sum": 2 * g} for g in curve)  # fmt: skip
+                rows = [{"step": i + 1, "samples": 64 * (i + 1), "rollout/gold_reward": g, **r}
+                        for i, (g, r) in enumerate(zip(curve, sentence))]  # fmt: skip
                 (folder / stage / "metrics.jsonl").write_text(
                     "".join(json.dumps(r) + "\n" for r in rows)
                 )
+                rl = {"reward_fn_coef": 2.5, "score_coef": 0.0} if tag == "oracle" else {}
+                (folder / stage / "config.yaml").write_text(yaml.safe_dump({"rl": rl}))
         for unit, methods in evals.items():
             out = study.unit_folder(runs, seed, unit) / f"eval_{unit}"
             out.mkdir(parents=True, exist_ok=True)
@@ -199,16 +229,36 @@ def test_slopes_and_too_few_seeds(tmp_path: Path) -> None:
     assert {c["verdict"] for c in res["claims"] if c["id"] != "efficiency"} == {"n/a"}
 
 
-def test_no_oracle_verdict_unless_its_sentence_reward_was_the_gold_reward(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spoil", ["off_gold", "with_score"])
+def test_no_oracle_verdict_unless_its_sentence_reward_was_the_gold_reward_alone(
+    spoil: str, tmp_path: Path
+) -> None:
     runs = tmp_path / "runs"
     fake_study(runs, [0, 1, 2])
     stage = study.unit_folder(runs, 1, "oracle") / study.rto_stage("oracle") / "metrics.jsonl"
     rows = [json.loads(line) for line in stage.read_text().splitlines()]
-    rows[3]["rollout/score"] += 0.5  # e.g. the reward model's score added to the gold reward
+    if spoil == "off_gold":
+        rows[3]["reward/reward_fn_sum"] += 1.25  # not the gold reward times its weight
+    else:
+        rows[3]["reward/score_sum"] = 0.3  # a reward-model score beside the gold reward
     stage.write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = report.build(runs, [0, 1, 2], "cmd", None)
     claims = {c["id"]: c for c in res["claims"]}
     assert claims["oracle_credit"]["verdict"] == claims["oracle_judge"]["verdict"] == "n/a"
-    assert "largest difference 0.5" in claims["oracle_credit"]["evidence"]
+    expected = "largest difference 0.5" if spoil == "off_gold" else "1 oracle rollouts had a"
+    assert expected in claims["oracle_credit"]["evidence"]
     assert claims["length"]["verdict"] == "yes"  # the other claims stand
     assert "oracle" not in claims["efficiency"]["evidence"]
+
+
+def test_an_oracle_gain_bought_with_malformed_text_is_weak_at_best(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    fake_study(runs, [0, 1, 2])
+    for seed in (0, 1, 2):  # RTO beats PPO by 0.1 with the oracle, at 0.1 less fluency
+        f = study.unit_folder(runs, seed, "oracle") / "eval_oracle" / "eval.json"
+        res = json.loads(f.read_text())
+        res["methods"]["rto_oracle"].update(gold_reward_mean=0.65 + seed / 100, fluency_rate=0.8)
+        f.write_text(json.dumps(res))
+    claims = {c["id"]: c for c in report.build(runs, [0, 1, 2], "cmd", None)["claims"]}
+    assert claims["oracle_credit"]["verdict"] == "weak"
+    assert "fluency, RTO - PPO's frontier: -0.100 ± 0.000" in claims["oracle_credit"]["evidence"]
