@@ -26,6 +26,7 @@ from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
 from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.schedule import lr_at
+from rto.engine.trainable_state import checkpoint_trainable_only
 from rto.errors import ConfigError, RtoError, TrainingError
 
 LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -69,6 +70,7 @@ class Engine:
             gradient_accumulation_steps=self.accumulation,
             step_scheduler_with_optimizer=False,
         )
+        checkpoint_trainable_only(self.accelerator)  # a LoRA checkpoint leaves out the base
         set_seed(seed)
         self.world = world
         self.rank = self.accelerator.process_index

@@ -109,8 +109,13 @@ def load_tokenizer(section: Any, path: str | None = None) -> Any:
     """The tokenizer of `section` (or of `path`), with a pad token guaranteed."""
     from transformers import AutoTokenizer
 
+    from rto.models import lora
+
     quiet_transformers()
     source, kwargs = _locate(section, path or section.tokenizer)
+    if lora.is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
+        base = lora.locate_base(source)  # an adapter folder without a tokenizer: its base's
+        return load_tokenizer(lora.base_section(section, base), base.base_model)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:
@@ -130,9 +135,18 @@ def load_tokenizer(section: Any, path: str | None = None) -> Any:
 def load_causal_lm(
     section: Any, path: str | None = None, *, trainable: bool = True, keep_dropout: bool = False
 ) -> Any:
-    """A causal LM with dropout off (unless `keep_dropout`; see `disable_dropout`)."""
+    """A causal LM with dropout off (unless `keep_dropout`; see `disable_dropout`). A peft
+    adapter folder loads as its base with the adapter merged in (rto.models.lora)."""
     from transformers import AutoModelForCausalLM
 
+    from rto.models import lora
+
+    if lora.is_adapter(path or section.path):
+        model = lora.load_adapter_folder(section, path or section.path, lambda base: load_causal_lm(
+            base, trainable=trainable, keep_dropout=keep_dropout))  # fmt: skip
+        model.requires_grad_(trainable)  # peft froze the base it merged into
+        _prepare(model, section, trainable, keep_dropout=keep_dropout)
+        return model
     quiet_transformers()
     source, kwargs = _locate(section, path)
     kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
@@ -174,9 +188,26 @@ def load_sequence_scorer(
     checkpoint it is kept. `require_head=True` refuses a checkpoint without a trained score head
     (e.g. a plain causal LM given as the reward model), which transformers would otherwise fill
     with random weights silently.
+
+    A peft adapter folder loads as its base with the adapter merged in; a reward model's or
+    critic's adapter carries its score head (rto.models.lora).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from rto.models import lora
+
+    if lora.is_adapter(path):
+        base = lora.locate_base(path)
+        if require_head and not base.score_head:
+            raise ModelError(
+                f"the {role} at {path} is a LoRA adapter without a score head (a language model's "
+                "adapter); train a reward model with `rto rm`"
+            )
+        model = lora.load_adapter_folder(section, path, lambda b: load_sequence_scorer(
+            b, b.path, trainable=trainable, require_head=False, role=role))  # fmt: skip
+        model.requires_grad_(trainable)  # peft froze the base it merged into
+        _prepare(model, section, trainable)
+        return model
     quiet_transformers()
     path, kwargs = _locate(section, path)
     try:

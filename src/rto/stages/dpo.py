@@ -19,8 +19,9 @@ from rto.engine.files import write_json
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
 from rto.evaluation.sampled import report_samples
+from rto.models import lora
 from rto.models.forward import causal_logits, gather_logprobs
-from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained
+from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
 
 INFO_FILE = "dpo.json"
@@ -96,6 +97,18 @@ def precompute_reference(
             e["ref_chosen_logps"], e["ref_rejected_logps"] = w, l_
 
 
+def ready_reference(
+    cfg: DPOConfig, ref: Any, examples: list[dict[str, Any]], pad_id: int, bs: int, engine: Engine
+) -> Any | None:
+    """The reference for training: itself, or None once its log-probs are stored in `examples`
+    (precompute_ref_logps)."""
+    if not cfg.precompute_ref_logps:
+        return ref
+    precompute_reference(ref, examples, pad_id, bs, engine.device)
+    engine.say("[rto] reference log-probs precomputed; training needs no reference pass")
+    return None
+
+
 @torch.no_grad()
 def held_out(
     objective: PreferenceObjective,
@@ -140,15 +153,18 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     )  # too little data for one batch: say so before loading models
     pad_id = tokenizer.pad_token_id
     bs = cfg.train.micro_batch_size * 2
+    # A LoRA policy trained from the reference holds it already: its base, adapter off.
+    ref_is_base = cfg.lora.enabled and ref_path == cfg.model.path
     ref = None
-    if cfg.loss not in REFERENCE_FREE:
+    if cfg.loss not in REFERENCE_FREE and not ref_is_base:
         ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(engine.device)
-        if cfg.precompute_ref_logps:
-            precompute_reference(ref, train + evals, pad_id, bs, engine.device)
-            ref = None
-            engine.say("[rto] reference log-probs precomputed; reference model freed")
+        ref = ready_reference(cfg, ref, train + evals, pad_id, bs, engine)
+    policy = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora))
+    policy = lora.add_adapter(policy, cfg.model, cfg.lora)
+    if cfg.loss not in REFERENCE_FREE and ref_is_base:
+        ref = lora.AdapterOff(policy.to(engine.device))
+        ref = ready_reference(cfg, ref, train + evals, pad_id, bs, engine)
     objective = PreferenceObjective(cfg, ref)
-    policy = load_causal_lm(cfg.model)
 
     def evaluate(m: Any) -> dict[str, float]:
         return held_out(objective, m, evals, pad_id, bs, engine.device)
@@ -157,13 +173,14 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         policy, train, lambda ex: collate_pairs(ex, pad_id), objective, resume=cfg.resume,
         evaluate=evaluate if evals else None,
     )  # fmt: skip
-    save_pretrained(policy, tokenizer, out, engine.accelerator)
+    lora.save_trained(policy, tokenizer, out, engine.accelerator, cfg.lora)
     info = {
         "loss": cfg.loss,
         "beta": objective.beta,
         "alpha": objective.alpha,
         "simpo_gamma": objective.gamma,
         "ref_model": ref_path,
+        "reference": "the policy's base (LoRA adapter off)" if ref_is_base else "separate model",
     }
     summary: dict[str, Any] = {
         "stage": "dpo",

@@ -16,13 +16,13 @@ from rto.engine.files import read_json
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_prompts
+from rto.models import lora
 from rto.models.forward import TokenScorer
 from rto.models.load import (
     check_same_tokenizer,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
-    save_pretrained,
 )
 from rto.rl.trainer import PPOTrainer, check_prompt_count
 from rto.stages.rm import STATS_FILE
@@ -78,7 +78,8 @@ def run(cfg: RLConfig) -> dict[str, Any]:
         )
 
     device = engine.device
-    policy = load_causal_lm(cfg.model)
+    trained = lora.frozen_base(cfg.model, cfg.lora)  # how policy and critic load
+    policy = lora.add_adapter(load_causal_lm(trained), cfg.model, cfg.lora)
     ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(device)
     dpo = (
         load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False).to(device)
@@ -94,18 +95,19 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     critic = None
     if rl.advantage_estimator == "gae":
         source = cfg.reward_model if critic_from_rm else cfg.model.path
+        hf = load_sequence_scorer(
+            trained, source, trainable=True, require_head=critic_from_rm, role="critic"
+        )
         critic = TokenScorer(
-            load_sequence_scorer(
-                cfg.model, source, trainable=True, require_head=critic_from_rm, role="critic"
-            )
+            lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True, source=source)
         )
 
     trainer = PPOTrainer(cfg, engine, policy=policy, critic=critic, ref=ref, dpo=dpo, reward_model=reward_model,
                          tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
     summary = trainer.train()
-    save_pretrained(trainer.policy, tokenizer, out, engine.accelerator)
+    lora.save_trained(trainer.policy, tokenizer, out, engine.accelerator, cfg.lora)
     if cfg.save_critic and trainer.critic is not None:
-        save_pretrained(trainer.critic, tokenizer, out / "critic", engine.accelerator)
+        lora.save_trained(trainer.critic, tokenizer, out / "critic", engine.accelerator, cfg.lora)
     summary = {
         "stage": "rl",
         "preset": cfg.preset,

@@ -22,8 +22,9 @@ from rto.data.tokenize import build_pairs, collate_pairs
 from rto.engine.files import write_json
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
+from rto.models import lora
 from rto.models.forward import TokenScorer, sequence_scores
-from rto.models.load import load_sequence_scorer, load_tokenizer, save_pretrained
+from rto.models.load import load_sequence_scorer, load_tokenizer
 
 STATS_FILE = "reward_stats.json"
 
@@ -94,11 +95,10 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     engine.steps_per_epoch(
         len(train)
     )  # too little data for one batch: say so before loading models
-    hf = load_sequence_scorer(
-        cfg.model, cfg.model.path, trainable=True, require_head=False, role="reward model"
-    )
+    hf = load_sequence_scorer(lora.frozen_base(cfg.model, cfg.lora), cfg.model.path,
+                              trainable=True, require_head=False, role="reward model")  # fmt: skip
     hf.config.pad_token_id = tokenizer.pad_token_id
-    model = TokenScorer(hf)
+    model = TokenScorer(lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True))
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.micro_batch_size * 4
 
@@ -118,7 +118,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         "std": statistics.pstdev(scores) or 1.0,
         "n": len(scores),
     }
-    save_pretrained(model, tokenizer, out, engine.accelerator)
+    lora.save_trained(model, tokenizer, out, engine.accelerator, cfg.lora)
     summary: dict[str, Any] = {
         "stage": "rm",
         **final,

@@ -21,8 +21,9 @@ from rto.data.sources import load_train_eval
 from rto.data.tokenize import IGNORE, build_sft, collate_sft
 from rto.engine.trainer import Engine
 from rto.evaluation.sampled import report_samples
+from rto.models import lora
 from rto.models.forward import causal_logits
-from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
+from rto.models.load import load_causal_lm, load_tokenizer
 
 
 def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     engine.steps_per_epoch(
         len(train)
     )  # too little data for one batch: say so before loading models
-    model = load_causal_lm(cfg.model, keep_dropout=cfg.keep_dropout)
+    model = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora), keep_dropout=cfg.keep_dropout)
+    model = lora.add_adapter(model, cfg.model, cfg.lora)
     pad_id = tokenizer.pad_token_id
     evaluate = None
     if held_out:
@@ -117,7 +119,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         resume=cfg.resume,
         evaluate=evaluate,
     )
-    save_pretrained(model, tokenizer, out, engine.accelerator)
+    lora.save_trained(model, tokenizer, out, engine.accelerator, cfg.lora)
 
     summary: dict[str, Any] = {"stage": "sft", **final, "data": {"train": train_report.to_dict()}}
     if eval_report is not None:
