@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,25 @@ def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
     assert "gold reward (ceiling) 0.950 ± 0.000, reward model 0.800 ± 0.000" in md
     # the report says where the runs were made (read from the runs, not from this process)
     assert res["environment"]["cpu"] == "Test CPU" and "Made on: Test CPU (AVX2)" in md
+
+
+def test_memory_report_compares_memory_above_the_process_baseline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/memory.py's table on made-up measurements: ratios to full-model RTO use the
+    memory above what Python and the libraries take before any model is loaded."""
+    spec = importlib.util.spec_from_file_location("memory", ROOT / "benchmarks" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "memory", memory)  # its dataclasses look their module up
+    spec.loader.exec_module(memory)
+    run = {"rss_before_models_mb": 500.0, "rss_models_loaded_mb": 2000.0}
+    results = {
+        "full_rto": {**run, "rss_peak_mb": 4500.0},
+        "lora_ppo": {**run, "rss_peak_mb": 1500.0},
+    }
+    rows = {
+        r.split(" | ")[0].lstrip("| "): r for r in memory.table(results, "m", "cpu").splitlines()
+    }
+    assert rows["full-model RTO"].endswith("| 4500 | 4000 | 2000 | 1.00 |")
+    assert rows[memory.CONFIGS["lora_ppo"].title].endswith("| 1500 | 1000 | 2000 | 0.25 |")
+    assert "not measured" in rows["shared-base LoRA RTO"]
