@@ -25,7 +25,7 @@ from rto.models.forward import TokenScorer, sequence_scores
 from rto.models.load import load_causal_lm, load_sequence_scorer
 from rto.stages.dpo import PreferenceObjective
 
-from conftest import PREF_COMMON, rto, rto_ok, rto_subprocess, sft_args
+from conftest import PREF_COMMON, rl_args, rto, rto_ok, rto_subprocess, sft_args
 
 pytest.importorskip("peft")
 
@@ -337,3 +337,18 @@ def test_lora_on_an_adapter_folder_stacks_on_the_merged_base(
     ).merge_and_unload()
     alone = PeftModel.from_pretrained(first, out).eval()
     assert torch.allclose(logits(alone), logits(rto_causal_lm(out)), atol=1e-5)
+
+
+def test_killed_lora_rl_run_resumes_to_the_same_policy_and_critic(
+    tiny_task: Path, sft_model: Path, reward_model: Path, dpo_model: Path, tmp_path: Path
+) -> None:
+    common = ["--preset", "rto", "--train.max_steps", "4", "--train.save_every", "2",
+              "--lora.r", "4", "--save_critic", "true"]  # fmt: skip
+    for out, env in (("full", {}), ("cut", {"RTO_FAULT": "kill_after_step:3"})):
+        done = rto_subprocess(*rl_args(tiny_task, sft_model, reward_model, dpo_model, tmp_path / out, *common), env=env)  # fmt: skip
+        assert done.returncode == (0 if out == "full" else -9), done.stderr
+    resumed = rto_subprocess(*rl_args(tiny_task, sft_model, reward_model, dpo_model, tmp_path / "cut", *common, "--resume"))  # fmt: skip
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    for folder in (Path("."), Path("critic")):
+        full, cut = tmp_path / "full" / folder, tmp_path / "cut" / folder
+        assert same_tensors(adapter_weights(full), adapter_weights(cut)), folder
