@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.parse_args(["task", "--help"])
             stage = TASK_STAGES[args.task_name]
             cfg = load_config(stage, args, unknown)
-            stage.run_function()(cfg, args.task_name)
+            from rto.engine.distributed import on_main_process
+
+            on_main_process(stage.run_function(), cfg, args.task_name)
             return 0
         if args.stage in ("pipeline", "demo"):
             if unknown:
@@ -221,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_pipeline(args)
         stage = next(s for s in STAGES if s.name == args.stage)
         cfg = load_config(stage, args, unknown)
-        stage.run_function()(cfg)
+        if stage.name == "report":  # reads files, draws plots: one process is enough
+            from rto.engine.distributed import on_main_process
+
+            on_main_process(stage.run_function(), cfg)
+        else:
+            stage.run_function()(cfg)
         return 0
     except RtoError as exc:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)

@@ -39,7 +39,7 @@ from rto.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "pipeline.json"
-SINGLE_PROCESS = {"pairs", "eval", "report"}  # stages without a training loop
+MAIN_PROCESS_ONLY = {"report"}  # reads files and draws plots; every other stage splits its work
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
 
 
@@ -200,12 +200,11 @@ def run(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    from accelerate import PartialState
-
     from rto.cli import STAGES, TASK_STAGES
+    from rto.engine.distributed import init_distributed
 
-    dist = PartialState()  # under accelerate launch: training stages run on every process,
-    main = dist.is_main_process  # the others (task, pairs, eval, report) on the main one
+    dist = init_distributed()  # under torchrun / accelerate launch: one job over every process;
+    main = dist.is_main_process  # each stage splits its work, except task and report (main only)
     planned, resolved = plan(recipe_file, out=out, overrides=overrides)
     names = [p.name for p in planned]
     for f in force or []:
@@ -273,7 +272,7 @@ def run(
         if p.kind == "task":
             if main:
                 TASK_STAGES[p.task].run_function()(p.config, p.task)
-        elif p.kind in SINGLE_PROCESS:
+        elif p.kind in MAIN_PROCESS_ONLY:
             if main:
                 runners[p.kind].run_function()(p.config)
         else:

@@ -3,6 +3,8 @@
 A checkpoint is written into `checkpoints/.partial-step-N`, flushed, and only then renamed to
 `checkpoints/step-N` (a rename is atomic). A folder named `step-N` is therefore always complete;
 a kill during a save leaves only a `.partial-*` folder, which the next run deletes.
+With several processes every one writes its part (its random state; its shards under ZeRO-3 /
+FSDP) into the same `.partial-` folder, and the main process renames it once all have finished.
 Inside: accelerate's state (models, optimisers, every random generator) and `trainer_state.json`
 (step and whatever the stage adds).
 """
@@ -39,8 +41,14 @@ class Checkpoints:
         return sorted(found)
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1][1] if done else None
+        """The newest complete checkpoint, as the main process sees it (the same on every one)."""
+        done = self.complete() if self.accelerator.is_main_process else []
+        found = [str(done[-1][1]) if done else None]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(found, from_process=0)
+        return Path(found[0]) if found[0] else None
 
     def clean_partial(self) -> None:
         if self.accelerator.is_main_process and self.root.is_dir():
@@ -57,7 +65,8 @@ class Checkpoints:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(partial), safe_serialization=True)
+        acc.save_state(str(partial), safe_serialization=True)  # collective: each process its part
+        acc.wait_for_everyone()  # every part is on disk before the one rename makes it a checkpoint
         if acc.is_main_process:
             write_json(partial / STATE_FILE, {"step": step, **state})
             _fsync_tree(partial)

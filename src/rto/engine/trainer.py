@@ -7,6 +7,12 @@ model, DPO family); the RL stage drives the same pieces from its own loop.
 
 Data order is a pure function of (seed, epoch): each epoch is a seeded permutation, so a resumed
 run sees exactly the batches the interrupted run would have seen.
+
+One optimiser step is one global batch, whatever the micro-batch size and the number of
+processes: a loss is summed over its items (tokens or pairs) in every micro-batch and divided by
+the number of items in the whole step on all processes (what transformers calls
+num_items_in_batch), so micro_batch_size and the process count change the arithmetic, not the
+update. Logged metrics are the same global means.
 """
 
 from __future__ import annotations
@@ -17,18 +23,34 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from rto.engine.checkpoint import Checkpoints
+from rto.engine.distributed import init_distributed, shards_weights, sum_over_processes
 from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
 from rto.engine.run import prepare_out_dir, resolved_config
 from rto.engine.schedule import lr_at
 from rto.errors import ConfigError, RtoError, TrainingError
 
-LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+class Objective(Protocol):
+    """A supervised loss as `Engine.fit` uses it: summed over items; the engine divides.
+
+    unit:     what the loss is a mean over: "tokens" (SFT) or "pairs" (reward model, DPO family)
+    count:    how many such items a collated micro-batch holds
+    __call__: (the loss summed over the micro-batch's items, metrics summed over them); the
+              engine divides both by the item count of the whole optimiser step"""
+
+    unit: str
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int: ...
+
+    def __call__(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]: ...
 
 
 def mixed_precision_mode(name: str) -> str:
@@ -50,13 +72,13 @@ class Engine:
         run_config: dict[str, Any],
         progress_keys: tuple[str, ...] = ("loss",),
     ):
-        from accelerate import Accelerator, PartialState
+        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.train = train
         self.out = Path(out_dir)
         self.seed = seed
-        world = PartialState().num_processes
+        world = init_distributed().num_processes  # before the Accelerator: one job, not N
         per_step = train.micro_batch_size * world
         if train.batch_size % per_step:
             raise ConfigError(
@@ -91,7 +113,9 @@ class Engine:
             run_config=resolved_config(cfg),
             progress_keys=progress_keys,
         )
-        return engine, prepare_out_dir(cfg, stage, is_main=engine.is_main)
+        out = prepare_out_dir(cfg, stage, is_main=engine.is_main)
+        engine.accelerator.wait_for_everyone()  # no process starts before the folder is ready
+        return engine, out
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -190,6 +214,22 @@ class Engine:
                 f"{self.checkpoints.root} and resumes with --resume"
             )
 
+    def identical_on_every_process(self, *models: Any) -> dict[str, bool]:
+        """{"weights_identical_across_processes": ...} when several processes each hold whole
+        weights (DDP, ZeRO-1/2): a fingerprint of every parameter, compared exactly."""
+        if self.world == 1 or shards_weights(self.accelerator):
+            return {}
+        params = [p for m in models for p in m.parameters()]
+        fingerprint = torch.stack(
+            [
+                t
+                for p in params
+                for t in (p.detach().double().sum(), p.detach().double().square().sum())
+            ]
+        ).to(self.device)
+        everyone = self.accelerator.gather(fingerprint.unsqueeze(0))
+        return {"weights_identical_across_processes": bool((everyone == everyone[0]).all())}
+
     def any_true(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
@@ -241,6 +281,18 @@ class Engine:
             k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
         }
 
+    @property
+    def micro_loss_factor(self) -> int:
+        """accelerate divides each micro-batch loss by the accumulation steps, and DDP / DeepSpeed
+        / FSDP average gradients over processes. A micro-batch loss that is already its share of
+        the step's global mean (summed over its items, divided by the items of the whole step on
+        all processes) is multiplied by this, so that the gradient is that of the global mean."""
+        return self.accumulation * self.world
+
+    def loss_scale(self, items_in_step: float) -> float:
+        """The factor that turns a micro-batch's summed loss into its share of the step's mean."""
+        return self.micro_loss_factor / max(items_in_step, 1.0)
+
     # ------------------------------------------------------------------ supervised loop
 
     def fit(
@@ -248,12 +300,15 @@ class Engine:
         model: Any,
         examples: list[Any],
         collate: Callable[[list[Any]], dict[str, torch.Tensor]],
-        loss_fn: LossFn,
+        objective: Objective,
         *,
         resume: bool,
         evaluate: Callable[[Any], dict[str, float]] | None = None,
     ) -> tuple[Any, dict[str, Any]]:
-        """Train `model` on `examples`; returns the (prepared) model and the final metrics."""
+        """Train `model` on `examples`; returns the (prepared) model and the final metrics.
+
+        Each step's loss is the mean over the objective's items (tokens or pairs) of the whole
+        global batch; every logged number is that global mean, the same on every process."""
         t = self.train
         total = self.total_steps(len(examples))
         optimizer = self.optimizer(model)
@@ -264,17 +319,25 @@ class Engine:
         logger.start_at(start)
         last_metrics: dict[str, Any] = {}
         began = time.time()
+        trained_tokens = 0.0
         for step in range(start, total):
             lr = self.set_lr(optimizer, step, total, t.lr)
             sums: dict[str, float] = defaultdict(float)
             finite = True
-            micro = self.micro_batches(self.batch_indices(step, len(examples)))
+            micro = [
+                collate([examples[i] for i in ids])
+                for ids in self.micro_batches(self.batch_indices(step, len(examples)))
+            ]
+            local_items = sum(float(objective.count(b)) for b in micro)
+            items = sum_over_processes({"items": local_items})["items"]
+            scale = self.loss_scale(items)
             model.train()
-            for ids in micro:
-                batch = self.to_device(collate([examples[i] for i in ids]))
+            for batch in micro:
+                batch = self.to_device(batch)
                 with self.accelerator.accumulate(model):
                     with self.accelerator.autocast():
-                        loss, metrics = loss_fn(model, batch)
+                        loss_sum, metric_sums = objective(model, batch)
+                    loss = loss_sum * scale
                     if not torch.isfinite(loss.detach()).all():
                         finite = False
                         loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
@@ -288,11 +351,17 @@ class Engine:
                         if finite:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                sums["loss"] += float(loss.detach()) / len(micro)
-                for k, v in metrics.items():
-                    sums[k] += float(v) / len(micro)
+                sums["loss"] += float(loss_sum.detach())
+                for k, v in metric_sums.items():
+                    sums[k] += float(v)
+                if "attention_mask" in batch:
+                    sums["_tokens"] += float(batch["attention_mask"].sum())
             self.record_step_health(finite, step)
-            row = dict(sums)
+            sums = sum_over_processes(sums)
+            trained_tokens += sums.pop("_tokens")
+            row: dict[str, Any] = {k: v / items for k, v in sums.items()}
+            if objective.unit == "tokens":
+                row["tokens"] = items
             row.update(
                 {
                     "lr": lr,
@@ -311,6 +380,7 @@ class Engine:
             if t.save_every and done % t.save_every == 0 and done < total:
                 self.save_checkpoint(done)
             maybe_fault("kill_after_step", done)
+        seconds = time.time() - began
         final: dict[str, Any] = {f"train/{k}": v for k, v in last_metrics.items()}
         if evaluate is not None:
             final.update({f"eval/{k}": v for k, v in evaluate(model).items()})
@@ -319,7 +389,10 @@ class Engine:
             {
                 "steps": total,
                 "skipped_steps": self.skipped_steps,
-                "train_seconds": round(time.time() - began, 1),
+                "train_seconds": round(seconds, 1),
+                # real (not padding) tokens through training forward passes, all processes
+                "train_tokens_per_second": round(trained_tokens / max(seconds, 1e-9), 1),
+                **self.identical_on_every_process(model),
             }
         )
         return model, final

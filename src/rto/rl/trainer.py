@@ -8,6 +8,12 @@ One iteration (a "step" for logging, checkpoints and --resume):
   5. update: rl.ppo_epochs passes of minibatches of train.batch_size responses, clipped policy
      and value losses, separate optimisers for actor and critic.
 The maths lives in rto.rl.{rewards, advantages, losses}; this file only moves data between them.
+
+With several processes each one generates, scores and trains on its share of every rollout
+(rollout_batch_size / processes prompts); every response is sampled with its own seed (run seed,
+iteration, position in the global rollout), so the rollout does not depend on the process
+count. Losses are token means over each whole minibatch (all micro-batches, all processes), and
+every logged number is a global mean.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from typing import Any
 
 import torch
 
+from rto.engine.distributed import GenerationWeights, max_over_processes, sum_over_processes
 from rto.engine.faults import maybe_fault
 from rto.errors import ConfigError, RtoError
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, sample, stop_ids
+from rto.models.seeded import row_seed
 from rto.rl.advantages import estimate, whiten
 from rto.rl.experience import (
     Rollout,
@@ -34,7 +42,7 @@ from rto.rl.experience import (
     to_device,
 )
 from rto.rl.kl import KLController
-from rto.rl.losses import explained_variance, masked_mean, policy_loss, value_loss
+from rto.rl.losses import explained_variance, policy_loss, token_mean, value_loss
 from rto.rl.rewards import RewardSettings, normalize_score, token_rewards
 from rto.tasks import call_judge, resolve
 
@@ -104,6 +112,7 @@ class PPOTrainer:
                 delimiter_token_ids(tokenizer, self.rl.segment_delimiters)
             )
         self.samples_seen = 0
+        self.generation_weights: GenerationWeights | None = None
 
     # ------------------------------------------------------------------ sizes
 
@@ -128,18 +137,21 @@ class PPOTrainer:
     # ------------------------------------------------------------------ 1-2: rollout and scoring
 
     def rollout(self, iteration: int) -> tuple[Rollout, float]:
-        eng, gen = self.engine, self.cfg.generate
+        eng, gen, k = self.engine, self.cfg.generate, self.rl.samples_per_prompt
         idx = eng.batch_indices(iteration, len(self.prompts), batch_size=self.rl.rollout_batch_size)
-        chosen = [self.prompts[i] for i in idx for _ in range(self.rl.samples_per_prompt)]
-        policy = self.acc.unwrap_model(self.policy)
+        first = eng.rank * len(idx)  # this share's position in the global rollout batch
+        chosen = [self.prompts[i] for i in idx for _ in range(k)]
+        seeds = [row_seed(self.cfg.seed, iteration, first + j, s) for j in range(len(idx)) for s in range(k)]  # fmt: skip
+        assert self.generation_weights is not None
         chunks = []
         began = time.time()
-        for s in range(0, len(chosen), gen.batch_size):
-            chunks.append(sample(
-                policy, [p["prompt_ids"] for p in chosen[s : s + gen.batch_size]], pad_id=self.tokenizer.pad_token_id,
-                eos=self.eos, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                top_k=gen.top_k, device=eng.device,
-            ))  # fmt: skip
+        with self.generation_weights() as policy:  # whole weights, gathered once per rollout
+            for s in range(0, len(chosen), gen.batch_size):
+                chunks.append(sample(
+                    policy, [p["prompt_ids"] for p in chosen[s : s + gen.batch_size]], pad_id=self.tokenizer.pad_token_id,
+                    eos=self.eos, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                    top_k=gen.top_k, device=eng.device, seeds=seeds[s : s + gen.batch_size],
+                ))  # fmt: skip
         seconds = time.time() - began
         r = to_device(merge_samples(chunks, self.tokenizer.pad_token_id), eng.device)
         r.texts["prompts"] = [p["prompt"] for p in chosen]
@@ -208,12 +220,16 @@ class PPOTrainer:
         total_updates: int,
         per_iter: int,
     ) -> dict[str, float]:
+        """rl.ppo_epochs passes over the rollout in minibatches of train.batch_size responses (this
+        process: its share), one optimiser step each. Each loss is the token mean over the whole
+        minibatch: summed per micro-batch, divided by the minibatch's real tokens on all processes."""
         rl, t, eng, acc = self.rl, self.cfg.train, self.engine, self.acc
         temperature = self.cfg.generate.temperature or 1.0
         n_local = len(r)
         mb_local = t.batch_size // eng.world
         sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
+        grad_norms: list[float] = []
+        minibatches = 0
         generator = torch.Generator().manual_seed(self.engine.seed * 100_003 + iteration)
         models = [m for m in (self.policy, self.critic) if m is not None]
         update_index = iteration * per_iter
@@ -225,6 +241,10 @@ class PPOTrainer:
                     eng.set_lr(opt_critic, update_index, total_updates, rl.critic_lr)
                 finite = True
                 mb = order[start : start + mb_local]
+                local_tokens = float(r.response_mask[mb.to(r.response_mask.device)].sum())
+                tokens = sum_over_processes({"tokens": local_tokens})[
+                    "tokens"
+                ]  # num_items_in_batch
                 for micro in mb.split(t.micro_batch_size):
                     b = r.take(micro.to(r.response_ids.device))
                     mask = b["response_mask"]
@@ -232,9 +252,11 @@ class PPOTrainer:
                         with acc.autocast():
                             logp, logits = policy_logprobs(self.policy, b, temperature)
                             pl, pstats = policy_loss(
-                                logp, b["logp_old"], b["advantages"], mask, rl.clip_range
+                                logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens
                             )
-                            entropy = masked_mean(entropy_from_logits(logits, temperature), mask)
+                            entropy = token_mean(
+                                entropy_from_logits(logits, temperature), mask, tokens
+                            )
                             loss = pl - rl.entropy_coef * entropy
                             if self.critic is not None:
                                 v = critic_values(
@@ -245,9 +267,12 @@ class PPOTrainer:
                                     mask,
                                 )
                                 vl, vstats = value_loss(
-                                    v, b["values"], b["returns"], mask, rl.value_clip
+                                    v, b["values"], b["returns"], mask, rl.value_clip, tokens
                                 )
                                 loss = loss + vl
+                        # the terms are already shares of the minibatch mean: undo accelerate's
+                        # division by the accumulation steps and DDP's average over processes
+                        loss = loss * eng.micro_loss_factor
                         if not torch.isfinite(loss.detach()):
                             finite = False
                             loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
@@ -265,60 +290,64 @@ class PPOTrainer:
                             opt_actor.zero_grad(set_to_none=True)
                             if opt_critic is not None:
                                 opt_critic.zero_grad(set_to_none=True)
-                            sums["policy/grad_norm"] += float(norms[0])
-                            counts["policy/grad_norm"] += 1
+                            grad_norms.append(float(norms[0]))  # of the synced gradient: global
                     for k, v in {"policy/loss": pl, "policy/entropy": entropy, "policy/clipfrac": pstats["clipfrac"],
                                  "policy/approx_kl": pstats["approx_kl"]}.items():  # fmt: skip
                         sums[k] += float(v.detach())
-                        counts[k] += 1
                     if self.critic is not None:
                         sums["value/loss"] += float(vl.detach())
                         sums["value/clipfrac"] += float(vstats["clipfrac"])
-                        counts["value/loss"] += 1
-                        counts["value/clipfrac"] += 1
                 eng.record_step_health(finite, iteration)
                 update_index += 1
-        out = {k: sums[k] / max(counts[k], 1) for k in sums}
+                minibatches += 1
+        # each term is a share of its minibatch's global token mean: sum over processes, then
+        # average over the minibatches
+        out = {k: v / max(minibatches, 1) for k, v in sum_over_processes(sums).items()}
+        out["policy/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         out["lr"] = lr
         return out
 
     # ------------------------------------------------------------------ logging helpers
 
     def rollout_metrics(self, r: Rollout, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means over every response of the global rollout (sums over processes / count)."""
         mask = r.response_mask.float()
-        m: dict[str, float] = {
-            "rollout/score": float(r.score.mean()),
-            "rollout/kl": float(parts["kl"].sum(1).mean()),
-            "rollout/kl_coef": self.kl.value,
-            "rollout/return": float(r.rewards.sum(1).mean()),
-            "rollout/response_length": float(mask.sum(1).mean()),
-            "rollout/truncated_share": float(r.truncated.float().mean()),
+        sums: dict[str, float] = {
+            "n": float(len(r)),
+            "rollout/score": float(r.score.sum()),
+            "rollout/kl": float(parts["kl"].sum()),
+            "rollout/return": float(r.rewards.sum()),
+            "rollout/response_length": float(mask.sum()),
+            "rollout/truncated_share": float(r.truncated.float().sum()),
         }
         if "dpo_per_token" in parts:
-            m["rollout/dpo_reward_sum"] = float(parts["dpo_per_token"].sum(1).mean())
-        if r.values is not None:
-            m["value/explained_variance"] = explained_variance(r.values, r.returns, r.response_mask)
+            sums["rollout/dpo_reward_sum"] = float(parts["dpo_per_token"].sum())
         if "gold" in r.texts:
-            m["rollout/gold_reward"] = sum(r.texts["gold"]) / len(r.texts["gold"])
-        if self.acc.num_processes > 1:
-            keys = sorted(m)
-            vals = self.acc.reduce(
-                torch.tensor([m[k] for k in keys], device=self.engine.device), reduction="mean"
+            sums["rollout/gold_reward"] = float(sum(r.texts["gold"]))
+        sums = sum_over_processes(sums)
+        n = sums.pop("n")
+        m = {k: v / n for k, v in sums.items()}
+        m["rollout/kl_coef"] = self.kl.value
+        if r.values is not None:
+            m["value/explained_variance"] = explained_variance(
+                r.values, r.returns, r.response_mask, reduce_sum=self._reduce_sum
             )
-            m = dict(zip(keys, vals.tolist()))
         return m
 
     # ------------------------------------------------------------------ the loop
 
     def evaluate(self) -> dict[str, float]:
+        """Sampled metrics on the held-out prompts, split over the processes."""
         from rto.evaluation.sampled import sampled_metrics
 
-        if not self.eval_prompts or not self.engine.is_main:
+        if not self.eval_prompts:
             return {}
-        metrics, _ = sampled_metrics(
-            self.acc.unwrap_model(self.policy), self.tokenizer, self.eval_prompts, self.cfg.eval, self.cfg.generate,
-            device=self.engine.device, seed=self.cfg.seed, ref=self.ref,
-        )  # fmt: skip
+        assert self.generation_weights is not None
+        with self.generation_weights() as policy:
+            metrics, _ = sampled_metrics(
+                policy, self.tokenizer, self.eval_prompts, self.cfg.eval, self.cfg.generate,
+                device=self.engine.device, seed=self.cfg.seed, ref=self.ref,
+            )  # fmt: skip
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def train(self) -> dict[str, Any]:
@@ -334,6 +363,7 @@ class PPOTrainer:
         else:
             opt_critic = None
             self.policy, opt_actor = acc.prepare(self.policy, opt_actor)
+        self.generation_weights = GenerationWeights(acc, self.policy)
         state = eng.resume_or_start(self.cfg.resume)
         start = state["step"]
         self.kl.value = state.get("kl_coef", self.kl.value)
@@ -362,10 +392,14 @@ class PPOTrainer:
             train_stats = self.update(r, it, opt_actor, opt_critic, total_updates, per_iter)
             t3 = time.time()
             self.samples_seen += len(r) * eng.world
-            tokens = float(r.response_mask.sum()) * eng.world
+            counts = sum_over_processes({"generated": float(r.response_mask.sum()),
+                                         "trained": rl.ppo_epochs * float(r.prompt_mask.sum() + r.response_mask.sum())})  # fmt: skip
+            gen_seconds = max_over_processes(gen_seconds)  # the slowest process sets the pace
             row = {"samples": self.samples_seen, **rollout_stats, **train_stats,
                    "time/generate": gen_seconds, "time/score": t2 - t1, "time/update": t3 - t2,
-                   "time/iteration": t3 - t0, "time/generated_tokens_per_second": tokens / max(gen_seconds, 1e-9)}  # fmt: skip
+                   "time/iteration": t3 - t0,
+                   "time/generated_tokens_per_second": counts["generated"] / max(gen_seconds, 1e-9),
+                   "time/train_tokens_per_second": counts["trained"] / max(t3 - t2, 1e-9)}  # fmt: skip
             done = it + 1
             if t.eval_every and done % t.eval_every == 0 and done < iterations:
                 row.update(self.evaluate())
@@ -382,5 +416,6 @@ class PPOTrainer:
         summary = {f"train/{k}": v for k, v in row.items()}
         summary.update(final)
         summary.update({"iterations": iterations, "updates": total_updates, "samples": self.samples_seen,
-                        "skipped_steps": eng.skipped_steps, "train_seconds": round(time.time() - began, 1)})  # fmt: skip
+                        "skipped_steps": eng.skipped_steps, "train_seconds": round(time.time() - began, 1),
+                        **eng.identical_on_every_process(*[m for m in (self.policy, self.critic) if m is not None])})  # fmt: skip
         return summary

@@ -37,7 +37,14 @@ def sequence_logps(
 
 
 class PreferenceObjective:
-    """The loss of one DPO-family method over a collated pair batch (chosen rows, then rejected)."""
+    """The loss of one DPO-family method over a collated pair batch (chosen rows, then rejected),
+    summed over pairs; the engine divides by the pairs of the whole optimiser step, so the loss
+    and every metric is the pair mean over the global batch, as in the papers."""
+
+    unit = "pairs"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
 
     def __init__(self, cfg: DPOConfig, ref: Any | None):
         self.kind = cfg.loss
@@ -72,13 +79,13 @@ class PreferenceObjective:
         losses, r_w, r_l = preference_loss(
             self.kind, s, beta=self.beta, alpha=self.alpha, gamma=self.gamma
         )
-        return losses.mean(), {
-            "rewards/chosen": float(r_w.mean()),
-            "rewards/rejected": float(r_l.mean()),
-            "rewards/accuracies": float((r_w > r_l).float().mean()),
-            "rewards/margins": float((r_w - r_l).mean()),
-            "logps/chosen": float(s.pi_w.detach().mean()),
-            "logps/rejected": float(s.pi_l.detach().mean()),
+        return losses.sum(), {
+            "rewards/chosen": r_w.sum(),
+            "rewards/rejected": r_l.sum(),
+            "rewards/accuracies": (r_w > r_l).float().sum(),
+            "rewards/margins": (r_w - r_l).sum(),
+            "logps/chosen": s.pi_w.detach().sum(),
+            "logps/rejected": s.pi_l.detach().sum(),
         }
 
 
@@ -106,14 +113,14 @@ def held_out(
     device: Any,
 ) -> dict[str, float]:
     model.eval()
-    totals: dict[str, list[float]] = {}
+    totals: dict[str, float] = {}
     for i in range(0, len(examples), bs):
         batch = {k: v.to(device) for k, v in collate_pairs(examples[i : i + bs], pad_id).items()}
         loss, metrics = objective(model, batch)
-        for k, v in {"loss": float(loss), **metrics}.items():
-            totals.setdefault(k, []).append(v * len(examples[i : i + bs]))
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
     model.train()
-    return {k: sum(v) / len(examples) for k, v in totals.items()}
+    return {k: v / len(examples) for k, v in totals.items()}
 
 
 def run(cfg: DPOConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rto.config.stages import EvalConfig
+from rto.engine.distributed import init_distributed
 from rto.engine.files import write_atomic, write_json, write_jsonl
 from rto.engine.logger import write_summary
 from rto.engine.run import prepare_out_dir
@@ -102,11 +103,14 @@ def format_table(methods: dict[str, dict[str, Any]], baseline: str) -> str:
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from accelerate import PartialState
-
-    out = prepare_out_dir(cfg, "eval")
+    """Each process samples and judges its share of the prompts (seeded per prompt, so the
+    generations do not depend on the number of processes); the main process writes."""
+    dist = init_distributed()
+    main = dist.is_main_process
+    out = prepare_out_dir(cfg, "eval", is_main=main)
+    dist.wait_for_everyone()
     began = time.time()
-    device = PartialState().device
+    device = dist.device
     policies = cfg.named_policies()
     first_name, first_path = policies[0]
     tokenizer = load_tokenizer(cfg.model, path=first_path)
@@ -151,16 +155,17 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "path": path}
         )
         methods[name], all_records[name] = metrics, records
-        write_jsonl(out / "generations" / f"{name}.jsonl", records)
-        if "alpaca_eval" in cfg.export:
-            export_alpaca_eval(out, name, records)
-        if "arena_hard" in cfg.export:
-            export_arena_hard(out, name, records)
-        print(
-            f"[rto] eval {name}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
-            flush=True,
-        )
+        if main:
+            write_jsonl(out / "generations" / f"{name}.jsonl", records)
+            if "alpaca_eval" in cfg.export:
+                export_alpaca_eval(out, name, records)
+            if "arena_hard" in cfg.export:
+                export_arena_hard(out, name, records)
+            print(
+                f"[rto] eval {name}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+                flush=True,
+            )
         del policy
 
     judge = cfg.win_rate_by
@@ -175,7 +180,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if name != baseline and rates:
             methods[name][f"win_rate_vs_{baseline}"] = rates[name][baseline]
     table = format_table(methods, baseline)
-    print(table, flush=True)
     result = {
         "methods": methods,
         "win_rates": rates,
@@ -183,7 +187,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "baseline": baseline,
         "prompts": len(prompts),
     }
-    write_json(out / "eval.json", result)
     summary = {"stage": "eval", **result, "seconds": round(time.time() - began, 1)}
-    write_summary(out, summary)
+    if main:
+        print(table, flush=True)
+        write_json(out / "eval.json", result)
+        write_summary(out, summary)
+    dist.wait_for_everyone()
     return summary

@@ -1,7 +1,8 @@
 """`rto sft`: supervised fine-tuning of a causal LM.
 
-Loss: token-mean cross-entropy on the response tokens ({prompt, completion} and {messages}
-rows; all tokens for {text} rows, or everywhere with completion_only_loss=false).
+Loss: cross-entropy on the response tokens ({prompt, completion} and {messages} rows; all tokens
+for {text} rows, or everywhere with completion_only_loss=false), a mean over every target token of
+the optimiser step's global batch.
 Summary: held-out perplexity next to the unigram perplexity of the same tokens (a model that
 ignores context), and, when held-out prompts are given, the gold reward and fluency of sampled
 responses.
@@ -38,9 +39,19 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return nll, (labels != IGNORE).sum()
 
 
-def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    nll, n = token_nll(model, batch)
-    return nll / n.clamp(min=1), {"tokens": float(n)}
+class SFTObjective:
+    """Cross-entropy summed over a micro-batch's target tokens; the engine divides by the target
+    tokens of the whole optimiser step, so the loss is the token mean over the global batch."""
+
+    unit = "tokens"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def __call__(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return token_nll(model, batch)[0], {}
 
 
 @torch.no_grad()
@@ -110,7 +121,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         model,
         train,
         lambda ex: collate_sft(ex, pad_id),
-        sft_loss,
+        SFTObjective(),
         resume=cfg.resume,
         evaluate=evaluate,
     )
