@@ -146,6 +146,23 @@ def shards_weights(accelerator: Any) -> bool:
     return False
 
 
+def load_models_whole(accelerator: Any) -> None:
+    """From now on transformers loads every model whole, even under ZeRO-3.
+
+    accelerate registers a ZeRO-3 config with transformers, which then partitions every model it
+    loads (deepspeed.zero.Init) whatever zero3_init_flag says; but only models that go through
+    `accelerator.prepare` get the hooks that gather them again. The frozen roles (reference, DPO
+    model, reward model; the models of `rto pairs` and `rto eval` in a pipeline) only run forward
+    passes and are never prepared, and a new reward head is initialised in place. So rto loads
+    every model whole and lets DeepSpeed shard the prepared ones when they are prepared."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 class GenerationWeights:
     """The trained policy as `generate` needs it: whole weights on this process's device.
 
@@ -155,21 +172,30 @@ class GenerationWeights:
     per rollout into a plain copy of the model kept on each device (memory: one more copy of the
     policy per device), which then generates with no communication at all."""
 
-    def __init__(self, accelerator: Any, model: Any):
+    def __init__(self, accelerator: Any, model: Any, part: str | None = None):
+        """`model` as prepared by accelerate; `part`: the attribute of the unwrapped model that
+        generates (the policy inside the RL stage's actor-critic wrapper)."""
         self.accelerator = accelerator
         self.model = model
+        self.part = part
         self.sharded = shards_weights(accelerator)
         self._copy: Any = None
 
+    def _generator(self) -> Any:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return getattr(unwrapped, self.part) if self.part else unwrapped
+
     @contextmanager
     def __call__(self) -> Any:
-        unwrapped = self.accelerator.unwrap_model(self.model)
         if not self.sharded:
-            yield unwrapped
+            yield self._generator()
             return
         full = self._full_state_dict()
+        if self.part:
+            prefix = self.part + "."
+            full = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
         if self._copy is None:
-            self._copy = _plain_copy(unwrapped, self.accelerator.device)
+            self._copy = _plain_copy(self._generator(), self.accelerator.device)
         missing, _ = self._copy.load_state_dict(full, strict=False)
         tied = set(getattr(self._copy, "_tied_weights_keys", None) or [])
         if set(missing) - tied:
@@ -183,10 +209,11 @@ class GenerationWeights:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             import deepspeed
 
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            params = list(unwrapped.parameters())
+            generator = self._generator()
+            params = list(generator.parameters())
             with deepspeed.zero.GatheredParameters(params):  # one all-gather of the whole model
-                return {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+                state = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+            return {f"{self.part}.{k}": v for k, v in state.items()} if self.part else state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))

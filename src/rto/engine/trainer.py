@@ -28,7 +28,12 @@ from typing import Any, Protocol
 import torch
 
 from rto.engine.checkpoint import Checkpoints
-from rto.engine.distributed import init_distributed, shards_weights, sum_over_processes
+from rto.engine.distributed import (
+    init_distributed,
+    load_models_whole,
+    shards_weights,
+    sum_over_processes,
+)
 from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
 from rto.engine.run import prepare_out_dir, resolved_config
@@ -79,18 +84,33 @@ class Engine:
         self.out = Path(out_dir)
         self.seed = seed
         world = init_distributed().num_processes  # before the Accelerator: one job, not N
-        per_step = train.micro_batch_size * world
-        if train.batch_size % per_step:
+        if train.batch_size % world:
+            raise ConfigError(
+                f"config key 'train.batch_size' ({train.batch_size}) must be a multiple of the number of "
+                f"processes ({world}): each process takes an equal share of every batch"
+            )
+        share = train.batch_size // world
+        # a recipe written for one process runs unchanged on several: a micro-batch larger than
+        # a process's share shrinks to it (the update does not depend on the micro-batch size)
+        self.micro_batch_size = min(train.micro_batch_size, share)
+        if share % self.micro_batch_size:
             raise ConfigError(
                 f"config key 'train.batch_size' ({train.batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({train.micro_batch_size}) x processes ({world}) = {per_step}"
+                f"train.micro_batch_size ({self.micro_batch_size}) x processes ({world}) = "
+                f"{self.micro_batch_size * world}"
             )
-        self.accumulation = train.batch_size // per_step
+        self.accumulation = share // self.micro_batch_size
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision_mode(train.mixed_precision),
             gradient_accumulation_steps=self.accumulation,
             step_scheduler_with_optimizer=False,
         )
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:  # rto feeds batches itself: DeepSpeed learns their size here
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch_size
+            deepspeed.deepspeed_config["gradient_accumulation_steps"] = self.accumulation
+            deepspeed.deepspeed_config["train_batch_size"] = train.batch_size
+            load_models_whole(self.accelerator)
         set_seed(seed)
         self.world = world
         self.rank = self.accelerator.process_index
@@ -128,11 +148,18 @@ class Engine:
         return self.accelerator.is_main_process
 
     def optimizer(self, model: Any, lr: float | None = None) -> torch.optim.Optimizer:
+        return self.optimizer_for_groups([(model, lr if lr is not None else self.train.lr)])
+
+    def optimizer_for_groups(self, groups: list[tuple[Any, float]]) -> torch.optim.Optimizer:
+        """AdamW with one parameter group per (model, learning rate)."""
         t = self.train
-        params = [p for p in model.parameters() if p.requires_grad]
+        param_groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
+            for model, lr in groups
+        ]
         return torch.optim.AdamW(
-            params,
-            lr=lr if lr is not None else t.lr,
+            param_groups,
+            lr=groups[0][1],
             betas=(t.adam_beta1, t.adam_beta2),
             eps=t.adam_eps,
             weight_decay=t.weight_decay,
@@ -157,9 +184,9 @@ class Engine:
 
             print(message, file=sys.stderr, flush=True)
 
-    def set_lr(self, optimizer: Any, step: int, total_steps: int, peak: float) -> float:
+    def lr_at(self, step: int, total_steps: int, peak: float) -> float:
         t = self.train
-        lr = lr_at(
+        return lr_at(
             step,
             total_steps,
             peak,
@@ -167,6 +194,9 @@ class Engine:
             warmup_ratio=t.warmup_ratio,
             min_ratio=t.min_lr_ratio,
         )
+
+    def set_lr(self, optimizer: Any, step: int, total_steps: int, peak: float) -> float:
+        lr = self.lr_at(step, total_steps, peak)
         for group in optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -230,6 +260,20 @@ class Engine:
         everyone = self.accelerator.gather(fingerprint.unsqueeze(0))
         return {"weights_identical_across_processes": bool((everyone == everyone[0]).all())}
 
+    def clip_gradients(self, models: Sequence[Any], whole: Any = None) -> list[float | None]:
+        """Clip each model's gradient norm to train.grad_clip; return the norms before clipping.
+
+        Under FSDP the norm of a sharded gradient is the prepared model's (`whole`) business, so
+        parts are clipped together; DeepSpeed clips inside its own step (gradient_clipping in its
+        config, over all parameters) and reports the norm (None until its first step)."""
+        from accelerate.utils import DistributedType
+
+        max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        if whole is not None and self.accelerator.distributed_type == DistributedType.FSDP:
+            models = [whole]
+        norms = [self.accelerator.clip_grad_norm_(m.parameters(), max_norm) for m in models]
+        return [None if n is None else float(n) for n in norms]
+
     def any_true(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
@@ -273,7 +317,7 @@ class Engine:
         return batch[self.rank * share : (self.rank + 1) * share]
 
     def micro_batches(self, indices: Sequence[int]) -> list[list[int]]:
-        m = self.train.micro_batch_size
+        m = self.micro_batch_size
         return [list(indices[i : i + m]) for i in range(0, len(indices), m)]
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -343,10 +387,9 @@ class Engine:
                         loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
-                        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-                        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                        finite = not self.any_true(not finite) and bool(
-                            torch.isfinite(torch.as_tensor(grad_norm)).all()
+                        (grad_norm,) = self.clip_gradients([model])
+                        finite = not self.any_true(not finite) and (
+                            grad_norm is None or math.isfinite(grad_norm)
                         )
                         if finite:
                             optimizer.step()
@@ -365,7 +408,7 @@ class Engine:
             row.update(
                 {
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": float("nan") if grad_norm is None else grad_norm,
                     "epoch": (step + 1) / self.steps_per_epoch(len(examples)),
                 }
             )

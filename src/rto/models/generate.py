@@ -97,9 +97,10 @@ def sample(
         )  # fmt: skip
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg, **extra
-    )
+    out = model.generate(  # never synced_gpus: rto generates with whole weights on each process
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg,
+        synced_gpus=False, **extra,
+    )  # fmt: skip
     if was_training:
         model.train()
     response_ids = out[:, prompt_ids.shape[1] :]

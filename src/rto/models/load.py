@@ -201,10 +201,21 @@ def _prepare(model: Any, section: Any, trainable: bool) -> None:
         model.requires_grad_(False)
 
 
+def _strip_prefix(state: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+    if not state:
+        return state
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def save_pretrained(
-    model: Any, tokenizer: Any, out_dir: str | Path, accelerator: Any = None
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    accelerator: Any = None,
+    part: str | None = None,
 ) -> None:
-    """Save model + tokenizer as a plain Hugging Face folder (safetensors)."""
+    """Save model + tokenizer as a plain Hugging Face folder (safetensors); `part` saves one
+    submodule of a prepared wrapper (the policy or the critic of the RL stage's actor-critic)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator is None:
@@ -214,14 +225,13 @@ def save_pretrained(
         return
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    if part:
+        unwrapped = getattr(unwrapped, part)
+        state = _strip_prefix(state, part + ".")
     target = unwrapped
     if hasattr(unwrapped, "hf"):
         target = unwrapped.hf
-        state = (
-            {k[len("hf.") :]: v for k, v in state.items() if k.startswith("hf.")}
-            if state
-            else state
-        )
+        state = _strip_prefix(state, "hf.")
     if accelerator.is_main_process:
         target.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)

@@ -22,6 +22,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -82,6 +83,31 @@ def delimiter_token_ids(tokenizer: Any, delimiters: list[str]) -> list[int]:
     return ids
 
 
+class ActorCritic(torch.nn.Module):
+    """The trained roles (policy, and the critic when there is one) as one module with one
+    optimiser (a parameter group each, with its own learning rate): DeepSpeed runs one model per
+    engine, and DDP / FSDP then wrap both at once. `model("policy", ...)` runs one role through
+    the wrapper, as the gradient synchronisation and the sharding need."""
+
+    def __init__(self, policy: Any, critic: Any | None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    @property
+    def _no_split_modules(self) -> list[str]:  # FSDP's transformer-layer auto-wrap reads it
+        parts = [m for m in (self.policy, self.critic) if m is not None]
+        names = [
+            n
+            for m in parts
+            for n in (getattr(getattr(m, "hf", m), "_no_split_modules", None) or [])
+        ]
+        return sorted(set(names))
+
+    def forward(self, role: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, role)(*args, **kwargs)
+
+
 class PPOTrainer:
     def __init__(self, cfg: Any, engine: Any, *, policy: Any, critic: Any | None, ref: Any, dpo: Any | None,
                  reward_model: Any | None, tokenizer: Any, prompts: list[dict[str, Any]],
@@ -112,6 +138,7 @@ class PPOTrainer:
                 delimiter_token_ids(tokenizer, self.rl.segment_delimiters)
             )
         self.samples_seen = 0
+        self.model: Any = None  # ActorCritic, prepared by accelerate (see `prepare`)
         self.generation_weights: GenerationWeights | None = None
 
     # ------------------------------------------------------------------ sizes
@@ -212,13 +239,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ 5: update
 
     def update(
-        self,
-        r: Rollout,
-        iteration: int,
-        opt_actor: Any,
-        opt_critic: Any | None,
-        total_updates: int,
-        per_iter: int,
+        self, r: Rollout, iteration: int, optimizer: Any, total_updates: int, per_iter: int
     ) -> dict[str, float]:
         """rl.ppo_epochs passes over the rollout in minibatches of train.batch_size responses (this
         process: its share), one optimiser step each. Each loss is the token mean over the whole
@@ -231,24 +252,27 @@ class PPOTrainer:
         grad_norms: list[float] = []
         minibatches = 0
         generator = torch.Generator().manual_seed(self.engine.seed * 100_003 + iteration)
-        models = [m for m in (self.policy, self.critic) if m is not None]
+        parts = self.trained_parts()
         update_index = iteration * per_iter
         for _ in range(rl.ppo_epochs):
             order = torch.randperm(n_local, generator=generator)
             for start in range(0, n_local, mb_local):
-                lr = eng.set_lr(opt_actor, update_index, total_updates, t.lr)
-                if opt_critic is not None:
-                    eng.set_lr(opt_critic, update_index, total_updates, rl.critic_lr)
+                lr = eng.lr_at(update_index, total_updates, t.lr)
+                optimizer.param_groups[0]["lr"] = lr  # the policy's group, then the critic's
+                if self.critic is not None:
+                    optimizer.param_groups[1]["lr"] = eng.lr_at(
+                        update_index, total_updates, rl.critic_lr
+                    )
                 finite = True
                 mb = order[start : start + mb_local]
                 local_tokens = float(r.response_mask[mb.to(r.response_mask.device)].sum())
                 tokens = sum_over_processes({"tokens": local_tokens})[
                     "tokens"
                 ]  # num_items_in_batch
-                for micro in mb.split(t.micro_batch_size):
+                for micro in mb.split(eng.micro_batch_size):
                     b = r.take(micro.to(r.response_ids.device))
                     mask = b["response_mask"]
-                    with acc.accumulate(*models):
+                    with acc.accumulate(self.model):
                         with acc.autocast():
                             logp, logits = policy_logprobs(self.policy, b, temperature)
                             pl, pstats = policy_loss(
@@ -278,19 +302,15 @@ class PPOTrainer:
                             loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
                         acc.backward(loss)
                         if acc.sync_gradients:
-                            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-                            norms = [acc.clip_grad_norm_(m.parameters(), max_norm) for m in models]
+                            norms = eng.clip_gradients(parts, whole=self.model)
                             finite = not eng.any_true(not finite) and all(
-                                bool(torch.isfinite(torch.as_tensor(n))) for n in norms
+                                n is None or math.isfinite(n) for n in norms
                             )
                             if finite:
-                                opt_actor.step()
-                                if opt_critic is not None:
-                                    opt_critic.step()
-                            opt_actor.zero_grad(set_to_none=True)
-                            if opt_critic is not None:
-                                opt_critic.zero_grad(set_to_none=True)
-                            grad_norms.append(float(norms[0]))  # of the synced gradient: global
+                                optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                            if norms[0] is not None:  # of the synced gradient: global
+                                grad_norms.append(norms[0])
                     for k, v in {"policy/loss": pl, "policy/entropy": entropy, "policy/clipfrac": pstats["clipfrac"],
                                  "policy/approx_kl": pstats["approx_kl"]}.items():  # fmt: skip
                         sums[k] += float(v.detach())
@@ -350,20 +370,30 @@ class PPOTrainer:
             )  # fmt: skip
         return {f"eval/{k}": v for k, v in metrics.items()}
 
+    def trained_parts(self) -> list[Any]:
+        """The policy and the critic modules inside the prepared wrapper (for gradient clipping)."""
+        inner = self.acc.unwrap_model(self.model)
+        return [m for m in (inner.policy, inner.critic) if m is not None]
+
+    def prepare(self) -> Any:
+        """Wrap policy and critic into one prepared module with one optimiser; from then on
+        self.policy / self.critic run their role through it."""
+        eng, acc, rl = self.engine, self.acc, self.rl
+        groups = [(self.policy, self.cfg.train.lr)] + (
+            [(self.critic, rl.critic_lr)] if self.critic is not None else []
+        )
+        optimizer = eng.optimizer_for_groups(groups)
+        self.model, optimizer = acc.prepare(ActorCritic(self.policy, self.critic), optimizer)
+        self.policy = partial(self.model, "policy")
+        self.critic = partial(self.model, "critic") if self.critic is not None else None
+        self.generation_weights = GenerationWeights(acc, self.model, part="policy")
+        return optimizer
+
     def train(self) -> dict[str, Any]:
-        eng, acc, rl, t = self.engine, self.acc, self.rl, self.cfg.train
+        eng, rl, t = self.engine, self.rl, self.cfg.train
         iterations, per_iter = self.plan()
         total_updates = iterations * per_iter
-        opt_actor = eng.optimizer(self.policy)
-        if self.critic is not None:
-            opt_critic = eng.optimizer(self.critic, lr=rl.critic_lr)
-            self.policy, self.critic, opt_actor, opt_critic = acc.prepare(
-                self.policy, self.critic, opt_actor, opt_critic
-            )
-        else:
-            opt_critic = None
-            self.policy, opt_actor = acc.prepare(self.policy, opt_actor)
-        self.generation_weights = GenerationWeights(acc, self.policy)
+        optimizer = self.prepare()
         state = eng.resume_or_start(self.cfg.resume)
         start = state["step"]
         self.kl.value = state.get("kl_coef", self.kl.value)
@@ -389,7 +419,7 @@ class PPOTrainer:
             t2 = time.time()
             rollout_stats = self.rollout_metrics(r, parts)
             self.kl.update(rollout_stats["rollout/kl"], len(r) * eng.world)
-            train_stats = self.update(r, it, opt_actor, opt_critic, total_updates, per_iter)
+            train_stats = self.update(r, it, optimizer, total_updates, per_iter)
             t3 = time.time()
             self.samples_seen += len(r) * eng.world
             counts = sum_over_processes({"generated": float(r.response_mask.sum()),
@@ -417,5 +447,5 @@ class PPOTrainer:
         summary.update(final)
         summary.update({"iterations": iterations, "updates": total_updates, "samples": self.samples_seen,
                         "skipped_steps": eng.skipped_steps, "train_seconds": round(time.time() - began, 1),
-                        **eng.identical_on_every_process(*[m for m in (self.policy, self.critic) if m is not None])})  # fmt: skip
+                        **eng.identical_on_every_process(self.model)})  # fmt: skip
         return summary

@@ -102,9 +102,9 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     trainer = PPOTrainer(cfg, engine, policy=policy, critic=critic, ref=ref, dpo=dpo, reward_model=reward_model,
                          tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
     summary = trainer.train()
-    save_pretrained(trainer.policy, tokenizer, out, engine.accelerator)
+    save_pretrained(trainer.model, tokenizer, out, engine.accelerator, part="policy")
     if cfg.save_critic and trainer.critic is not None:
-        save_pretrained(trainer.critic, tokenizer, out / "critic", engine.accelerator)
+        save_pretrained(trainer.model, tokenizer, out / "critic", engine.accelerator, part="critic")
     summary = {
         "stage": "rl",
         "preset": cfg.preset,
