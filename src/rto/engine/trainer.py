@@ -31,6 +31,7 @@ from rto.engine.checkpoint import Checkpoints
 from rto.engine.distributed import (
     init_distributed,
     load_models_whole,
+    max_over_processes,
     shards_weights,
     sum_over_processes,
 )
@@ -112,6 +113,8 @@ class Engine:
             deepspeed.deepspeed_config["train_batch_size"] = train.batch_size
             load_models_whole(self.accelerator)
         set_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
         self.world = world
         self.rank = self.accelerator.process_index
         self.checkpoints = Checkpoints(self.out, self.accelerator, train.keep_checkpoints)
@@ -281,6 +284,9 @@ class Engine:
     def finish(self, summary: dict[str, Any], *, keep_checkpoints: bool = False) -> None:
         if not keep_checkpoints:
             self.checkpoints.remove_all()
+        if torch.cuda.is_available():  # the stage's peak, on the process that needed most
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            summary["peak_gpu_memory_gib"] = round(max_over_processes(peak), 2)
         if self.is_main:
             write_summary(self.out, summary)
         if self.logger is not None:
