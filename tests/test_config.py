@@ -103,3 +103,20 @@ def test_top_level_help_lists_stages(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for stage in ("task", "sft"):
         assert stage in out
+
+
+def test_a_gguf_file_is_accepted_as_the_model_path_or_as_a_full_gguf_path(tmp_path) -> None:
+    from rto.config.sections import ModelSection
+    from rto.errors import ConfigError
+
+    direct = ModelSection(path=str(tmp_path / "m.gguf"))
+    direct.check()
+    assert (direct.path, direct.gguf_file) == (str(tmp_path), "m.gguf")
+    full = ModelSection(gguf_file=str(tmp_path / "m.gguf"))
+    full.check()
+    assert (full.path, full.gguf_file) == (str(tmp_path), "m.gguf")
+    named = ModelSection(path=str(tmp_path), gguf_file="m.gguf")
+    named.check()
+    assert (named.path, named.gguf_file) == (str(tmp_path), "m.gguf")
+    with pytest.raises(ConfigError, match="outside 'model.path'"):
+        ModelSection(path="elsewhere", gguf_file=str(tmp_path / "m.gguf")).check()

@@ -22,6 +22,12 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
+def base_tok(tiny_task: Path):
+    """The built-in task's tokenizer: a base model's, no chat template."""
+    return load_tokenizer(ModelSection(path=str(tiny_task / "base_model")))
+
+
+@pytest.fixture(scope="module")
 def tok(chat_task: Path):
     """The built-in task's tokenizer with a simple chat template (<|user|>...</s><|assistant|>)."""
     return load_tokenizer(ModelSection(path=str(chat_task / "base_model")))
@@ -169,41 +175,41 @@ def test_truncation_keeps_prompt_end_and_response_start() -> None:
     assert prompt == [6, 7, 8, 9] and response == [100, 101, 102, 103, 104, 105] and cut
 
 
-def test_prompt_is_masked_out_of_the_loss(tmp_path: Path, tok) -> None:
+def test_prompt_is_masked_out_of_the_loss(tmp_path: Path, base_tok) -> None:
     f = write_jsonl(tmp_path / "pc.jsonl", ROWS)
-    examples, _ = sft(f, tok)
+    examples, _ = sft(f, base_tok)
     for ex, row in zip(examples, ROWS):
-        n_prompt = len(tok(row["prompt"], add_special_tokens=False)["input_ids"])
+        n_prompt = len(base_tok(row["prompt"], add_special_tokens=False)["input_ids"])
         assert all(lab == IGNORE for lab in ex["labels"][:n_prompt])
         trained = [lab for lab in ex["labels"] if lab != IGNORE]
-        assert tok.decode(trained) == row["completion"] + "</s>"
-    unmasked, _ = sft(f, tok, completion_only=False)
+        assert base_tok.decode(trained) == row["completion"] + "</s>"
+    unmasked, _ = sft(f, base_tok, completion_only=False)
     assert all(lab != IGNORE for lab in unmasked[0]["labels"])
 
 
-def test_empty_rows_are_dropped_and_counted(tmp_path: Path, tok) -> None:
+def test_empty_rows_are_dropped_and_counted(tmp_path: Path, base_tok) -> None:
     rows = ROWS + [{"prompt": "the food was", "completion": ""}, {"text": ""}]
     f = write_jsonl(
         tmp_path / "e.jsonl",
         [{"prompt": r.get("prompt", ""), "completion": r.get("completion", "")} for r in rows],
     )
-    examples, report = sft(f, tok)
+    examples, report = sft(f, base_tok)
     assert len(examples) == 2 and report.dropped == {"empty response": 2}
     assert "dropped 2 (2 empty response)" in report.describe()
 
 
-def test_long_rows_are_truncated_and_counted(tmp_path: Path, tok) -> None:
+def test_long_rows_are_truncated_and_counted(tmp_path: Path, base_tok) -> None:
     long_prompt = " ".join(["the food was good ."] * 20)
     f = write_jsonl(
         tmp_path / "l.jsonl", [{"prompt": long_prompt, "completion": " the staff was rude ." * 20}]
     )
-    (ex,), report = sft(f, tok, max_length=30, max_prompt_length=10)
+    (ex,), report = sft(f, base_tok, max_length=30, max_prompt_length=10)
     assert report.truncated == 1 and len(ex["input_ids"]) == 30
     assert sum(lab == IGNORE for lab in ex["labels"]) == 10
-    assert tok.decode(ex["input_ids"][:10]).endswith("good .")  # the end of the prompt is kept
+    assert base_tok.decode(ex["input_ids"][:10]).endswith("good .")  # the end of the prompt is kept
 
 
-def test_identical_and_empty_pairs_are_skipped_and_counted(tmp_path: Path, tok) -> None:
+def test_identical_and_empty_pairs_are_skipped_and_counted(tmp_path: Path, base_tok) -> None:
     rows = [
         {"prompt": "the food was", "chosen": " good .", "rejected": " bad ."},
         {"prompt": "the food was", "chosen": " good .", "rejected": " good ."},
@@ -212,7 +218,7 @@ def test_identical_and_empty_pairs_are_skipped_and_counted(tmp_path: Path, tok) 
     ]
     f = write_jsonl(tmp_path / "p.jsonl", rows)
     examples, report = build_pairs(
-        load_rows(str(f)), tok, max_length=32, max_prompt_length=8, source="t"
+        load_rows(str(f)), base_tok, max_length=32, max_prompt_length=8, source="t"
     )
     assert len(examples) == 1
     assert report.dropped == {
@@ -222,13 +228,13 @@ def test_identical_and_empty_pairs_are_skipped_and_counted(tmp_path: Path, tok) 
     }
 
 
-def test_prompt_rows_long_prompts_keep_their_end(tmp_path: Path, tok) -> None:
+def test_prompt_rows_long_prompts_keep_their_end(tmp_path: Path, base_tok) -> None:
     f = write_jsonl(
         tmp_path / "pr.jsonl", [{"prompt": "the food was good . " * 10 + "i"}, {"prompt": ""}]
     )
-    examples, report = build_prompts(load_rows(str(f)), tok, max_prompt_length=6, source="t")
+    examples, report = build_prompts(load_rows(str(f)), base_tok, max_prompt_length=6, source="t")
     assert len(examples) == 1 and report.truncated == 1 and report.dropped == {"empty prompt": 1}
-    assert tok.decode(examples[0]["prompt_ids"]).endswith(". i")
+    assert base_tok.decode(examples[0]["prompt_ids"]).endswith(". i")
 
 
 def test_chat_prompts_render_plain_strings_with_the_template(tmp_path: Path, tok) -> None:

@@ -72,8 +72,8 @@ def slow_loss(kind: str, beta: float, alpha: float, gamma: float, policy, ref) -
             loss = -math.log(sigmoid(u))
         elif kind == "ipo":
             loss = ((pw - rw) / nw - (pl - rl) / nl - 1 / (2 * beta)) ** 2
-        elif kind == "rdpo":
-            loss = -math.log(sigmoid(u - alpha * (nw - nl)))
+        elif kind == "rdpo":  # Park et al. 2024, eq. 9: the length term is added
+            loss = -math.log(sigmoid(u + (alpha * nw - alpha * nl)))
         elif kind == "simpo":
             loss = -math.log(sigmoid(beta * (pw / nw - pl / nl) - gamma))
         else:  # tdpo
@@ -90,11 +90,38 @@ def test_each_loss_matches_slow_loop(kind: str) -> None:
     batch = collate_pairs(PAIRS, pad_id=0)
     with torch.no_grad():
         loss_sum, metrics = objective(policy, batch)
-    want = slow_loss(kind, cfg.resolved_beta, cfg.resolved_alpha, cfg.simpo_gamma, policy, ref)
+    want = slow_loss(kind, cfg.resolved_beta, cfg.resolved_alpha, cfg.resolved_gamma, policy, ref)
     assert objective.count(batch) == len(PAIRS)  # the engine divides the sum by the step's pairs
     assert float(loss_sum) / len(PAIRS) == pytest.approx(want, rel=1e-4)
     assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                             "logps/chosen", "logps/rejected"}  # fmt: skip
+
+
+def test_rdpo_credits_a_longer_chosen_response_with_part_of_the_margin() -> None:
+    """R-DPO with a longer chosen response has a lower loss than DPO on the same pair (and a
+    longer rejected one a higher loss): the policy needs less margin to explain the preference."""
+    policy, ref = tiny_lm(0), tiny_lm(1)
+    batch = collate_pairs(PAIRS[:2], pad_id=0)  # pair 0: chosen longer; pair 1: rejected longer
+    with torch.no_grad():
+        dpo = PreferenceObjective(DPOConfig(loss="dpo"), ref).stats(policy, batch)
+        from rto.preference.losses import preference_loss
+
+        plain, _, _ = preference_loss("dpo", dpo, beta=0.1)
+        rdpo, _, _ = preference_loss("rdpo", dpo, beta=0.1, alpha=0.5)
+    assert rdpo[0] < plain[0] and rdpo[1] > plain[1]
+
+
+def test_simpo_margin_as_a_ratio_of_beta() -> None:
+    """SimPO's code takes the margin as gamma / beta; 0.55 with beta 2.5 is gamma 1.375."""
+    policy = tiny_lm(0)
+    batch = collate_pairs(PAIRS, pad_id=0)
+    ratio = DPOConfig(loss="simpo", simpo_gamma_beta_ratio=0.55)
+    absolute = DPOConfig(loss="simpo", simpo_gamma=1.375)
+    assert ratio.resolved_gamma == pytest.approx(1.375)
+    with torch.no_grad():
+        a = PreferenceObjective(ratio, None)(policy, batch)[0]
+        b = PreferenceObjective(absolute, None)(policy, batch)[0]
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
 def test_precomputed_reference_gives_the_same_loss() -> None:

@@ -203,3 +203,22 @@ def test_clipped_policy_and_value_losses_match_slow_loop() -> None:
             vc = vo + min(max(v - vo, -0.2), 0.2)
             terms.append(max((v - r) ** 2, (vc - r) ** 2))
     assert float(vloss) == pytest.approx(0.5 * sum(terms) / len(terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["tiny_task", "gpt2_task", "qwen2_task"])
+def test_sentence_delimiters_include_newline_tokens(
+    request: pytest.FixtureRequest, task: str
+) -> None:
+    """semi_rto ends a segment at '.', '!', '?' and newlines: newline tokens, which decode to
+    whitespace only, are delimiters too."""
+    from rto.config.sections import ModelSection
+    from rto.models.load import load_tokenizer
+    from rto.rl.trainer import delimiter_token_ids
+
+    tok = load_tokenizer(ModelSection(path=str(request.getfixturevalue(task) / "base_model")))
+    ids = set(delimiter_token_ids(tok, [".", "!", "?", "\n"]))
+    for text in ("\n", " .", "!", "?"):
+        encoded = tok(text, add_special_tokens=False).input_ids
+        assert encoded[-1] in ids, text
+    for text in (" good", " ", "the"):
+        assert tok(text, add_special_tokens=False).input_ids[-1] not in ids, text

@@ -201,6 +201,28 @@ def load_config(stage: Stage, args: argparse.Namespace, unknown: list[str]) -> A
     return core.build(cls, file_values=file_values, file_name=args.config, cli_values=cli_values)
 
 
+def quiet_loading(cfg: Any) -> None:
+    """Model loading draws progress bars (GGUF de-quantisation) only when log.progress is on."""
+    log = getattr(cfg, "log", None)
+    if log is not None:
+        from rto.models.load import show_load_progress
+
+        show_load_progress(log.progress)
+
+
+def publish(cfg: Any) -> None:
+    """--push_to_hub: upload the finished output folder (main process only)."""
+    repo = getattr(cfg, "push_to_hub", None)
+    if not repo:
+        return
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        from rto.engine.card import push_to_hub
+
+        print(f"[rto] uploaded {cfg.out} to {push_to_hub(cfg.out, repo)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -223,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             return run_pipeline(args)
         stage = next(s for s in STAGES if s.name == args.stage)
         cfg = load_config(stage, args, unknown)
+        quiet_loading(cfg)
         if stage.name == "report":  # reads files, draws plots: one process is enough
             from rto.engine.distributed import on_main_process
 
             on_main_process(stage.run_function(), cfg)
         else:
             stage.run_function()(cfg)
+        publish(cfg)
         return 0
     except RtoError as exc:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)

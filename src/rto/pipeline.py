@@ -200,7 +200,7 @@ def run(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    from rto.cli import STAGES, TASK_STAGES
+    from rto.cli import STAGES, TASK_STAGES, publish, quiet_loading
     from rto.engine.distributed import init_distributed
 
     dist = init_distributed()  # under torchrun / accelerate launch: one job over every process;
@@ -269,6 +269,7 @@ def run(
             write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
         dist.wait_for_everyone()
         began = time.time()
+        quiet_loading(p.config)
         if p.kind == "task":
             if main:
                 TASK_STAGES[p.task].run_function()(p.config, p.task)
@@ -278,6 +279,7 @@ def run(
         else:
             runners[p.kind].run_function()(p.config)
         dist.wait_for_everyone()
+        publish(p.config)
         seconds = round(time.time() - began, 1)
         if main:
             write_json(folder / STATE_FILE,

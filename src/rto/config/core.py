@@ -219,6 +219,9 @@ def apply(
         if f.metadata.get("section"):
             apply(getattr(cfg, key), value, prefix=dotted + ".", from_text=from_text, where=where)
             continue
+        choices = f.metadata.get("choices") or ()
+        if isinstance(value, bool) and "true" in choices:  # YAML true / false for a named choice
+            value = str(value).lower()
         try:
             new = coerce(value, hints[key], dotted, from_text=from_text)
             _check_range(new, f.metadata, dotted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from rto.config.core import option
@@ -10,10 +11,14 @@ from rto.errors import ConfigError
 
 @dataclass
 class ModelSection:
-    path: str = option("", "Hugging Face hub id or local folder of the model (required).")
+    path: str = option(
+        "", "Hugging Face hub id or local folder of the model, or a .gguf file (required)."
+    )
     tokenizer: str | None = option(None, "Tokenizer hub id or folder; default: the model's.")
     gguf_file: str | None = option(
-        None, "GGUF file name inside `path` to load through transformers (needs `gguf`)."
+        None,
+        "GGUF file to load through transformers (needs `gguf`): a file name inside `path`, or a "
+        "path to the file.",
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
     dtype: str = option(
@@ -32,7 +37,20 @@ class ModelSection:
     )
 
     def check(self) -> None:
-        pass
+        """A .gguf file given as `path` or as a path in `gguf_file` becomes folder + file name,
+        the form transformers loads (and the resolved config records)."""
+        if self.path.endswith(".gguf") and not self.gguf_file:
+            folder, name = os.path.split(self.path)
+            self.path, self.gguf_file = folder or ".", name
+        elif self.gguf_file and os.path.dirname(self.gguf_file):
+            folder, name = os.path.split(self.gguf_file)
+            if self.path and os.path.abspath(self.path) != os.path.abspath(folder):
+                raise ConfigError(
+                    f"config key 'model.gguf_file' ({self.gguf_file}) is a file outside "
+                    f"'model.path' ({self.path}); give the file alone as --model.path FILE.gguf, or "
+                    "its folder as model.path and its name as model.gguf_file"
+                )
+            self.path, self.gguf_file = folder, name
 
 
 @dataclass
@@ -61,9 +79,11 @@ class DataSection:
         512, "Most prompt tokens; longer prompts keep their end.", min=1
     )
 
-    chat_prompts: bool = option(
-        False,
-        "Render plain-string prompts (and responses) as a user turn (and an assistant reply) with the chat template.",
+    chat_prompts: str = option(
+        "auto",
+        "Render plain-string prompts (and responses) as a user turn (and an assistant reply) with the "
+        "chat template: auto = when the tokenizer has one, true, false.",
+        choices=["auto", "true", "false"],
     )
 
     def check(self) -> None:

@@ -38,6 +38,14 @@ def _overwrite() -> bool:
     )
 
 
+def _push() -> str | None:
+    return option(
+        None,
+        "After the run finishes, upload the output folder (not its checkpoints) to this hub repo id, "
+        "e.g. me/my-rto-policy (needs `huggingface-cli login`).",
+    )
+
+
 def _seed() -> int:
     return option(0, "Random seed (data order, initialisation, sampling).", min=0)
 
@@ -99,8 +107,14 @@ class SFTConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     completion_only_loss: bool = option(
         True, "Loss on response tokens only for {prompt, completion} and {messages} rows."
+    )
+    keep_dropout: bool = option(
+        False,
+        "Train with the model's own dropout. Off by default, as in every other stage, where "
+        "dropout is always off (the RLHF stages compare a model with itself).",
     )
     model: ModelSection = section(ModelSection, "The model to fine-tune.")
     data: DataSection = section(
@@ -184,6 +198,7 @@ class RMConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     margin_column: str | None = option(
         None, "Column with a per-pair margin m: loss = -log sigmoid(r_w - r_l - m)."
     )
@@ -226,6 +241,7 @@ class DPOConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     loss: str = option("dpo", "Preference loss.", choices=["dpo", "ipo", "rdpo", "simpo", "tdpo"])
     beta: float | None = option(
         None,
@@ -237,7 +253,18 @@ class DPOConfig:
     alpha: float | None = option(
         None, "R-DPO length weight (default 0.001) or TDPO KL weight (default 0.2).", min=0.0
     )
-    simpo_gamma: float = option(0.5, "SimPO target margin gamma.", min=0.0, paper="SimPO gamma 0.5")
+    simpo_gamma: float = option(
+        0.5,
+        "SimPO target margin gamma, as in the loss -log sigmoid(beta*(logp_w/|y_w| - logp_l/|y_l|) - gamma).",
+        min=0.0,
+        paper="SimPO gamma 0.5",
+    )
+    simpo_gamma_beta_ratio: float | None = option(
+        None,
+        "SimPO's margin as its own code and recipes give it, gamma / beta (e.g. 0.55); when set, "
+        "gamma = ratio * beta and simpo_gamma is not used.",
+        min=0.0,
+    )
     ref_model: str | None = option(None, "Reference model (default: model.path, the SFT model).")
     precompute_ref_logps: bool = option(
         False,
@@ -274,6 +301,13 @@ class DPOConfig:
         from rto.preference.losses import DEFAULT_BETA
 
         return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+
+    @property
+    def resolved_gamma(self) -> float:
+        """SimPO's gamma in the loss: simpo_gamma, or simpo_gamma_beta_ratio * beta."""
+        if self.simpo_gamma_beta_ratio is not None:
+            return self.simpo_gamma_beta_ratio * self.resolved_beta
+        return self.simpo_gamma
 
     @property
     def resolved_alpha(self) -> float:
@@ -421,6 +455,7 @@ class RLConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     preset: str | None = option(
         None,
         "Method preset, applied before the file and the command line: " + ", ".join(PRESETS) + ".",

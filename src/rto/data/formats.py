@@ -10,6 +10,16 @@ Prompt rows:     {prompt} (string or messages), or {messages} (the last assistan
 
 Messages are rendered with the tokenizer's chat template. Each function returns text pieces
 marked trainable or not, so tokenisation can mask the prompt out of the loss.
+
+The end-of-turn rule: a reply ends at the first end-of-turn token the chat template closes it
+with (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3, the EOS for simpler templates), in
+every stage. Whatever a template puts after that token (ChatML's newline) belongs to no reply:
+it is not trained on, and the reward model is trained, and read in RL, on that token, which is
+also where generation stops.
+
+With `data.chat_prompts auto` (the default), plain-string prompts and replies are rendered as a
+user turn and an assistant reply when the tokenizer has a chat template, and kept as plain text
+when it has none; `true` / `false` force either.
 """
 
 from __future__ import annotations
@@ -38,12 +48,11 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list)
 
 
-def _as_user(value: Any) -> Any:
-    return [{"role": "user", "content": value}] if isinstance(value, str) else value
-
-
-def _as_reply(value: Any) -> Any:
-    return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
+def _as_turn(value: Any, role: str, where: str, column: str) -> Any:
+    """A plain-text cell as one chat turn; messages (and an absent cell) as they are."""
+    if value is None or _is_messages(value):
+        return value
+    return [{"role": role, "content": check_text(value, where, column)}]
 
 
 def check_messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
@@ -78,16 +87,74 @@ def check_text(value: Any, where: str, column: str) -> str:
     return value
 
 
+_PROBE = "rto probe reply 7f3a"
+
+
+def end_of_turn(tokenizer: Any) -> tuple[str, int] | None:
+    """(text, id) of the special token the chat template closes an assistant reply with, or
+    None when the tokenizer has no chat template or closes replies with no special token.
+
+    Found by rendering a probe reply and taking the first special or added token after it:
+    `<|im_end|>` for ChatML (whose newline after it is not part of the reply), `<|eot_id|>` for
+    Llama-3, `<end_of_turn>` for Gemma, the EOS for templates that append it."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:
+        return None
+    at = text.rfind(_PROBE)
+    if at < 0:
+        return None
+    suffix = text[at + len(_PROBE) :]
+    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    found = [(suffix.find(t), -len(t), t) for t in specials if t and t in suffix]
+    if not found:
+        return None
+    token = min(found)[2]
+    return token, tokenizer.convert_tokens_to_ids(token)
+
+
+def chat_setting(setting: str | bool, tokenizer: Any) -> bool:
+    """Whether plain-string prompts and replies are rendered with the chat template
+    (data.chat_prompts: auto = when the tokenizer has one)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return setting == "true"
+
+
+def raw_instruction(messages: list[dict[str, str]]) -> str:
+    """What a judge or an external benchmark reads as the prompt: the last user turn."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
 class ChatRenderer:
     """Renders messages with a tokenizer's chat template; refuses when there is none.
 
     With `wrap_strings` (config key data.chat_prompts), plain-string prompts and responses are
-    treated as a user message and an assistant reply, so a chat model sees its template."""
+    treated as a user message and an assistant reply, so a chat model sees its template.
+    Replies end at the template's end-of-turn token (`end_of_turn`); `closes_turn` is False when
+    the template closes them with no special token, and the tokeniser then appends the EOS."""
 
-    def __init__(self, tokenizer: Any, source: str, wrap_strings: bool = False):
+    def __init__(self, tokenizer: Any, source: str, wrap_strings: bool | str = False):
         self.tokenizer = tokenizer
         self.source = source
-        self.wrap_strings = wrap_strings
+        self.wrap_strings = chat_setting(wrap_strings, tokenizer)
+        self.turn_end = end_of_turn(tokenizer)
+
+    @property
+    def closes_turn(self) -> bool:
+        return self.turn_end is not None
+
+    def describe(self) -> str:
+        if not self.wrap_strings:
+            return "plain-text prompts kept as they are (chat messages use the chat template)"
+        end = f", replies end at {self.turn_end[0]}" if self.turn_end else ""
+        return f"plain-text prompts rendered with the tokenizer's chat template{end}"
 
     def __call__(
         self, messages: list[dict[str, str]], add_generation_prompt: bool, where: str
@@ -119,7 +186,16 @@ class ChatRenderer:
                 "(the prompt rendered with add_generation_prompt=True is not a prefix of the whole); "
                 "rto cannot tell where the reply starts with this template"
             )
-        return before, after[len(before) :]
+        return before, self.cut_at_turn_end(after[len(before) :], reply["content"])
+
+    def cut_at_turn_end(self, reply_text: str, content: str) -> str:
+        """The reply up to and including its end-of-turn token (what follows is no reply's)."""
+        if self.turn_end is None:
+            return reply_text
+        at = reply_text.find(content)
+        start = at + len(content) if content and at >= 0 else 0
+        end = reply_text.find(self.turn_end[0], start)
+        return reply_text if end < 0 else reply_text[: end + len(self.turn_end[0])]
 
 
 # --------------------------------------------------------------------------- SFT
@@ -145,7 +221,8 @@ def sft_pieces(
     if fmt == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if render.wrap_strings:
-            prompt, completion = _as_user(prompt), _as_reply(completion)
+            prompt = _as_turn(prompt, "user", where, "prompt")
+            completion = _as_turn(completion, "assistant", where, "completion")
         if _is_messages(prompt) or _is_messages(completion):
             msgs = check_messages(prompt, where, "prompt")
             reply = check_messages(completion, where, "completion")
@@ -175,9 +252,7 @@ def _chat_pieces(messages: list[dict[str, str]], render: ChatRenderer, where: st
         pieces.append(Piece(before[len(done) :], False))
         pieces.append(Piece(reply, True))
         done = before + reply
-    rest = render(messages, False, where)
-    if rest.startswith(done) and len(rest) > len(done):
-        pieces.append(Piece(rest[len(done) :], False))
+    # what follows the last reply (ChatML's newline, later user turns) is never trained on
     return [p for p in pieces if p.text]
 
 
@@ -199,8 +274,11 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
                 f"{where}: missing column '{col}'; preference rows need {PREFERENCE_FORMATS}"
             )
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if render.wrap_strings:
-        prompt, chosen, rejected = _as_user(prompt), _as_reply(chosen), _as_reply(rejected)
+    if render.wrap_strings or _is_messages(prompt):
+        # replies to a chat prompt are assistant turns, closed by the template's end of turn
+        prompt = _as_turn(prompt, "user", where, "prompt")
+        chosen = _as_turn(chosen, "assistant", where, "chosen")
+        rejected = _as_turn(rejected, "assistant", where, "rejected")
     if _is_messages(chosen) or _is_messages(rejected):
         chosen_m = check_messages(chosen, where, "chosen")
         rejected_m = check_messages(rejected, where, "rejected")
@@ -239,16 +317,31 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
 # --------------------------------------------------------------------------- prompts
 
 
-def prompt_text(row: dict[str, Any], render: ChatRenderer, where: str) -> tuple[str, bool]:
-    """The prompt as text, and whether it came from chat messages."""
+@dataclass
+class PromptText:
+    rendered: str  # what the policy is given (chat template applied for messages)
+    raw: str  # what judges and external benchmarks read: the string, or the last user turn
+    value: Any  # the prompt as a row holds it (a string or messages), to write it out again
+    from_chat: bool
+
+
+def prompt_text(row: dict[str, Any], render: ChatRenderer, where: str) -> PromptText:
+    """The prompt of a prompt row, rendered for the policy and raw for judges."""
     if "prompt" in row and row["prompt"] is not None:
-        value = _as_user(row["prompt"]) if render.wrap_strings else row["prompt"]
+        value = row["prompt"]
+        if render.wrap_strings and isinstance(value, str):
+            msgs = _as_turn(value, "user", where, "prompt")
+            return PromptText(render(msgs, True, where), value, value, True)
         if _is_messages(value):
-            return render(check_messages(value, where, "prompt"), True, where), True
-        return check_text(value, where, "prompt"), False
+            msgs = check_messages(value, where, "prompt")
+            return PromptText(render(msgs, True, where), raw_instruction(msgs), msgs, True)
+        text = check_text(value, where, "prompt")
+        return PromptText(text, text, text, False)
     if "messages" in row and row["messages"] is not None:
         msgs = check_messages(row["messages"], where, "messages")
         if msgs[-1]["role"] == "assistant":
             msgs = msgs[:-1]
-        return render(msgs, True, where), True
+        if not msgs:
+            raise DataError(f"{where}, column 'messages': no turn before the assistant's reply")
+        return PromptText(render(msgs, True, where), raw_instruction(msgs), msgs, True)
     raise DataError(f"{where}: missing column 'prompt'; prompt rows need {PROMPT_FORMATS}")

@@ -27,6 +27,7 @@ class DataReport:
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    rendering: str = ""  # how prompts were rendered (chat template or plain text)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -38,6 +39,7 @@ class DataReport:
             "kept": self.kept,
             "truncated": self.truncated,
             "dropped": dict(self.dropped),
+            **({"rendering": self.rendering} if self.rendering else {}),
         }
 
     def describe(self) -> str:
@@ -47,6 +49,8 @@ class DataReport:
         if self.dropped:
             reasons = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items()))
             text += f"; dropped {sum(self.dropped.values())} ({reasons})"
+        if self.rendering:
+            text += f"; {self.rendering}"
         return text
 
 
@@ -104,7 +108,7 @@ def build_sft(
     max_prompt_length: int,
     completion_only: bool,
     source: str,
-    chat_prompts: bool = False,
+    chat_prompts: bool | str = "auto",
 ) -> tuple[list[dict[str, list[int]]], DataReport]:
     """Examples {input_ids, labels}; labels are IGNORE on prompt tokens when completion_only."""
     fmt = formats.sft_format(rows.columns)
@@ -114,7 +118,7 @@ def build_sft(
             f"SFT rows need {formats.SFT_FORMATS}"
         )
     render = formats.ChatRenderer(tokenizer, source, chat_prompts)
-    report = DataReport(rows.origin, total=len(rows))
+    report = DataReport(rows.origin, total=len(rows), rendering=render.describe())
     rendered = [formats.sft_pieces(row, fmt, render, rows.where(i)) for i, row in enumerate(rows)]
     flat = [p.text for pieces, _ in rendered for p in pieces]
     encoded = iter(_encode_many(tokenizer, flat))
@@ -122,6 +126,8 @@ def build_sft(
     examples = []
     for pieces, from_chat in rendered:
         prefix, eos = ([], []) if from_chat else (plain_prefix, plain_eos)
+        if from_chat and not render.closes_turn:  # a template that closes replies with nothing
+            eos = plain_eos
         ids_list = [next(encoded) for _ in pieces]
         if not any(p.trainable and ids for p, ids in zip(pieces, ids_list)):
             report.drop("empty response")
@@ -164,7 +170,7 @@ def build_pairs(
     max_prompt_length: int,
     source: str,
     keep: tuple[str, ...] = (),
-    chat_prompts: bool = False,
+    chat_prompts: bool | str = "auto",
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Examples {prompt_ids, chosen_ids, rejected_ids} (+ the `keep` columns, e.g. gold scores)."""
     cols = rows.columns
@@ -175,7 +181,7 @@ def build_pairs(
                 f"preference rows need {formats.PREFERENCE_FORMATS}"
             )
     render = formats.ChatRenderer(tokenizer, source, chat_prompts)
-    report = DataReport(rows.origin, total=len(rows))
+    report = DataReport(rows.origin, total=len(rows), rendering=render.describe())
     texts = [formats.preference_text(row, render, rows.where(i)) for i, row in enumerate(rows)]
     enc = iter(
         _encode_many(tokenizer, [s for t in texts for s in (t.prompt, t.chosen, t.rejected)])
@@ -196,6 +202,8 @@ def build_pairs(
             continue
         if not t.from_chat:
             p, c, r = prefix + p, c + eos, r + eos
+        elif not render.closes_turn:
+            c, r = c + eos, r + eos
         p1, c, cut_c = truncate(p, c, max_prompt_length, max_length)
         _, r, cut_r = truncate(p, r, max_prompt_length, max_length)
         if c == r:
@@ -215,32 +223,41 @@ def build_pairs(
 
 
 def build_prompts(
-    rows: Rows, tokenizer: Any, *, max_prompt_length: int, source: str, chat_prompts: bool = False
+    rows: Rows,
+    tokenizer: Any,
+    *,
+    max_prompt_length: int,
+    source: str,
+    chat_prompts: bool | str = "auto",
 ) -> tuple[list[dict[str, Any]], DataReport]:
-    """Examples {prompt_ids, prompt, id}: prompts longer than the limit keep their end (counted).
-    `id` is the row's question_id / uid / id column when it has one, else its row number."""
+    """Examples {prompt_ids, prompt, rendered, prompt_value, id}: prompts longer than the limit
+    keep their end (counted). `prompt` is what judges and exports read (the plain prompt, or the
+    last user turn of messages), `rendered` what the policy is given, `prompt_value` the prompt
+    as the row holds it. `id` is the row's question_id / uid / id column when it has one, else
+    its row number."""
     if "prompt" not in rows.columns and "messages" not in rows.columns:
         raise DataError(
             f"{rows.origin}: missing column 'prompt' (it has {', '.join(rows.columns) or 'no columns'}); "
             f"prompt rows need {formats.PROMPT_FORMATS}"
         )
     render = formats.ChatRenderer(tokenizer, source, chat_prompts)
-    report = DataReport(rows.origin, total=len(rows))
+    report = DataReport(rows.origin, total=len(rows), rendering=render.describe())
     texts = [formats.prompt_text(row, render, rows.where(i)) for i, row in enumerate(rows)]
-    encoded = _encode_many(tokenizer, [t for t, _ in texts])
+    encoded = _encode_many(tokenizer, [t.rendered for t in texts])
     prefix = special_prefix(tokenizer)
     examples = []
-    for i, ((text, chat), ids) in enumerate(zip(texts, encoded)):
-        if not text.strip():
+    for i, (text, ids) in enumerate(zip(texts, encoded)):
+        if not text.raw.strip() or not text.rendered.strip():
             report.drop("empty prompt")
             continue
-        ids = ids if chat else prefix + ids
+        ids = ids if text.from_chat else prefix + ids
         if len(ids) > max_prompt_length:
             ids = ids[len(ids) - max_prompt_length :]
             report.truncated += 1
         row = rows[i]
         uid = next((row[k] for k in ("question_id", "uid", "id") if row.get(k) is not None), i)
-        examples.append({"prompt_ids": ids, "prompt": text, "id": uid})
+        examples.append({"prompt_ids": ids, "prompt": text.raw, "rendered": text.rendered,
+                         "prompt_value": text.value, "id": uid})  # fmt: skip
     report.kept = len(examples)
     if not examples:
         raise DataError(f"{rows.origin}: no usable prompts ({report.describe()})")
@@ -256,7 +273,7 @@ def load_prompts(
     max_prompt_length: int,
     seed: int,
     source: str,
-    chat_prompts: bool = False,
+    chat_prompts: bool | str = "auto",
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Prompt examples from a dataset spec (at most `max_rows`, a seeded subset)."""
     rows = subsample(load_rows(spec, split), max_rows, seed)

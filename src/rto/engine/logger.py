@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rto.engine.card import write_card
 from rto.engine.environment import environment
 from rto.engine.files import write_atomic, write_json
 
@@ -135,7 +136,8 @@ class MetricsLogger:
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
     """Write summary.json: the stage's final numbers, how many processes made them (world_size,
-    distributed_type), then where they were made (`environment`)."""
+    distributed_type), then where they were made (`environment`); then the folder's card
+    (README.md)."""
     from rto.engine.distributed import describe
 
     summary = {k: _clean(v) for k, v in summary.items()}
@@ -143,3 +145,4 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
         summary.setdefault(k, v)
     summary.setdefault("environment", environment())
     write_json(Path(out_dir) / "summary.json", summary)
+    write_card(out_dir)

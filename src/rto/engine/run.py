@@ -23,6 +23,7 @@ OWNED = (
     SUMMARY_FILE,
     CONFIG_FILE,
     "tensorboard",
+    "README.md",
 )
 
 
@@ -33,6 +34,8 @@ def resolved_config(cfg: Any) -> dict[str, Any]:
     for flag in ("resume", "overwrite"):
         if flag in data:
             data[flag] = False
+    if data.get("push_to_hub"):  # an action, not a setting: rerunning from the file does not upload
+        data["push_to_hub"] = None
     return data
 
 

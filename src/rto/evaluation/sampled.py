@@ -27,7 +27,7 @@ def load_eval_prompts(
     max_prompt_length: int,
     seed: int,
     source: str,
-    chat_prompts: bool = False,
+    chat_prompts: bool | str = "auto",
 ) -> list[dict[str, Any]]:
     examples, _ = load_prompts(
         eval_cfg.prompts, eval_cfg.prompts_split, tokenizer, max_rows=eval_cfg.num_prompts, seed=seed,

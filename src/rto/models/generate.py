@@ -2,7 +2,8 @@
 
 Every stage that samples (SFT's held-out metrics, `rto pairs`, the RL rollout, `rto eval`)
 goes through `sample`, so a response means the same everywhere: the tokens up to and including
-the first EOS; a response that reached `max_new_tokens` without one is marked truncated.
+the first stop token (EOS or the chat template's end of turn, `stop_ids`); a response that
+reached `max_new_tokens` without one is marked truncated.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from rto.data.formats import end_of_turn
 from rto.data.tokenize import pad
 
 
@@ -32,7 +34,13 @@ class Samples:
 
 
 def stop_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """Tokens that end a response: the EOS, the chat template's end-of-turn token (the same
+    token that closes replies in training data, `formats.end_of_turn`) and the model's
+    generation_config EOS ids."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    turn_end = end_of_turn(tokenizer)
+    if turn_end is not None:
+        ids.add(turn_end[1])
     gen_cfg = getattr(model, "generation_config", None) if model is not None else None
     extra = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
     if isinstance(extra, int):

@@ -6,8 +6,12 @@ plain Hugging Face folder that transformers alone can load.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +54,45 @@ def resolve_dtype(name: str, *, trainable: bool) -> torch.dtype:
     return torch.float32
 
 
-def _pretrained_kwargs(section: Any, *, path: str | None = None) -> dict[str, Any]:
+_PROGRESS = True
+
+
+def show_load_progress(enabled: bool) -> None:
+    """Whether loading may draw progress bars (the GGUF de-quantisation bar); log.progress."""
+    global _PROGRESS
+    _PROGRESS = enabled
+
+
+@contextlib.contextmanager
+def _gguf_progress() -> Iterator[None]:
+    """transformers draws its GGUF de-quantisation bar with plain tqdm; disable it unless
+    progress bars are wanted."""
+    if _PROGRESS:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _locate(section: Any, path: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(folder or hub id, from_pretrained kwargs) of a model: `path` (a role's own model, which
+    may itself be a .gguf file) or the section's."""
+    source = path or section.path
     kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code}
     if section.revision:
         kwargs["revision"] = section.revision
-    if section.gguf_file and (path is None or path == section.path):
+    if source.endswith(".gguf"):
+        folder, name = os.path.split(source)
+        source, kwargs["gguf_file"] = folder or ".", name
+    elif section.gguf_file and source == section.path:
         kwargs["gguf_file"] = section.gguf_file
-    return kwargs
+    return source, kwargs
 
 
 def _explain_load_error(what: str, path: str, exc: Exception) -> ModelError:
@@ -74,9 +110,9 @@ def load_tokenizer(section: Any, path: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    source = path or section.tokenizer or section.path
+    source, kwargs = _locate(section, path or section.tokenizer)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(section, path=source))
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise _explain_load_error("tokenizer", source, exc) from None
     if tok.pad_token is None:
@@ -91,22 +127,25 @@ def load_tokenizer(section: Any, path: str | None = None) -> Any:
     return tok
 
 
-def load_causal_lm(section: Any, path: str | None = None, *, trainable: bool = True) -> Any:
+def load_causal_lm(
+    section: Any, path: str | None = None, *, trainable: bool = True, keep_dropout: bool = False
+) -> Any:
+    """A causal LM with dropout off (unless `keep_dropout`; see `disable_dropout`)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    source = path or section.path
-    kwargs = _pretrained_kwargs(section, path=source)
+    source, kwargs = _locate(section, path)
     kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _gguf_progress():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise _explain_load_error("causal language model", source, exc) from None
     if kwargs.get("gguf_file"):
         _detach_gguf_quantizer(model, source)
-    _prepare(model, section, trainable)
+    _prepare(model, section, trainable, keep_dropout=keep_dropout)
     return model
 
 
@@ -139,7 +178,7 @@ def load_sequence_scorer(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     quiet_transformers()
-    kwargs = _pretrained_kwargs(section, path=path)
+    path, kwargs = _locate(section, path)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:
@@ -162,11 +201,14 @@ def load_sequence_scorer(
     load_kwargs = dict(kwargs)
     load_kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, output_loading_info=True, **load_kwargs
-        )
+        with _gguf_progress():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, output_loading_info=True, **load_kwargs
+            )
     except Exception as exc:
         raise _explain_load_error(role, path, exc) from None
+    if kwargs.get("gguf_file"):
+        _detach_gguf_quantizer(model, path)
     missing = {k for k in info.get("missing_keys", set()) if "score" in k}
     fresh_head = bool(missing)
     if require_head and missing:
@@ -188,7 +230,31 @@ def load_sequence_scorer(
     return model
 
 
-def _prepare(model: Any, section: Any, trainable: bool) -> None:
+def disable_dropout(model: Any) -> int:
+    """Set every dropout probability inside `model` to 0; return how many were not 0 already.
+
+    RLHF compares a model with itself: the PPO ratio pi_theta / pi_theta_old of an unchanged
+    policy must be exactly 1, the KL of the policy against an identical reference exactly 0, and
+    DPO's chosen and rejected passes must see the same function. Dropout breaks all three, so
+    every role runs without it, in training as in scoring (as TRL and OpenRLHF do). Models stay
+    in train mode (gradient checkpointing needs it); the dropout layers (`nn.Dropout` modules,
+    and the float `*dropout*` attributes attention layers pass to their kernels) are zeroed.
+    The saved config keeps the model's own dropout settings."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p != 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value != 0.0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
+def _prepare(model: Any, section: Any, trainable: bool, *, keep_dropout: bool = False) -> None:
+    if not keep_dropout:
+        disable_dropout(model)
     if trainable:
         model.train()
         if section.gradient_checkpointing:

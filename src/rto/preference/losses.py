@@ -6,13 +6,19 @@ lengths in tokens; kl_w, kl_l = sequential KL  sum_t KL(pi_ref(.|s_t) || pi(.|s_
 
     dpo    -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)])                       Rafailov et al. 2023
     ipo    ((pi_w - ref_w)/n_w - (pi_l - ref_l)/n_l - 1/(2 beta))^2                     Azar et al. 2023
-    rdpo   -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)] - alpha * (n_w - n_l)) Park et al. 2024
+    rdpo   -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)] + alpha * (n_w - n_l)) Park et al. 2024
     simpo  -log sigmoid(beta * (pi_w/n_w - pi_l/n_l) - gamma)      (no reference)      Meng et al. 2024
     tdpo   -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]
                         - alpha * (beta * kl_l - stopgrad(beta * kl_w)))               Zeng et al. 2024 (TDPO2)
 
 IPO uses length-averaged log-ratios, as its authors recommend for sequences. Implicit rewards
 (reported as rewards/chosen, rewards/rejected) are beta * (pi - ref), or beta * pi / n for SimPO.
+
+R-DPO's length term is added, as in Park et al. 2024 (eq. 9) and the SimPO paper's table of
+objectives: when the chosen response is the longer one, part of the margin is credited to its
+length, so the policy gains less from learning "longer is better". SimPO's gamma is the target
+margin of the formula above (absolute); SimPO's own code and recipes give it as a ratio
+gamma / beta instead (`simpo_gamma_beta_ratio`, gamma = ratio * beta).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def preference_loss(
     elif kind == "ipo":
         losses = (ratio_w / s.n_w - ratio_l / s.n_l - 1.0 / (2.0 * beta)) ** 2
     elif kind == "rdpo":
-        losses = -F.logsigmoid(beta * (ratio_w - ratio_l) - alpha * (s.n_w - s.n_l))
+        losses = -F.logsigmoid(beta * (ratio_w - ratio_l) + alpha * (s.n_w - s.n_l))
     elif kind == "tdpo":
         assert s.kl_w is not None and s.kl_l is not None, "tdpo needs the sequential KL terms"
         delta = beta * s.kl_l - (beta * s.kl_w).detach()

@@ -74,13 +74,22 @@ class RunningMoments:
 
 
 def delimiter_token_ids(tokenizer: Any, delimiters: list[str]) -> list[int]:
-    """Ids of tokens whose text ends with a segment delimiter ('.', '!', '?', newline)."""
+    """Ids of tokens whose text ends with a segment delimiter ('.', '!', '?', newline), spaces
+    and tabs after it aside. Newline tokens ("\n", " \n", "\n\n") are delimiters themselves."""
     ids = []
     for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        if text.strip() and text.rstrip(" ").endswith(tuple(delimiters)):
+        text = tokenizer.decode([token_id]).rstrip(" \t")
+        if text and text.endswith(tuple(delimiters)):
             ids.append(token_id)
     return ids
+
+
+def check_prompt_count(n_prompts: int, rollout_batch_size: int) -> None:
+    if n_prompts < rollout_batch_size:
+        raise RtoError(
+            f"only {n_prompts} prompts for rl.rollout_batch_size {rollout_batch_size}; lower "
+            "rl.rollout_batch_size or add prompts"
+        )
 
 
 class ActorCritic(torch.nn.Module):
@@ -151,10 +160,7 @@ class PPOTrainer:
                 f"config key 'rl.rollout_batch_size' ({rl.rollout_batch_size}) must be a multiple of the number of "
                 f"processes ({self.engine.world})"
             )
-        if len(self.prompts) < rl.rollout_batch_size:
-            raise RtoError(
-                f"only {len(self.prompts)} prompts for rl.rollout_batch_size {rl.rollout_batch_size}; lower it or add prompts"
-            )
+        check_prompt_count(len(self.prompts), rl.rollout_batch_size)
         iterations = t.max_steps or max(
             1, int(t.epochs * len(self.prompts) // rl.rollout_batch_size)
         )

@@ -50,7 +50,7 @@ class PreferenceObjective:
         self.kind = cfg.loss
         self.beta = cfg.resolved_beta
         self.alpha = cfg.resolved_alpha
-        self.gamma = cfg.simpo_gamma
+        self.gamma = cfg.resolved_gamma
         self.ref = ref
 
     def stats(self, model: Any, batch: dict[str, torch.Tensor]) -> PairStats:
@@ -142,6 +142,9 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         ([], None) if eval_rows is None else build_pairs(eval_rows, tokenizer, **build)
     )
 
+    engine.steps_per_epoch(
+        len(train)
+    )  # too little data for one batch: say so before loading models
     pad_id = tokenizer.pad_token_id
     bs = cfg.train.micro_batch_size * 2
     ref = None
@@ -166,7 +169,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         "loss": cfg.loss,
         "beta": objective.beta,
         "alpha": objective.alpha,
-        "simpo_gamma": cfg.simpo_gamma,
+        "simpo_gamma": objective.gamma,
         "ref_model": ref_path,
     }
     summary: dict[str, Any] = {

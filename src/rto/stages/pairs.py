@@ -138,7 +138,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
             own = slice(j * k, (j + 1) * k)
             rng = random.Random(row_seed(cfg.seed, i, -1))  # this prompt's annotator
             made, skipped = pairs_of_prompt(
-                p["prompt"], texts[own], gold[own], truncated[own], cfg, rng
+                p["prompt_value"], texts[own], gold[own], truncated[own], cfg, rng
             )
             results.append((made, gold[own], skipped))
         bar.update(len(chunk))

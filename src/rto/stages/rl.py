@@ -24,7 +24,7 @@ from rto.models.load import (
     load_tokenizer,
     save_pretrained,
 )
-from rto.rl.trainer import PPOTrainer
+from rto.rl.trainer import PPOTrainer, check_prompt_count
 from rto.stages.rm import STATS_FILE
 
 
@@ -65,6 +65,7 @@ def run(cfg: RLConfig) -> dict[str, Any]:
         max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
     )  # fmt: skip
     engine.say("[rto] prompts: " + report.describe())
+    check_prompt_count(len(prompts), cfg.rl.rollout_batch_size)  # before loading five models
     eval_prompts = []
     if cfg.eval.prompts:
         eval_prompts = load_eval_prompts(

@@ -105,6 +105,9 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     if eval_report:
         engine.say("[rto] held-out " + eval_report.describe())
 
+    engine.steps_per_epoch(
+        len(train)
+    )  # too little data for one batch: say so before loading models
     hf = load_sequence_scorer(
         cfg.model, cfg.model.path, trainable=True, require_head=False, role="reward model"
     )

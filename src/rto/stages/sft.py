@@ -107,7 +107,10 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         held_out, eval_report = build_sft(eval_rows, tokenizer, **build)
         engine.say("[rto] held-out " + eval_report.describe())
 
-    model = load_causal_lm(cfg.model)
+    engine.steps_per_epoch(
+        len(train)
+    )  # too little data for one batch: say so before loading models
+    model = load_causal_lm(cfg.model, keep_dropout=cfg.keep_dropout)
     pad_id = tokenizer.pad_token_id
     evaluate = None
     if held_out:
