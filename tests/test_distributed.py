@@ -226,3 +226,37 @@ def test_the_update_does_not_depend_on_the_micro_batch_size(
         assert last_update(out, loss_key) == pytest.approx(last_update(outs[0], loss_key), rel=1e-5)
         assert last_update(out, norm_key) == pytest.approx(last_update(outs[0], norm_key), rel=1e-5)
         assert max_difference(outs[0], out) < 0.02 * lr
+
+
+# ------------------------------------------------------------------ DeepSpeed (slow: not in CI)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_configs_run_on_two_cpu_processes(
+    runs: dict[str, Path], tmp_path: Path, config: str
+) -> None:
+    """The shipped DeepSpeed configs with 2 CPU processes (needs `pip install deepspeed`): SFT ends
+    where DDP ends, and RL (one engine for policy and critic; under ZeRO-3 the policy's weights
+    gathered once per rollout for generation) runs the same first rollout."""
+    pytest.importorskip("deepspeed")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(Path(__file__).resolve().parent.parent / "configs" / "accelerate" / f"{config}.yaml"),
+              "--num_processes", "2", "--main_process_port", "0", "-m", "rto"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage in ("sft", "rl"):
+        cmd = [
+            *launch,
+            stage,
+            "--config",
+            str(runs["two"] / stage / "config.yaml"),
+            "--out",
+            str(tmp_path / stage),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        s = json.loads((tmp_path / stage / "summary.json").read_text())
+        assert s["distributed_type"] == "DEEPSPEED" and s["world_size"] == 2
+    assert max_difference(runs["two"] / "sft", tmp_path / "sft") < 0.02 * 1e-2  # lr 1e-2
+    ddp, ds = metric_rows(runs["two"] / "rl"), metric_rows(tmp_path / "rl")
+    assert ds[1]["rollout/score"] == pytest.approx(ddp[1]["rollout/score"], rel=1e-5)
