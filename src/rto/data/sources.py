@@ -53,8 +53,39 @@ class Rows:
         return Rows(rows, self.origin, lines)
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark (which is dropped). Other
+    encodings are refused with the line and byte where the file stops being UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(not_utf8(path, data, exc)) from None
+
+
+def not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8 and what it probably is instead."""
+    start = exc.start
+    line = data.count(b"\n", 0, start) + 1
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    bad = data[start : start + 4].hex(" ")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        guess, iconv = "UTF-16 (it starts with a UTF-16 byte-order mark)", "UTF-16"
+    else:
+        try:
+            data.decode("cp1252")
+            guess, iconv = "Windows-1252 or Latin-1", "CP1252"
+        except UnicodeDecodeError:
+            guess, iconv = "not a text encoding rto can guess", "ENCODING"
+    return (
+        f"file {path}, line {line}, byte {column} (offset {start}): not UTF-8 (bytes {bad}); the "
+        f"file looks like {guess}. Save it as UTF-8, e.g. `iconv -f {iconv} -t UTF-8 {path} > "
+        f"{path.with_name(path.stem + '.utf8' + path.suffix)}`"
+    )
+
+
 def _read_json_file(path: Path) -> Rows:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"file {path} is empty; it needs at least one row")
     rows: list[dict[str, Any]] = []
@@ -148,6 +179,9 @@ def _load_files(paths: list[Path]) -> Rows:
             return tables[0]
         rows = [r for t in tables for r in t.rows]
         return Rows(rows, "files " + ", ".join(map(str, paths)))
+    if kinds == {"csv"}:
+        for p in paths:  # datasets would fail on other encodings without saying where
+            read_text(p)
     names = ", ".join(map(str, paths))
     return _load_with_datasets(
         kinds.pop(),
