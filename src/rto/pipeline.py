@@ -34,7 +34,7 @@ import yaml
 
 from rto.config import core
 from rto.engine.files import read_json, write_atomic, write_json
-from rto.engine.run import resolved_config
+from rto.engine.run import resolved_config, when_begun
 from rto.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -266,19 +266,23 @@ def run(
             print(
                 f"[rto] pipeline: running {p.name} ({p.kind}; {why})", file=sys.stderr, flush=True
             )
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
         dist.wait_for_everyone()
         began = time.time()
         quiet_loading(p.config)
-        if p.kind == "task":
-            if main:
-                TASK_STAGES[p.task].run_function()(p.config, p.task)
-        elif p.kind in SINGLE_PROCESS:
-            if main:
+
+        def mark_started(folder: Path = folder, fingerprint: str = p.fingerprint) -> None:
+            write_json(folder / STATE_FILE, {"fingerprint": fingerprint, "complete": False})
+
+        # the stage's folder (this file included) changes only once its inputs are all loaded
+        with when_begun(folder, mark_started):
+            if p.kind == "task":
+                if main:
+                    TASK_STAGES[p.task].run_function()(p.config, p.task)
+            elif p.kind in SINGLE_PROCESS:
+                if main:
+                    runners[p.kind].run_function()(p.config)
+            else:
                 runners[p.kind].run_function()(p.config)
-        else:
-            runners[p.kind].run_function()(p.config)
         dist.wait_for_everyone()
         publish(p.config)
         seconds = round(time.time() - began, 1)

@@ -24,7 +24,7 @@ import torch
 from rto.engine.checkpoint import Checkpoints
 from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
-from rto.engine.run import prepare_out_dir, resolved_config
+from rto.engine.run import RunFolder
 from rto.engine.schedule import lr_at
 from rto.errors import ConfigError, RtoError, TrainingError
 
@@ -77,21 +77,30 @@ class Engine:
         self.run_config = run_config
         self.progress_keys = progress_keys
         self.logger: MetricsLogger | None = None
+        self.folder: RunFolder | None = None
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
 
     @classmethod
-    def for_stage(cls, cfg: Any, stage: str, progress_keys: tuple[str, ...]) -> tuple[Engine, Path]:
-        """The engine of a training stage and its prepared output folder."""
+    def for_stage(cls, cfg: Any, folder: RunFolder, progress_keys: tuple[str, ...]) -> Engine:
+        """The engine of a training stage writing into `folder` (checked, not yet begun)."""
         engine = cls(
             cfg.train,
             cfg.log,
-            cfg.out,
+            folder.path,
             seed=cfg.seed,
-            run_config=resolved_config(cfg),
+            run_config=folder.config,
             progress_keys=progress_keys,
         )
-        return engine, prepare_out_dir(cfg, stage, is_main=engine.is_main)
+        engine.folder = folder
+        return engine
+
+    def begin(self) -> Path:
+        """Every input is validated and loaded: from here on the run writes into its folder (an
+        old run there is replaced now, not earlier). Returns the folder."""
+        self.folder.begin(is_main=self.is_main)
+        self.accelerator.wait_for_everyone()  # no process writes before the folder is ready
+        return self.out
 
     # ------------------------------------------------------------------ set-up helpers
 

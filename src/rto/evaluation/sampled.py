@@ -34,6 +34,26 @@ def load_eval_prompts(
     return examples
 
 
+def resolve_judges(eval_cfg: Any) -> None:
+    """Import the judges a config names (eval.gold_reward, eval.fluency) before any work, so
+    that a typo in them is reported at once, not after training."""
+    for spec, kind, key in ((eval_cfg.gold_reward, "gold", "eval.gold_reward"),
+                            (eval_cfg.fluency, "fluency", "eval.fluency")):  # fmt: skip
+        if spec:
+            resolve(spec, kind, key)
+
+
+def load_eval_inputs(cfg: Any, tokenizer: Any, source: str) -> list[dict[str, Any]] | None:
+    """Before training: the judges and the held-out prompts sampled after it (None without
+    eval.prompts), so that a typo in them is reported before any work."""
+    resolve_judges(cfg.eval)
+    if not cfg.eval.prompts:
+        return None
+    return load_eval_prompts(
+        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+    )
+
+
 def judge(
     eval_cfg: Any, prompts: list[str], responses: list[str]
 ) -> tuple[list[float] | None, list[bool] | None]:
@@ -125,15 +145,18 @@ def sampled_metrics(
 
 
 def report_samples(
-    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str
-) -> dict[str, float]:
-    """After training: sample the policy on cfg.eval.prompts (main process only), write
-    OUT/samples.jsonl and return the metrics named sample/... for summary.json."""
+    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str,
+    prompts: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """After training: sample the policy on cfg.eval.prompts (main process only; `prompts` when
+    `load_eval_inputs` loaded them already), write OUT/samples.jsonl and return the metrics
+    named sample/... for summary.json."""
     if not cfg.eval.prompts or not engine.is_main:
         return {}
-    prompts = load_eval_prompts(
-        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
-    )
+    if prompts is None:
+        prompts = load_eval_prompts(
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+        )
     model = engine.accelerator.unwrap_model(policy)
     metrics, records = sampled_metrics(
         model, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed

@@ -19,8 +19,8 @@ from typing import Any
 from rto.config.stages import EvalConfig
 from rto.engine.files import write_atomic, write_json, write_jsonl
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
-from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
+from rto.engine.run import RunFolder
+from rto.evaluation.sampled import load_eval_prompts, resolve_judges, sampled_metrics
 from rto.models.forward import TokenScorer
 from rto.models.load import (
     check_same_tokenizer,
@@ -104,12 +104,13 @@ def format_table(methods: dict[str, dict[str, Any]], baseline: str) -> str:
 def run(cfg: EvalConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
-    out = prepare_out_dir(cfg, "eval")
+    folder = RunFolder.check(cfg, "eval")  # writes nothing; the folder changes at the end
     began = time.time()
     device = PartialState().device
     policies = cfg.named_policies()
     first_name, first_path = policies[0]
     tokenizer = load_tokenizer(cfg.model, path=first_path)
+    resolve_judges(cfg.eval)
     for name, path in policies[1:] + ([("reference", cfg.ref_model)] if cfg.ref_model else []):
         check_same_tokenizer(
             tokenizer,
@@ -151,11 +152,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "path": path}
         )
         methods[name], all_records[name] = metrics, records
-        write_jsonl(out / "generations" / f"{name}.jsonl", records)
-        if "alpaca_eval" in cfg.export:
-            export_alpaca_eval(out, name, records)
-        if "arena_hard" in cfg.export:
-            export_arena_hard(out, name, records)
         print(
             f"[rto] eval {name}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
@@ -183,6 +179,13 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "baseline": baseline,
         "prompts": len(prompts),
     }
+    out = folder.begin()  # every policy is judged: only now does the run replace an old one
+    for name, records in all_records.items():
+        write_jsonl(out / "generations" / f"{name}.jsonl", records)
+        if "alpaca_eval" in cfg.export:
+            export_alpaca_eval(out, name, records)
+        if "arena_hard" in cfg.export:
+            export_arena_hard(out, name, records)
     write_json(out / "eval.json", result)
     summary = {"stage": "eval", **result, "seconds": round(time.time() - began, 1)}
     write_summary(out, summary)

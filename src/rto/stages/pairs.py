@@ -23,7 +23,7 @@ from rto.config.stages import PairsConfig
 from rto.data.tokenize import load_prompts
 from rto.engine.files import write_jsonl
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
+from rto.engine.run import RunFolder
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.load import load_causal_lm, load_tokenizer
 from rto.tasks import call_judge, resolve
@@ -71,16 +71,16 @@ def gold_accuracy(rows: list[dict[str, Any]]) -> float:
 def run(cfg: PairsConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
-    out = prepare_out_dir(cfg, "pairs")
+    folder = RunFolder.check(cfg, "pairs")  # writes nothing; the folder changes at the end
     began = time.time()
     device = PartialState().device
+    judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, trainable=False).to(device)
     prompts, report = load_prompts(
         cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
         max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
     )  # fmt: skip
-    judge = resolve(cfg.gold_reward, "gold", "gold_reward")
+    model = load_causal_lm(cfg.model, trainable=False).to(device)
     eos = stop_ids(tokenizer, model)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -143,6 +143,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         raise RtoError(
             f"no preference pairs could be made ({skipped}); sample more responses or use more prompts"
         )
+    out = folder.begin()  # every response is judged: only now does the run replace an old one
     write_jsonl(out / "pairs_train.jsonl", train_rows)
     write_jsonl(out / "pairs_eval.jsonl", eval_rows)
     labelled = train_rows + eval_rows

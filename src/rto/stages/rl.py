@@ -13,9 +13,10 @@ from typing import Any
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
 from rto.engine.files import read_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
-from rto.evaluation.sampled import load_eval_prompts
+from rto.evaluation.sampled import load_eval_inputs
 from rto.models.forward import TokenScorer
 from rto.models.load import (
     check_same_tokenizer,
@@ -44,8 +45,11 @@ def reward_stats(cfg: RLConfig) -> dict[str, float] | None:
 
 
 def run(cfg: RLConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(
-        cfg, "rl", progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
+    folder = RunFolder.check(cfg, "rl")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(
+        cfg, folder, progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
     )
     rl = cfg.rl
     tokenizer = load_tokenizer(cfg.model)
@@ -66,22 +70,14 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     )  # fmt: skip
     engine.say("[rto] prompts: " + report.describe())
     check_prompt_count(len(prompts), cfg.rl.rollout_batch_size)  # before loading five models
-    eval_prompts = []
-    if cfg.eval.prompts:
-        eval_prompts = load_eval_prompts(
-            cfg.eval,
-            tokenizer,
-            cfg.data.max_prompt_length,
-            cfg.seed,
-            cfg.model.path,
-            cfg.data.chat_prompts,
-        )
+    eval_prompts = load_eval_inputs(cfg, tokenizer, cfg.model.path) or []
 
     device = engine.device
-    policy = load_causal_lm(cfg.model)
-    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(device)
+    policy = load_causal_lm(cfg.model, role="policy")
+    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
+    ref = ref.to(device)
     dpo = (
-        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False).to(device)
+        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False, role="DPO model").to(device)
         if use_dpo
         else None
     )
@@ -102,6 +98,8 @@ def run(cfg: RLConfig) -> dict[str, Any]:
 
     trainer = PPOTrainer(cfg, engine, policy=policy, critic=critic, ref=ref, dpo=dpo, reward_model=reward_model,
                          tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
+    trainer.plan()  # sizes checked before the run begins
+    out = engine.begin()
     summary = trainer.train()
     save_pretrained(trainer.policy, tokenizer, out, engine.accelerator)
     if cfg.save_critic and trainer.critic is not None:
