@@ -199,6 +199,27 @@ class Engine:
                 f"{self.checkpoints.root} and resumes with --resume"
             )
 
+    def check_finite_weights(self, model: Any, step: int, what: str = "model") -> None:
+        """A model whose weights hold NaN or inf is never saved as a result: stop with an error."""
+        params = [(n, p) for n, p in model.named_parameters() if p.numel()]
+        finite = (
+            torch.stack([torch.isfinite(p.detach()).all() for _, p in params]) if params else None
+        )
+        bad = [] if finite is None else [n for (n, _), ok in zip(params, finite.tolist()) if not ok]
+        if self.any_true(bool(bad)):
+            shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+            if self.nonfinite_in_a_row >= step:  # not one update applied: they came in broken
+                why = (
+                    "No update was applied (every step was skipped), so the weights were broken "
+                    "when loaded: check model.path"
+                )
+            else:
+                why = "Lower train.lr (or check the data for extreme rows), then rerun with --overwrite"
+            raise TrainingError(
+                f"after step {step} the {what}'s weights hold NaN or inf ({shown or 'on another process'}), "
+                f"so it was not saved. {why}"
+            )
+
     def any_true(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
@@ -284,6 +305,7 @@ class Engine:
                 with self.accelerator.accumulate(model):
                     with self.accelerator.autocast():
                         loss, metrics = loss_fn(model, batch)
+                    logged = float(loss.detach())  # a skipped step logs its NaN, never 0
                     if not torch.isfinite(loss.detach()).all():
                         finite = False
                         loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
@@ -297,11 +319,13 @@ class Engine:
                         if finite:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                sums["loss"] += float(loss.detach()) / len(micro)
+                sums["loss"] += logged / len(micro)
                 for k, v in metrics.items():
                     sums[k] += float(v) / len(micro)
-            self.record_step_health(finite, step)
+            self.record_step_health(finite, step + 1)  # counted from 1, as metrics.jsonl's steps
             row = dict(sums)
+            if not finite:
+                row["skipped"] = True
             row.update(
                 {
                     "lr": lr,
@@ -320,6 +344,7 @@ class Engine:
             if t.save_every and done % t.save_every == 0 and done < total:
                 self.save_checkpoint(done)
             maybe_fault("kill_after_step", done)
+        self.check_finite_weights(model, total)
         final: dict[str, Any] = {f"train/{k}": v for k, v in last_metrics.items()}
         if evaluate is not None:
             final.update({f"eval/{k}": v for k, v in evaluate(model).items()})

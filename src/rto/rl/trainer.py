@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rto.engine.faults import maybe_fault
-from rto.errors import ConfigError, RtoError
+from rto.errors import ConfigError, ModelError, RtoError
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.rl.advantages import estimate, whiten
@@ -151,16 +151,42 @@ class PPOTrainer:
         r.texts["prompts"] = [p["prompt"] for p in chosen]
         return r, seconds
 
-    def score(self, r: Rollout) -> None:
+    def score(self, r: Rollout, iteration: int = 0) -> None:
         temperature = self.cfg.generate.temperature or 1.0
         score_rollout(r, policy=self.policy, ref=self.ref, critic=self.critic, dpo=self.dpo, reward_model=self.reward_model,
                       batch_size=self.rl.forward_batch_size, temperature=temperature)  # fmt: skip
+        self.check_frozen_outputs(r, iteration)
         if self.gold is not None:
             responses = decode_responses(self.tokenizer, r, self.eos)
             r.texts["responses"] = responses
             r.texts["gold"] = call_judge(
                 self.gold, r.texts["prompts"], responses, self.cfg.eval.gold_reward, "gold"
             )
+
+    def check_frozen_outputs(self, r: Rollout, iteration: int) -> None:
+        """NaN or inf from a frozen model (reference, DPO model, reward model) comes from that
+        model, not from training: name it, before it reaches the rewards and the update."""
+        cfg = self.cfg
+        frozen = [
+            ("reference model", cfg.ref_model or cfg.model.path, r.logp_ref),
+            ("DPO model", cfg.dpo_model, r.dpo_log_ratio),
+            ("reward model", cfg.reward_model, r.score if self.reward_model is not None else None),
+        ]
+        counts = torch.tensor(
+            [0.0 if t is None else float((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
+             for _, _, t in frozen], device=self.engine.device,
+        )  # fmt: skip
+        if self.acc.num_processes > 1:
+            counts = self.acc.reduce(counts, reduction="sum")
+        for (name, path, _), n in zip(frozen, counts.tolist()):
+            if n:
+                scored = "scored" if name == "reward model" else "gave log-probabilities of"
+                raise ModelError(
+                    f"the {name} ({path}) {scored} {int(n)} of {len(r) * self.engine.world} "
+                    f"responses as NaN or inf in RL iteration {iteration + 1}; the {name} is frozen, "
+                    "so its weights (or its score head) are broken, not the learning rate: check or "
+                    "retrain it"
+                )
 
     # ------------------------------------------------------------------ 3-4: rewards and advantages
 
@@ -282,7 +308,7 @@ class PPOTrainer:
                         sums["value/clipfrac"] += float(vstats["clipfrac"])
                         counts["value/loss"] += 1
                         counts["value/clipfrac"] += 1
-                eng.record_step_health(finite, iteration)
+                eng.record_step_health(finite, iteration + 1)  # as metrics.jsonl counts
                 update_index += 1
         out = {k: sums[k] / max(counts[k], 1) for k in sums}
         out["lr"] = lr
@@ -360,7 +386,7 @@ class PPOTrainer:
             t0 = time.time()
             r, gen_seconds = self.rollout(it)
             t1 = time.time()
-            self.score(r)
+            self.score(r, it)
             parts = self.assemble(r)
             t2 = time.time()
             rollout_stats = self.rollout_metrics(r, parts)
@@ -382,6 +408,9 @@ class PPOTrainer:
                 eng.save_checkpoint(done, {"kl_coef": self.kl.value, "samples_seen": self.samples_seen,
                                            "running_score": vars(self.running)})  # fmt: skip
             maybe_fault("kill_after_step", done)
+        eng.check_finite_weights(self.policy, iterations, "policy")
+        if self.critic is not None and self.cfg.save_critic:
+            eng.check_finite_weights(self.critic, iterations, "critic")
         final = self.evaluate()
         if final:
             logger.log(iterations, {"samples": self.samples_seen, **final})
