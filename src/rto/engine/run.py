@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from rto.config.core import to_dict
+from rto.engine.card import CARD_FILE, written_by_rto
 from rto.engine.files import read_json, write_atomic
 from rto.errors import RtoError
 
@@ -39,7 +40,7 @@ OWNED = (
     SUMMARY_FILE,
     CONFIG_FILE,
     "tensorboard",
-    "README.md",
+    CARD_FILE,  # unless it is the user's own
 )
 # Config keys that do not change what a run makes: a finished run resumed with other values of
 # these is still the same run.
@@ -149,7 +150,7 @@ class RunFolder:
                 p = out / name
                 if p.is_dir():
                     shutil.rmtree(p)
-                elif p.exists():
+                elif p.exists() and (name != CARD_FILE or written_by_rto(p)):
                     p.unlink()
         out.mkdir(parents=True, exist_ok=True)
         old_path = out / CONFIG_FILE
