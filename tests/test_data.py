@@ -99,7 +99,7 @@ def test_other_encodings_name_the_line_and_the_likely_encoding(tmp_path: Path) -
     with pytest.raises(DataError) as err:
         load_rows(str(latin))
     msg = str(err.value)
-    assert f"file {latin}, line 2, byte 15" in msg and "not UTF-8 (bytes e9" in msg
+    assert f"file {latin}, line 2, byte 16" in msg and "not UTF-8 (bytes e9" in msg
     assert "Windows-1252 or Latin-1" in msg and "iconv -f CP1252 -t UTF-8" in msg
     utf16 = tmp_path / "u16.jsonl"
     utf16.write_bytes(json.dumps(ROWS[0]).encode("utf-16"))

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from rto.errors import ConfigError
+from rto.errors import ConfigError, not_utf8
 
 T = TypeVar("T")
 
@@ -256,8 +256,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config " + not_utf8(p, raw, exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
     if data is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rto.errors import DataError
+from rto.errors import DataError, not_utf8
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -61,27 +61,6 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(not_utf8(path, data, exc)) from None
-
-
-def not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
-    """Where a file stops being UTF-8 and what it probably is instead."""
-    start = exc.start
-    line = data.count(b"\n", 0, start) + 1
-    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
-    bad = data[start : start + 4].hex(" ")
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        guess, iconv = "UTF-16 (it starts with a UTF-16 byte-order mark)", "UTF-16"
-    else:
-        try:
-            data.decode("cp1252")
-            guess, iconv = "Windows-1252 or Latin-1", "CP1252"
-        except UnicodeDecodeError:
-            guess, iconv = "not a text encoding rto can guess", "ENCODING"
-    return (
-        f"file {path}, line {line}, byte {column} (offset {start}): not UTF-8 (bytes {bad}); the "
-        f"file looks like {guess}. Save it as UTF-8, e.g. `iconv -f {iconv} -t UTF-8 {path} > "
-        f"{path.with_name(path.stem + '.utf8' + path.suffix)}`"
-    )
 
 
 def _read_json_file(path: Path) -> Rows:
