@@ -109,9 +109,20 @@ def _set_override(recipe: dict[str, Any], assignment: str) -> None:
             f"--set {assignment!r}: no stage named {parts[0]!r} (stages: {', '.join(stages)})"
         )
     node = stages[parts[0]]
-    for p in parts[1:-1]:
+    for i, p in enumerate(parts[1:-1], start=1):
         node = node.setdefault(p, {})
-    node[parts[-1]] = yaml.safe_load(value) if value else value
+        if not isinstance(node, dict):
+            raise ConfigError(
+                f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is a value ({node!r}), "
+                "not a section with keys"
+            )
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value else value
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(
+            f"--set {assignment!r}: the value is not valid YAML ({problem})"
+        ) from None
 
 
 def plan(
@@ -213,9 +224,17 @@ def run(
             raise ConfigError(f"--force {f}: no stage of that name (stages: {', '.join(names)})")
     forced_from = min((names.index(f) for f in force or []), default=len(names))
     root = Path(resolved["out"])
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    recipe_written = False
+
+    def write_recipe() -> None:
+        # once, when the first stage begins writing (or at the end if every stage is up to
+        # date): a pipeline that fails on its inputs leaves the earlier run's recipe in place
+        nonlocal recipe_written
+        if main and not recipe_written:
+            root.mkdir(parents=True, exist_ok=True)
+            write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        recipe_written = True
+
     runners = {s.name: s for s in STAGES}
     rerun: set[str] = set()
     report: dict[str, Any] = {}
@@ -271,6 +290,7 @@ def run(
         quiet_loading(p.config)
 
         def mark_started(folder: Path = folder, fingerprint: str = p.fingerprint) -> None:
+            write_recipe()
             write_json(folder / STATE_FILE, {"fingerprint": fingerprint, "complete": False})
 
         # the stage's folder (this file included) changes only once its inputs are all loaded
@@ -291,6 +311,7 @@ def run(
                        {"fingerprint": p.fingerprint, "complete": True, "seconds": seconds})  # fmt: skip
         rerun.add(p.name)
         report[p.name] = {"status": "ran", "seconds": seconds}
+    write_recipe()
     if main:
         write_json(root / "pipeline_run.json", report)
     return report

@@ -170,12 +170,11 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         raise DataError(f"file {eval_file} has no 'methods'; is it the eval.json of `rto eval`?")
     methods = method_rows(eval_result, cfg.baseline)
     curves = {e.split("=", 1)[0]: read_curve(Path(e.split("=", 1)[1])) for e in cfg.curves}
-    default_config = folder.path.parent / "pipeline.yaml"
-    if cfg.pipeline_config:
-        config = core.load_yaml(cfg.pipeline_config)
-    else:
-        config = core.load_yaml(default_config) if default_config.is_file() else None
-    out = folder.begin()
+    recipe = Path(cfg.pipeline_config or folder.path.parent / "pipeline.yaml")
+    if cfg.pipeline_config or recipe.is_file():
+        core.load_yaml(recipe)  # checked before the run begins
+    out = folder.begin()  # under `rto pipeline`, this may write the recipe being run
+    config = core.load_yaml(recipe) if recipe.is_file() else None
     plots = plot(methods, curves, out, cfg.title)
     result = {"methods": methods, "curves": curves, "config": config, "environment": environment()}
     write_json(out / "results.json", result)
