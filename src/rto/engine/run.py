@@ -113,6 +113,15 @@ class RunFolder:
                 )
             action = "done"
         elif resume:
+            foreign = foreign_keys(_read_config(out), config)
+            if foreign:
+                raise RtoError(
+                    f"output folder {out} holds an unfinished run that this {stage} run cannot "
+                    f"continue: its config.yaml has other keys ({', '.join(foreign[:6])}"
+                    f"{' ...' if len(foreign) > 6 else ''}), so another stage (or another rto "
+                    "version) made it. Resume it with the command that started it, pass --overwrite "
+                    "to replace it, or choose another --out"
+                )
             action = "continue"
         elif overwrite:
             action = "replace"
@@ -153,19 +162,25 @@ class RunFolder:
                 elif p.exists() and (name != CARD_FILE or written_by_rto(p)):
                     p.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        old_path = out / CONFIG_FILE
-        if self.action == "continue" and old_path.exists():
+        if self.action == "continue" and (out / CONFIG_FILE).exists():
             changed = changed_keys(_read_config(out), self.config)
             if changed:
                 print(
                     f"[rto] resuming with changed config keys: {describe_changes(changed)}",
                     file=sys.stderr,
                 )
-        write_atomic(old_path, yaml.safe_dump(self.config, sort_keys=False))
+        else:  # a continued run keeps its config.yaml until its checkpoint has loaded
+            self.write_config()
         callback = _ON_BEGIN.get(out.resolve())
         if callback is not None:
             callback()
         return out
+
+    def write_config(self, *, is_main: bool = True) -> None:
+        """Write this run's config.yaml: at `begin`, or once a continued run's checkpoint has
+        loaded (so a checkpoint that does not fit leaves the config it was made with)."""
+        if is_main:
+            write_atomic(self.path / CONFIG_FILE, yaml.safe_dump(self.config, sort_keys=False))
 
 
 def check_writable(out: Path) -> None:
@@ -214,6 +229,21 @@ def changed_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> list[tuple[
     old = {k: v for k, v in old.items() if k not in NOT_COMPARED}
     new = {k: v for k, v in new.items() if k not in NOT_COMPARED}
     return sorted(_diff(old, new))
+
+
+def foreign_keys(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Dotted keys that only one of two configs has: a run of another stage (an unreadable old
+    config has none, and is reported by `changed_keys`)."""
+    if old is None:
+        return []
+    return sorted(_keys(old) ^ _keys(new))
+
+
+def _keys(config: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in config.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
 
 
 def describe_changes(changed: list[tuple[str, Any, Any]], limit: int = 8) -> str:

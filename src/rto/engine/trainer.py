@@ -162,15 +162,26 @@ class Engine:
         if not resume:
             return {"step": 0}
         latest = self.checkpoints.latest()
+        state: dict[str, Any] = {"step": 0}
         if latest is None:
             self.say(
                 f"[rto] --resume: no checkpoint in {self.checkpoints.root}; starting from the beginning"
             )
-            return {"step": 0}
-        state = self.checkpoints.load(latest)
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.say(f"[rto] resumed from {latest} (step {state['step']})")
+        else:
+            try:
+                state = self.checkpoints.load(latest)
+            except Exception as exc:  # saved by another model: say so; config.yaml stays as made
+                raise TrainingError(
+                    f"the checkpoint {latest} does not fit this run ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200]}); --resume continues a run with the model "
+                    f"and config it was made with ({self.out / 'config.yaml'}). Pass --overwrite "
+                    "to start again instead"
+                ) from None
+            self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.say(f"[rto] resumed from {latest} (step {state['step']})")
+        if self.folder is not None:  # the continued run is now this config's run
+            self.folder.write_config(is_main=self.is_main)
         return state
 
     def save_checkpoint(self, step: int, extra: dict[str, Any] | None = None) -> None:
