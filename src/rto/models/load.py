@@ -175,13 +175,14 @@ def _explain_load_error(what: str, path: str, exc: Exception) -> ModelError:
     return ModelError(f"could not load the {what} from {path}: {type(exc).__name__}: {exc}.{hint}")
 
 
-def load_tokenizer(section: Any, path: str | None = None) -> Any:
-    """The tokenizer of `section` (or of `path`), with a pad token guaranteed."""
+def load_tokenizer(section: Any, path: str | None = None, role: str | None = None) -> Any:
+    """The tokenizer of `section` (or of `path`, the folder of the `role` model), with a pad
+    token guaranteed."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
     source, kwargs = _locate(section, path or section.tokenizer)
-    what = "tokenizer" if section.tokenizer and not path else "model"
+    what = "tokenizer" if section.tokenizer and not path else (role or "model")
     check_source(source, kwargs, what, tokenizer=True)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)

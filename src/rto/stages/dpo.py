@@ -129,7 +129,10 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     ref_path = cfg.ref_model or cfg.model.path
     if ref_path != cfg.model.path:
         check_same_tokenizer(
-            tokenizer, "policy", load_tokenizer(cfg.model, path=ref_path), "reference model"
+            tokenizer,
+            "policy",
+            load_tokenizer(cfg.model, ref_path, "reference model"),
+            "reference model",
         )
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path,

@@ -109,20 +109,21 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     device = PartialState().device
     policies = cfg.named_policies()
     first_name, first_path = policies[0]
-    tokenizer = load_tokenizer(cfg.model, path=first_path)
+    tokenizer = load_tokenizer(cfg.model, first_path, f"policy {first_name}")
     resolve_judges(cfg.eval)
     for name, path in policies[1:] + ([("reference", cfg.ref_model)] if cfg.ref_model else []):
+        role = f"policy {name}" if name != "reference" else "reference model"
         check_same_tokenizer(
             tokenizer,
             f"policy {first_name}",
-            load_tokenizer(cfg.model, path=path),
-            f"policy {name}" if name != "reference" else "reference model",
+            load_tokenizer(cfg.model, path, role),
+            role,
         )
     if cfg.reward_model:
         check_same_tokenizer(
             tokenizer,
             f"policy {first_name}",
-            load_tokenizer(cfg.model, path=cfg.reward_model),
+            load_tokenizer(cfg.model, cfg.reward_model, "reward model"),
             "reward model",
         )
     prompts = load_eval_prompts(

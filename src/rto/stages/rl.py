@@ -61,7 +61,7 @@ def run(cfg: RLConfig) -> dict[str, Any]:
               ("reward model", cfg.reward_model if (use_rm or critic_from_rm) else None)]  # fmt: skip
     for name, path in others:
         if path and path != (cfg.model.tokenizer or cfg.model.path):
-            check_same_tokenizer(tokenizer, "policy", load_tokenizer(cfg.model, path=path), name)
+            check_same_tokenizer(tokenizer, "policy", load_tokenizer(cfg.model, path, name), name)
     stats = reward_stats(cfg) if use_rm else None
 
     prompts, report = load_prompts(
