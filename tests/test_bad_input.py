@@ -1,7 +1,8 @@
 """Bad input, as a new user gives it: every case runs one command through the CLI and must exit
 with status 2 (or do the documented nothing), name what is wrong (file, line, key, function,
-model), print no traceback, and change nothing on disk: the finished run next to it keeps every
-file byte for byte (checked by hash), and a new --out is not even created.
+model), print no traceback, and change nothing on disk: the finished pipeline run and the
+interrupted run beside it keep every file byte for byte (checked by hash), and a new --out is not
+even created.
 
 Almost every case fails before a model is trained, so the table takes seconds. Failures that need
 a running model (non-finite weights, a reward model that scores NaN, a full disk) follow it."""
@@ -44,14 +45,22 @@ def fluent_maybe(prompts, responses):
 
 @dataclass
 class World:
-    """The inputs of the table: the built-in task, a finished run, and broken files of every kind."""
+    """The inputs of the table: the built-in task, a finished run, an interrupted run, and broken
+    files of every kind."""
 
     task: Path
     finished: Path  # a finished sft run, made by `rto pipeline` (so it also holds pipeline.json)
     recipe: Path
     bad: Path  # broken data files and model folders
     classifier: Path  # a sequence-classification model (a reward model) with the task's tokenizer
+    interrupted: Path  # an sft run stopped after its checkpoint of step 1 (CUT_SHORT)
     new: Path = Path()  # a fresh --out for this case; it must not exist after a failure
+
+    @property
+    def guarded(self) -> list[Path]:
+        """The earlier runs no failed command may change: the whole pipeline folder (its
+        pipeline.yaml too) and the interrupted run."""
+        return [self.finished.parent, self.interrupted]
 
     @property
     def base(self) -> Path:
@@ -86,9 +95,24 @@ class World:
                 "--data.max_prompt_length", "32", *extra]  # fmt: skip
 
 
+CUT_SHORT = ("--train.max_steps", "3", "--train.save_every", "1")  # the interrupted run's steps
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def smaller_model(base: Path, out: Path) -> Path:
+    """A causal LM of another shape with the base model's tokenizer: its weights do not fit a
+    checkpoint of the base model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base)
+    config.hidden_size, config.intermediate_size = 32, 64
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
 
 
 def sequence_classifier(base: Path, out: Path, fill: float | None = None) -> Path:
@@ -147,6 +171,7 @@ def world(tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (bad / "no_config" / name).write_bytes((tiny_task / "base_model" / name).read_bytes())
     (bad / "nan_lr.yaml").write_text("train:\n  lr: .nan\n")
+    (bad / "utf16.yaml").write_bytes("train:\n  lr: 0.001\n".encode("utf-16"))
     (bad / "eval_run").mkdir()
     (bad / "eval_run" / "eval.json").write_text(
         json.dumps(
@@ -161,15 +186,28 @@ def world(tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     )
     (bad / "rto_test_bad_judges.py").write_text(JUDGES)
     (bad / "rto_test_broken_judges.py").write_text("def f(prompts, responses)\n    return []\n")
+    smaller_model(tiny_task / "base_model", bad / "smaller_model")
     classifier = sequence_classifier(tiny_task / "base_model", root / "classifier")
-    return World(tiny_task, root / "run" / "sft", recipe, bad, classifier)
+    w = World(tiny_task, root / "run" / "sft", recipe, bad, classifier, root / "cut")
+    os.environ["RTO_FAULT"] = "disk_full_during_save:2"  # stops the run after step 2
+    try:
+        assert rto(*w.sft(w.interrupted, *CUT_SHORT)) == 2
+    finally:
+        del os.environ["RTO_FAULT"]
+    assert [p.name for p in (w.interrupted / "checkpoints").iterdir()] == ["step-1"]
+    return w
 
 
 def R(w: World) -> Path:  # the finished run, as a command's --out
     return w.finished
 
 
-# (id, the command, what the message must say); w.new is a fresh --out, R(w) the finished run.
+def C(w: World, *extra: object) -> list:  # the interrupted run's command, continued
+    return w.sft(w.interrupted, *CUT_SHORT, "--resume", *extra)
+
+
+# (id, the command, what the message must say); w.new is a fresh --out, R(w) the finished run,
+# C(w) continues the interrupted run.
 CASES = [
     # ----------------------------------------------------------------- configs and non-finite values
     ("lr-inf", lambda w: w.sft(R(w), "--overwrite", "--train.lr", "inf"), ["'train.lr'", "finite", "inf"]),
@@ -181,6 +219,8 @@ CASES = [
     ("lr-negative", lambda w: w.sft(R(w), "--overwrite", "--train.lr", "-1"), ["'train.lr'", "out of range"]),
     ("unknown-option", lambda w: w.sft(R(w), "--overwrite", "--train.lrr", "1"), ["--train.lrr", "--train.lr"]),
     ("batch-zero", lambda w: w.sft(w.new, "--train.batch_size", "0"), ["'train.batch_size'", ">= 1"]),
+    ("config-not-utf8", lambda w: w.sft(w.new, "--config", w.bad / "utf16.yaml"),
+     ["config file", "utf16.yaml, line 1, byte 1", "not UTF-8", "UTF-16"]),
     # ----------------------------------------------------------------- output folders
     ("out-is-a-file", lambda w: w.sft(w.bad / "data.txt"), ["data.txt is a file, not a folder"]),
     ("out-under-a-file", lambda w: w.sft(w.bad / "data.txt" / "run"), ["data.txt is a file"]),
@@ -190,6 +230,20 @@ CASES = [
     ("finished-other-stage", lambda w: w.pairs(R(w)), ["already holds a finished sft run"]),
     ("finished-task", lambda w: ["task", "sentiment", "--out", R(w), *TINY_TASK], ["finished sft run"]),
     ("finished-eval", lambda w: w.eval(R(w)), ["already holds a finished sft run"]),
+    ("interrupted-no-flag", lambda w: w.sft(w.interrupted, *CUT_SHORT),
+     ["already holds an unfinished sft run; pass --resume to continue it, --overwrite"]),
+    ("interrupted-resume-nan", lambda w: C(w, "--train.lr", "nan"), ["'train.lr'", "finite"]),
+    # a --resume with a bad input used to rewrite config.yaml before failing
+    ("interrupted-resume-typo", lambda w: C(w, "--data.path", w.bad / "sft_tarin.jsonl"),
+     ["sft_tarin.jsonl does not exist"]),
+    ("interrupted-resume-empty-model", lambda w: C(w, "--model.path", w.bad / "empty_model"),
+     ["empty_model is empty"]),
+    ("interrupted-resume-other-model", lambda w: C(w, "--model.path", w.bad / "smaller_model"),
+     ["checkpoint", "step-1 does not fit this run", "--overwrite"]),
+    ("interrupted-resume-other-stage", lambda w: w.preference("rm", w.interrupted, "--resume"),
+     ["cannot continue", "another stage", "completion_only_loss"]),
+    ("interrupted-overwrite-latin1", lambda w: w.sft(w.interrupted, "--overwrite", "--data.path", w.bad / "latin1.jsonl"),
+     ["latin1.jsonl, line 3", "not UTF-8"]),
     # ----------------------------------------------------------------- data files
     ("latin1", lambda w: w.sft(R(w), "--overwrite", "--data.path", w.bad / "latin1.jsonl"),
      ["latin1.jsonl, line 3, byte 20", "not UTF-8", "Windows-1252", "iconv"]),
@@ -241,6 +295,8 @@ CASES = [
     ("classifier-as-reference", lambda w: w.preference("dpo", w.new, "--ref_model", w.classifier),
      ["reference model", "sequence classifier"]),
     ("lm-as-reward-model", lambda w: w.rl(w.new, "--reward_model", w.base), ["reward model", "has no score head"]),
+    ("reward-model-typo", lambda w: w.rl(R(w), "--overwrite", "--reward_model", w.bad / "rm"),
+     ["the reward model path", "rm does not exist"]),
     ("empty-dpo-model", lambda w: w.rl(w.new, "--preset", "rto", "--dpo_model", w.bad / "empty_model"),
      ["empty_model is empty"]),
     ("eval-empty-policy", lambda w: w.eval(R(w), "--overwrite", "--policies", f"a={w.bad / 'empty_model'}"),
@@ -277,6 +333,10 @@ CASES = [
      ["/nope/sft.jsonl does not exist"]),
     ("pipeline-nan", lambda w: ["pipeline", "--config", w.recipe, "--set", "sft.train.lr=.nan"],
      ["'train.lr'", "finite", "stage sft"]),
+    ("pipeline-set-not-yaml", lambda w: ["pipeline", "--config", w.recipe, "--set", "sft.train.lr=["],
+     ["--set 'sft.train.lr=['", "not valid YAML"]),
+    ("pipeline-set-into-a-value", lambda w: ["pipeline", "--config", w.recipe, "--set", "sft.train.max_steps.x=1"],
+     ["sft.train.max_steps is a value (2)"]),
 ]  # fmt: skip
 
 
@@ -296,7 +356,7 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
     _, command, says = case
     monkeypatch.syspath_prepend(str(world.bad))  # the judges' module, as a user's PYTHONPATH
     world.new = tmp_path / "new_run"
-    before = tree_hashes(world.finished)
+    before = [tree_hashes(run) for run in world.guarded]
     capsys.readouterr()
     code = rto(*command(world))
     err = capsys.readouterr().err
@@ -304,7 +364,7 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(
     assert "error: " in err and "Traceback" not in err
     for text in says:
         assert text in err, f"{text!r} not in: {err}"
-    assert tree_hashes(world.finished) == before, "a failed command changed the finished run"
+    assert [tree_hashes(run) for run in world.guarded] == before, "a failed command changed a run"
     assert not world.new.exists(), "a failed command created its output folder"
 
 
@@ -354,6 +414,23 @@ def test_an_out_folder_that_cannot_be_written_is_refused_first(
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+def test_the_interrupted_run_still_resumes_exactly(world: World, tmp_path: Path) -> None:
+    """After every failed command of the table, the interrupted run (stopped by a full disk
+    while saving step 2) resumes from step 1 and ends with the weights of a run never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cut = tmp_path / "cut"
+    shutil.copytree(world.interrupted, cut)
+    assert rto(*world.sft(cut, *CUT_SHORT, "--resume")) == 0
+    assert rto(*world.sft(tmp_path / "whole", *CUT_SHORT)) == 0
+    a, b = (load_file(str(p / "model.safetensors")) for p in (cut, tmp_path / "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:3] == [1, 2, 3]
 
 
 def test_a_failed_overwrite_keeps_the_pipeline_skipping_the_stage(
