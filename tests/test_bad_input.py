@@ -311,7 +311,7 @@ CASES = [
     ("judge-wrong-length", lambda w: w.pairs(w.new, "--gold_reward", "rto_test_bad_judges:too_short"),
      ["too_short' returned 1 values for 16 responses"]),
     ("judge-returns-nan", lambda w: w.pairs(w.new, "--gold_reward", "rto_test_bad_judges:returns_nan"),
-     ["returns_nan' returned nan", "finite"]),
+     ["returns_nan' returned a non-finite value, nan, for response 0"]),
     ("judge-module-missing", lambda w: w.pairs(R(w), "--overwrite", "--gold_reward", "no_such_module:f"),
      ["'gold_reward'", "cannot import module 'no_such_module'"]),
     ("judge-function-missing", lambda w: w.pairs(w.new, "--gold_reward", "rto_test_bad_judges:nope"),
@@ -516,6 +516,6 @@ def test_judges_are_named_with_what_they_returned() -> None:
     assert call_judge(judge([True, 0]), ["p", "q"], ["a", "b"], "m:f", "fluency") == [True, False]
     for values, says in ((iter([1.0]), "returned 1 values for 2"), ({"a": 1, "b": 2}, "(dict)"),
                          ([None, 1.0], "returned None (NoneType) for response 0"),
-                         ([1.0, float("inf")], "returned inf (float) for response 1")):  # fmt: skip
+                         ([1.0, float("inf")], "returned a non-finite value, inf, for response 1")):  # fmt: skip
         with pytest.raises(RtoError, match=r"gold reward 'm:f' .*" + re.escape(says)):
             call_judge(judge(values), ["p", "q"], ["a", "b"], "m:f", "gold")

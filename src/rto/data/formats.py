@@ -321,6 +321,21 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
     return PreferenceText(p_text, c_text, r_text, False)
 
 
+def scored_text(
+    prompt: Any, response: str, render: ChatRenderer, where: str
+) -> tuple[str, str, bool]:
+    """(prompt text, response text, from_chat) of one response to a prompt (a string or
+    messages), rendered as `preference_text` renders a row {prompt, chosen: response}: what a
+    reward model trained on such rows reads. Used to score text with a reward model whose
+    tokenizer is not the policy's."""
+    if render.wrap_strings or _is_messages(prompt):
+        prompt_m = check_messages(_as_turn(prompt, "user", where, "prompt"), where, "prompt")
+        reply = {"role": "assistant", "content": check_text(response, where, "response")}
+        p_text, r_text = render.response(prompt_m, reply, where)
+        return p_text, r_text, True
+    return check_text(prompt, where, "prompt"), check_text(response, where, "response"), False
+
+
 # --------------------------------------------------------------------------- prompts
 
 

@@ -34,8 +34,8 @@ SETTINGS = {
            "rl.rollout_batch_size", "train.lr", "rl.critic_lr", "train.max_steps", "generate.max_new_tokens"],
     "pairs": ["gold_reward", "num_samples", "annotator", "temperature", "generate.max_new_tokens"],
 }  # fmt: skip
-INPUTS = ["model.path", "model.gguf_file", "ref_model", "reward_model", "dpo_model", "data.path",
-          "data.eval_path", "policies", "eval.prompts"]  # fmt: skip
+INPUTS = ["model.path", "model.gguf_file", "ref_model", "reward_model", "reward_fn", "dpo_model",
+          "token_reward_fn", "critic_model", "data.path", "data.eval_path", "policies", "eval.prompts"]  # fmt: skip
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:

@@ -14,7 +14,7 @@ import torch
 
 from rto.data.tokenize import load_prompts
 from rto.engine.files import write_jsonl
-from rto.models.forward import response_logprobs, sequence_scores
+from rto.models.forward import response_logprobs
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.tasks import call_judge, resolve
 
@@ -122,10 +122,12 @@ def sampled_metrics(
                 args = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
                 kl = response_logprobs(model, *args) - response_logprobs(ref, *args)
                 extra["kl"] = kl.sum(1).tolist()
-            if reward_model is not None:
-                ids = torch.cat([s.prompt_ids, s.response_ids], 1)
-                mask = torch.cat([s.prompt_mask, s.response_mask], 1)
-                extra["rm_score"] = sequence_scores(reward_model, ids, mask).tolist()
+            if reward_model is not None:  # a models.reward_model.RewardModel
+                values = [p.get("prompt_value", p["prompt"]) for p in chunk]
+                scores = reward_model.score(
+                    s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask, values, texts
+                )
+                extra["rm_score"] = scores.tolist()
             for j, p in enumerate(chunk):
                 rec: dict[str, Any] = {"id": p.get("id", i + j), "prompt": p["prompt"], "response": texts[j],
                                        "length": int(s.response_mask[j].sum()), "truncated": bool(s.truncated[j])}  # fmt: skip

@@ -384,7 +384,9 @@ def tokenizer_fingerprint(tok: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_same_tokenizer(tok_a: Any, name_a: str, tok_b: Any, name_b: str) -> None:
+def check_same_tokenizer(
+    tok_a: Any, name_a: str, tok_b: Any, name_b: str, reason: str | None = None
+) -> None:
     """Token ids go from one model to another unchanged, so the tokenizers must be the same."""
     if tokenizer_fingerprint(tok_a) == tokenizer_fingerprint(tok_b):
         return
@@ -393,8 +395,11 @@ def check_same_tokenizer(tok_a: Any, name_a: str, tok_b: Any, name_b: str) -> No
     if len(va) == len(vb):
         n = sum(1 for k, v in va.items() if vb.get(k) != v)
         diff = f"{n} tokens with different ids" if n else "different special tokens"
+    reason = (
+        reason
+        or "token ids are passed between these models unchanged, so they must share one tokenizer"
+    )
     raise ModelError(
         f"the {name_a} ({getattr(tok_a, 'name_or_path', '?')}) and the {name_b} ({getattr(tok_b, 'name_or_path', '?')}) "
-        f"use different tokenizers ({diff}); token ids are passed between these models unchanged, so they "
-        "must share one tokenizer: train both from the same base model"
+        f"use different tokenizers ({diff}); {reason}: train both from the same base model"
     )

@@ -1,8 +1,9 @@
 """`rto eval`: compare policies on held-out prompts.
 
 For each policy, one sampled response per prompt (same prompts, same sampling settings), and:
-gold reward (when the task has one), reward-model score, KL to the reference (summed over the
-response's tokens), fluency (when the task has a check), response length, distinct-1/2, and win
+gold reward (when the task has one), reward-model score (a reward model with its own tokenizer
+reads the prompt and response re-rendered with its own chat template), KL to the reference
+(summed over the response's tokens), fluency (when the task has a check), response length, distinct-1/2, and win
 rates of every policy against every other (by gold reward, or by the reward model), a tie
 counting one half. Writes eval.json, generations/<name>.jsonl and a table on the terminal;
 optionally exports generations for AlpacaEval 2 and Arena-Hard.
@@ -21,13 +22,8 @@ from rto.engine.files import write_atomic, write_json, write_jsonl
 from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
 from rto.evaluation.sampled import load_eval_prompts, resolve_judges, sampled_metrics
-from rto.models.forward import TokenScorer
-from rto.models.load import (
-    check_same_tokenizer,
-    load_causal_lm,
-    load_sequence_scorer,
-    load_tokenizer,
-)
+from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rto.models.reward_model import load_reward_model
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -119,33 +115,28 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             load_tokenizer(cfg.model, path, role),
             role,
         )
-    if cfg.reward_model:
-        check_same_tokenizer(
-            tokenizer,
-            f"policy {first_name}",
-            load_tokenizer(cfg.model, cfg.reward_model, "reward model"),
-            "reward model",
-        )
     prompts = load_eval_prompts(
         cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, first_path, cfg.data.chat_prompts
     )
     ref = (
-        load_causal_lm(cfg.model, path=cfg.ref_model, trainable=False).to(device)
+        load_causal_lm(cfg.model, path=cfg.ref_model, trainable=False, role="reference model").to(
+            device
+        )
         if cfg.ref_model
         else None
     )
     rm = None
-    if cfg.reward_model:
-        rm = TokenScorer(
-            load_sequence_scorer(
-                cfg.model, cfg.reward_model, trainable=False, require_head=True, role="reward model"
-            )
-        ).to(device)
+    if cfg.reward_model:  # may have its own tokenizer: it then reads re-rendered text
+        rm = load_reward_model(cfg.model, cfg.reward_model, tokenizer, chat_prompts=cfg.data.chat_prompts,
+                               device=device)  # fmt: skip
+        rm.check_prompts([p["prompt_value"] for p in prompts])
+        print("[rto] " + rm.describe(), flush=True)
 
     methods: dict[str, dict[str, Any]] = {}
     all_records: dict[str, list[dict[str, Any]]] = {}
     for name, path in policies:
-        policy = load_causal_lm(cfg.model, path=path, trainable=False).to(device)
+        policy = load_causal_lm(cfg.model, path=path, trainable=False, role=f"policy {name}")
+        policy = policy.to(device)
         metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=device, seed=cfg.seed,
                                            ref=ref, reward_model=rm)  # fmt: skip
         texts = [r["response"] for r in records]

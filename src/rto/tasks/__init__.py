@@ -64,11 +64,17 @@ def resolve(spec: str, kind: str, key: str) -> Judge:
 
 
 def call_judge(
-    fn: Judge, prompts: list[str], responses: list[str], spec: str, kind: str
+    fn: Judge,
+    prompts: list[str],
+    responses: list[str],
+    spec: str,
+    kind: str,
+    what: str | None = None,
 ) -> list[Any]:
     """Call a judge and check what it returned: one finite number (gold) or one true / false
-    value (fluency) per response. Anything else is refused, naming the judge and the value."""
-    what = f"{'gold reward' if kind == 'gold' else 'fluency check'} {spec!r}"
+    value (fluency) per response. Anything else is refused, naming the judge (`what` says what
+    it is: "gold reward", "reward function" ...) and the value."""
+    what = f"{what or ('gold reward' if kind == 'gold' else 'fluency check')} {spec!r}"
     try:
         values = fn(prompts, responses)
     except Exception as exc:  # a user's function: say whose, where, and on what
@@ -92,11 +98,16 @@ def call_judge(
     out = [_judge_value(v, kind) for v in values]
     bad = [i for i, v in enumerate(out) if v is None]
     if bad:
-        i = bad[0]
+        i, value = bad[0], values[bad[0]]
+        non_finite = isinstance(value, float) and not math.isfinite(value)
+        got = (
+            f"a non-finite value, {value},"
+            if non_finite
+            else f"{_short(value)} ({type(value).__name__})"
+        )
         raise RtoError(
-            f"{what} returned {_short(values[i])} ({type(values[i]).__name__}) for response {i} "
-            f"({_short(responses[i])}); a judge must return {expected}"
-            + (" (finite: no NaN or inf)" if kind == "gold" else "")
+            f"{what} returned {got} for response {i} ({_short(responses[i])}); a judge must "
+            f"return {expected}" + (" (finite: no NaN or inf)" if kind == "gold" else "")
         )
     return out
 
