@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import sys
 from collections.abc import Callable
@@ -223,6 +224,20 @@ def publish(cfg: Any) -> None:
         print(f"[rto] uploaded {cfg.out} to {push_to_hub(cfg.out, repo)}", flush=True)
 
 
+# What the file system refuses (not a bug in rto): said in one line, without a traceback.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def file_system_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the disk is full{where}; free space, then rerun the command (a training stage with "
+            "--resume continues from its last complete checkpoint)"
+        )
+    return f"{exc.strerror}{where}; check the permissions of that path, or choose another one"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -256,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except RtoError as exc:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"rto {args.stage}: error: {file_system_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

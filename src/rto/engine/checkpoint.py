@@ -11,6 +11,7 @@ Inside: accelerate's state (models, optimisers, every random generator) and `tra
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 
 from rto.engine.faults import maybe_fault
 from rto.engine.files import read_json, write_json
+from rto.errors import TrainingError
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -61,24 +63,47 @@ class Checkpoints:
         acc = self.accelerator
         final = self.root / f"step-{step}"
         partial = self.root / f".partial-step-{step}"
-        if acc.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(partial), safe_serialization=True)  # collective: each process its part
-        acc.wait_for_everyone()  # every part is on disk before the one rename makes it a checkpoint
-        if acc.is_main_process:
-            write_json(partial / STATE_FILE, {"step": step, **state})
-            _fsync_tree(partial)
-            maybe_fault("kill_during_save", step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(self.root)
-            for _, old in self.complete()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(partial), safe_serialization=True)  # collective: each process its part
+            maybe_fault("disk_full_during_save", step, partial / "model.safetensors")
+            acc.wait_for_everyone()  # every part is on disk before the one rename makes it a checkpoint
+            if acc.is_main_process:
+                write_json(partial / STATE_FILE, {"step": step, **state})
+                _fsync_tree(partial)
+                maybe_fault("kill_during_save", step)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                _fsync_dir(self.root)
+                for _, old in self.complete()[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            raise self._write_failed(exc, step, partial) from None
         acc.wait_for_everyone()
         return final
+
+    def _write_failed(self, exc: OSError, step: int, partial: Path) -> TrainingError:
+        """A checkpoint that could not be written (a full disk, a lost mount): drop the partial
+        one, and say which complete checkpoint the run resumes from."""
+        shutil.rmtree(partial, ignore_errors=True)
+        latest = self.latest()
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "the disk is full" if full else f"{exc.strerror or exc}"
+        where = exc.filename or partial
+        resume = (
+            f"the last complete checkpoint, {latest}, is intact and resumes with --resume"
+            if latest is not None
+            else "no complete checkpoint was written yet, so --resume starts from the beginning"
+        )
+        fix = "free space there (or set train.keep_checkpoints 1)" if full else "fix that"
+        return TrainingError(
+            f"could not write the checkpoint of step {step}: {what} ({where}); {resume}. "
+            f"{fix[0].upper() + fix[1:]}, then rerun the same command with --resume"
+        )
 
     def load(self, path: Path) -> dict[str, Any]:
         self.accelerator.load_state(str(path))

@@ -37,7 +37,7 @@ from rto.engine.distributed import (
 )
 from rto.engine.faults import maybe_fault
 from rto.engine.logger import MetricsLogger, write_summary
-from rto.engine.run import prepare_out_dir, resolved_config
+from rto.engine.run import RunFolder
 from rto.engine.schedule import lr_at
 from rto.errors import ConfigError, RtoError, TrainingError
 
@@ -122,23 +122,30 @@ class Engine:
         self.run_config = run_config
         self.progress_keys = progress_keys
         self.logger: MetricsLogger | None = None
+        self.folder: RunFolder | None = None
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
 
     @classmethod
-    def for_stage(cls, cfg: Any, stage: str, progress_keys: tuple[str, ...]) -> tuple[Engine, Path]:
-        """The engine of a training stage and its prepared output folder."""
+    def for_stage(cls, cfg: Any, folder: RunFolder, progress_keys: tuple[str, ...]) -> Engine:
+        """The engine of a training stage writing into `folder` (checked, not yet begun)."""
         engine = cls(
             cfg.train,
             cfg.log,
-            cfg.out,
+            folder.path,
             seed=cfg.seed,
-            run_config=resolved_config(cfg),
+            run_config=folder.config,
             progress_keys=progress_keys,
         )
-        out = prepare_out_dir(cfg, stage, is_main=engine.is_main)
-        engine.accelerator.wait_for_everyone()  # no process starts before the folder is ready
-        return engine, out
+        engine.folder = folder
+        return engine
+
+    def begin(self) -> Path:
+        """Every input is validated and loaded: from here on the run writes into its folder (an
+        old run there is replaced now, not earlier). Returns the folder."""
+        self.folder.begin(is_main=self.is_main)
+        self.accelerator.wait_for_everyone()  # no process writes before the folder is ready
+        return self.out
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -210,15 +217,26 @@ class Engine:
         if not resume:
             return {"step": 0}
         latest = self.checkpoints.latest()
+        state: dict[str, Any] = {"step": 0}
         if latest is None:
             self.say(
                 f"[rto] --resume: no checkpoint in {self.checkpoints.root}; starting from the beginning"
             )
-            return {"step": 0}
-        state = self.checkpoints.load(latest)
-        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self.say(f"[rto] resumed from {latest} (step {state['step']})")
+        else:
+            try:
+                state = self.checkpoints.load(latest)
+            except Exception as exc:  # saved by another model: say so; config.yaml stays as made
+                raise TrainingError(
+                    f"the checkpoint {latest} does not fit this run ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200]}); --resume continues a run with the model "
+                    f"and config it was made with ({self.out / 'config.yaml'}). Pass --overwrite "
+                    "to start again instead"
+                ) from None
+            self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.say(f"[rto] resumed from {latest} (step {state['step']})")
+        if self.folder is not None:  # the continued run is now this config's run
+            self.folder.write_config(is_main=self.is_main)
         return state
 
     def save_checkpoint(self, step: int, extra: dict[str, Any] | None = None) -> None:
@@ -276,6 +294,26 @@ class Engine:
             models = [whole]
         norms = [self.accelerator.clip_grad_norm_(m.parameters(), max_norm) for m in models]
         return [None if n is None else float(n) for n in norms]
+    def check_finite_weights(self, model: Any, step: int, what: str = "model") -> None:
+        """A model whose weights hold NaN or inf is never saved as a result: stop with an error."""
+        params = [(n, p) for n, p in model.named_parameters() if p.numel()]
+        finite = (
+            torch.stack([torch.isfinite(p.detach()).all() for _, p in params]) if params else None
+        )
+        bad = [] if finite is None else [n for (n, _), ok in zip(params, finite.tolist()) if not ok]
+        if self.any_true(bool(bad)):
+            shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+            if self.nonfinite_in_a_row >= step:  # not one update applied: they came in broken
+                why = (
+                    "No update was applied (every step was skipped), so the weights were broken "
+                    "when loaded: check model.path"
+                )
+            else:
+                why = "Lower train.lr (or check the data for extreme rows), then rerun with --overwrite"
+            raise TrainingError(
+                f"after step {step} the {what}'s weights hold NaN or inf ({shown or 'on another process'}), "
+                f"so it was not saved. {why}"
+            )
 
     def any_true(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -400,17 +438,19 @@ class Engine:
                         if finite:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                sums["loss"] += float(loss_sum.detach())
+                sums["loss"] += float(loss_sum.detach())  # a skipped step logs its NaN, never 0
                 for k, v in metric_sums.items():
                     sums[k] += float(v)
                 if "attention_mask" in batch:
                     sums["_tokens"] += float(batch["attention_mask"].sum())
-            self.record_step_health(finite, step)
+            self.record_step_health(finite, step + 1)  # counted from 1, as metrics.jsonl's steps
             sums = sum_over_processes(sums)
             trained_tokens += sums.pop("_tokens")
             row: dict[str, Any] = {k: v / items for k, v in sums.items()}
             if objective.unit == "tokens":
                 row["tokens"] = items
+            if not finite:
+                row["skipped"] = True
             row.update(
                 {
                     "lr": lr,
@@ -430,6 +470,7 @@ class Engine:
                 self.save_checkpoint(done)
             maybe_fault("kill_after_step", done)
         seconds = time.time() - began
+        self.check_finite_weights(model, total)
         final: dict[str, Any] = {f"train/{k}": v for k, v in last_metrics.items()}
         if evaluate is not None:
             final.update({f"eval/{k}": v for k, v in evaluate(model).items()})

@@ -15,7 +15,7 @@ import torch
 from rto.data.tokenize import load_prompts
 from rto.engine.distributed import gather_ordered, rank_and_world, share
 from rto.engine.files import write_jsonl
-from rto.models.forward import response_logprobs, sequence_scores
+from rto.models.forward import response_logprobs
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.seeded import row_seed
 from rto.tasks import call_judge, resolve
@@ -34,6 +34,26 @@ def load_eval_prompts(
         max_prompt_length=max_prompt_length, source=source, chat_prompts=chat_prompts,
     )  # fmt: skip
     return examples
+
+
+def resolve_judges(eval_cfg: Any) -> None:
+    """Import the judges a config names (eval.gold_reward, eval.fluency) before any work, so
+    that a typo in them is reported at once, not after training."""
+    for spec, kind, key in ((eval_cfg.gold_reward, "gold", "eval.gold_reward"),
+                            (eval_cfg.fluency, "fluency", "eval.fluency")):  # fmt: skip
+        if spec:
+            resolve(spec, kind, key)
+
+
+def load_eval_inputs(cfg: Any, tokenizer: Any, source: str) -> list[dict[str, Any]] | None:
+    """Before training: the judges and the held-out prompts sampled after it (None without
+    eval.prompts), so that a typo in them is reported before any work."""
+    resolve_judges(cfg.eval)
+    if not cfg.eval.prompts:
+        return None
+    return load_eval_prompts(
+        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+    )
 
 
 def judge(
@@ -92,29 +112,38 @@ def sampled_metrics(
     mine = share(len(prompts), rank, world)
     eos = stop_ids(tokenizer, model)
     records: list[dict[str, Any]] = []
-    for start in range(mine.start, mine.stop, gen_cfg.batch_size):
-        positions = range(start, min(start + gen_cfg.batch_size, mine.stop))
-        chunk = [prompts[i] for i in positions]
-        s = sample(
-            model, [p["prompt_ids"] for p in chunk], pad_id=tokenizer.pad_token_id, eos=eos,
-            max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
-            top_k=gen_cfg.top_k, device=device, seeds=[row_seed(seed, i) for i in positions],
-        )  # fmt: skip
-        texts = decode_responses(tokenizer, s, eos)
-        extra: dict[str, list[float]] = {}
-        if ref is not None:
-            args = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
-            kl = response_logprobs(model, *args) - response_logprobs(ref, *args)
-            extra["kl"] = kl.sum(1).tolist()
-        if reward_model is not None:
-            ids = torch.cat([s.prompt_ids, s.response_ids], 1)
-            mask = torch.cat([s.prompt_mask, s.response_mask], 1)
-            extra["rm_score"] = sequence_scores(reward_model, ids, mask).tolist()
-        for j, (i, p) in enumerate(zip(positions, chunk)):
-            rec: dict[str, Any] = {"id": p.get("id", i), "prompt": p["prompt"], "response": texts[j],
-                                   "length": int(s.response_mask[j].sum()), "truncated": bool(s.truncated[j])}  # fmt: skip
-            rec.update({k: v[j] for k, v in extra.items()})
-            records.append(rec)
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:  # evaluation must not disturb the training run's random stream
+        for start in range(mine.start, mine.stop, gen_cfg.batch_size):
+            positions = range(start, min(start + gen_cfg.batch_size, mine.stop))
+            chunk = [prompts[i] for i in positions]
+            s = sample(
+                model, [p["prompt_ids"] for p in chunk], pad_id=tokenizer.pad_token_id, eos=eos,
+                max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
+                top_k=gen_cfg.top_k, device=device, seeds=[row_seed(seed, i) for i in positions],
+            )  # fmt: skip
+            texts = decode_responses(tokenizer, s, eos)
+            extra: dict[str, list[float]] = {}
+            if ref is not None:
+                args = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
+                kl = response_logprobs(model, *args) - response_logprobs(ref, *args)
+                extra["kl"] = kl.sum(1).tolist()
+            if reward_model is not None:  # a models.reward_model.RewardModel
+                values = [p.get("prompt_value", p["prompt"]) for p in chunk]
+                scores = reward_model.score(
+                    s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask, values, texts
+                )
+                extra["rm_score"] = scores.tolist()
+            for j, (i, p) in enumerate(zip(positions, chunk)):
+                rec: dict[str, Any] = {"id": p.get("id", i), "prompt": p["prompt"], "response": texts[j],
+                                       "length": int(s.response_mask[j].sum()), "truncated": bool(s.truncated[j])}  # fmt: skip
+                rec.update({k: v[j] for k, v in extra.items()})
+                records.append(rec)
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
     gold, fluent = judge(eval_cfg, [r["prompt"] for r in records], [r["response"] for r in records])
     for j, rec in enumerate(records):
         if gold is not None:
@@ -126,17 +155,20 @@ def sampled_metrics(
 
 
 def report_samples(
-    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str
-) -> dict[str, float]:
-    """After training: sample the policy on cfg.eval.prompts (split over the processes), write
-    OUT/samples.jsonl (main process) and return the metrics named sample/... for summary.json."""
+    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str,
+    prompts: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """After training: sample the policy on cfg.eval.prompts (split over the processes; `prompts`
+    when `load_eval_inputs` loaded them already), write OUT/samples.jsonl (main process) and
+    return the metrics named sample/... for summary.json."""
     from rto.engine.distributed import GenerationWeights
 
     if not cfg.eval.prompts:
         return {}
-    prompts = load_eval_prompts(
-        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
-    )
+    if prompts is None:
+        prompts = load_eval_prompts(
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+        )
     with GenerationWeights(engine.accelerator, policy)() as model:
         metrics, records = sampled_metrics(
             model, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed

@@ -2,7 +2,9 @@
 
 One iteration (a "step" for logging, checkpoints and --resume):
   1. rollout: sample responses to rl.rollout_batch_size prompts from the current policy;
-  2. score: log-probs under policy / reference / DPO model, critic values, reward-model score;
+  2. score: log-probs under policy / reference, critic values, reward-model score, asked of the
+     roles (rto.rl.roles); then the token-reward sources (DPO log-ratio, a user's function) and
+     sentence reward functions (rto.rl.sources);
   3. rewards: rto.rl.rewards.token_rewards (the RTO formula and its variants);
   4. advantages: GAE with the critic, or REINFORCE++ returns, then whitening;
   5. update: rl.ppo_epochs passes of minibatches of train.batch_size responses, clipped policy
@@ -29,22 +31,16 @@ import torch
 
 from rto.engine.distributed import GenerationWeights, max_over_processes, sum_over_processes
 from rto.engine.faults import maybe_fault
-from rto.errors import ConfigError, RtoError
+from rto.errors import ConfigError, ModelError, RtoError
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.seeded import row_seed
 from rto.rl.advantages import estimate, whiten
-from rto.rl.experience import (
-    Rollout,
-    critic_values,
-    merge_samples,
-    policy_logprobs,
-    score_rollout,
-    to_device,
-)
+from rto.rl.experience import Rollout, merge_samples, score_rollout, to_device
 from rto.rl.kl import KLController
 from rto.rl.losses import explained_variance, policy_loss, token_mean, value_loss
-from rto.rl.rewards import RewardSettings, normalize_score, token_rewards
+from rto.rl.rewards import RewardSettings, normalize_score, reward_breakdown, token_rewards
+from rto.rl.sources import SourceContext, build_sources, score_sources, sentence_rewards
 from rto.tasks import call_judge, resolve
 
 
@@ -118,37 +114,55 @@ class ActorCritic(torch.nn.Module):
 
 
 class PPOTrainer:
-    def __init__(self, cfg: Any, engine: Any, *, policy: Any, critic: Any | None, ref: Any, dpo: Any | None,
-                 reward_model: Any | None, tokenizer: Any, prompts: list[dict[str, Any]],
+    def __init__(self, cfg: Any, engine: Any, *, roles: Any, tokenizer: Any, prompts: list[dict[str, Any]],
                  eval_prompts: list[dict[str, Any]], score_stats: dict[str, float] | None):  # fmt: skip
         self.cfg, self.rl, self.engine = cfg, cfg.rl, engine
         self.acc = engine.accelerator
-        self.policy, self.critic, self.ref, self.dpo, self.reward_model = (
-            policy,
-            critic,
-            ref,
-            dpo,
-            reward_model,
-        )
+        self.roles = roles  # policy, ref, dpo, reward model, critic: asked by role (rl/roles.py)
         self.tokenizer = tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.score_stats = score_stats
         self.running = RunningMoments()
         self.kl = KLController(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
-        self.eos = stop_ids(tokenizer, policy)
+        self.eos = stop_ids(tokenizer, roles.policy)
         self.gold = (
             resolve(cfg.eval.gold_reward, "gold", "eval.gold_reward")
             if cfg.eval.gold_reward
             else None
         )
+        temperature = cfg.generate.temperature or 1.0
+        context = SourceContext(roles, tokenizer, self.eos, self.rl.forward_batch_size, temperature)
+        self.sources = build_sources(cfg, context)  # token-reward sources (rl/sources.py)
+        self.sentence = sentence_rewards(cfg)  # sentence reward functions
         self.segment_ids = None
-        if self.rl.dpo_reward_scale and self.rl.dpo_reward_granularity == "segment":
+        if any(s.settings.granularity == "segment" for s in self.sources):
             self.segment_ids = torch.tensor(
                 delimiter_token_ids(tokenizer, self.rl.segment_delimiters)
             )
         self.samples_seen = 0
         self.model: Any = None  # ActorCritic, prepared by accelerate (see `prepare`)
         self.generation_weights: GenerationWeights | None = None
+
+    # the trainable roles, as accelerate prepares them
+    @property
+    def policy(self) -> Any:
+        return self.roles.policy
+
+    @policy.setter
+    def policy(self, model: Any) -> None:
+        self.roles.policy = model
+
+    @property
+    def critic(self) -> Any:
+        return self.roles.critic
+
+    @critic.setter
+    def critic(self, model: Any) -> None:
+        self.roles.critic = model
+
+    @property
+    def ref(self) -> Any:
+        return self.roles.ref
 
     # ------------------------------------------------------------------ sizes
 
@@ -187,19 +201,49 @@ class PPOTrainer:
                 ))  # fmt: skip
         seconds = time.time() - began
         r = to_device(merge_samples(chunks, self.tokenizer.pad_token_id), eng.device)
-        r.texts["prompts"] = [p["prompt"] for p in chosen]
+        r.texts["prompts"] = [p["prompt"] for p in chosen]  # as judges read them
+        r.texts["prompt_values"] = [p["prompt_value"] for p in chosen]  # as the rows held them
+        r.texts["responses"] = decode_responses(self.tokenizer, r, self.eos)
         return r, seconds
 
-    def score(self, r: Rollout) -> None:
+    def score(self, r: Rollout, iteration: int = 0) -> None:
         temperature = self.cfg.generate.temperature or 1.0
-        score_rollout(r, policy=self.policy, ref=self.ref, critic=self.critic, dpo=self.dpo, reward_model=self.reward_model,
-                      batch_size=self.rl.forward_batch_size, temperature=temperature)  # fmt: skip
+        score_rollout(r, self.roles, batch_size=self.rl.forward_batch_size, temperature=temperature)
+        score_sources(r, self.sources, self.sentence)
+        self.check_frozen_outputs(r, iteration)
         if self.gold is not None:
-            responses = decode_responses(self.tokenizer, r, self.eos)
-            r.texts["responses"] = responses
             r.texts["gold"] = call_judge(
-                self.gold, r.texts["prompts"], responses, self.cfg.eval.gold_reward, "gold"
+                self.gold,
+                r.texts["prompts"],
+                r.texts["responses"],
+                self.cfg.eval.gold_reward,
+                "gold",
             )
+
+    def check_frozen_outputs(self, r: Rollout, iteration: int) -> None:
+        """NaN or inf from a frozen model (reference, DPO model, reward model) comes from that
+        model, not from training: name it, before it reaches the rewards and the update."""
+        cfg = self.cfg
+        frozen = [
+            ("reference model", cfg.ref_model or cfg.model.path, r.logp_ref),
+            ("DPO model", cfg.dpo_model, r.dpo_log_ratio),
+            ("reward model", cfg.reward_model, r.score if self.roles.has("reward") else None),
+        ]
+        counts = torch.tensor(
+            [0.0 if t is None else float((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
+             for _, _, t in frozen], device=self.engine.device,
+        )  # fmt: skip
+        if self.acc.num_processes > 1:
+            counts = self.acc.reduce(counts, reduction="sum")
+        for (name, path, _), n in zip(frozen, counts.tolist()):
+            if n:
+                scored = "scored" if name == "reward model" else "gave log-probabilities of"
+                raise ModelError(
+                    f"the {name} ({path}) {scored} {int(n)} of {len(r) * self.engine.world} "
+                    f"responses as NaN or inf in RL iteration {iteration + 1}; the {name} is frozen, "
+                    "so its weights (or its score head) are broken, not the learning rate: check or "
+                    "retrain it"
+                )
 
     # ------------------------------------------------------------------ 3-4: rewards and advantages
 
@@ -224,8 +268,13 @@ class PPOTrainer:
         segment_end = None
         if self.segment_ids is not None:
             segment_end = torch.isin(r.response_ids, self.segment_ids.to(r.response_ids.device))
+        others = {
+            s.name: (r.token_sources[s.name], s.settings) for s in self.sources if s.name != "dpo"
+        }
+        sentence = {f.name: (r.sentence[f.name], f.weight) for f in self.sentence}
         r.rewards, parts = token_rewards(r.response_mask, r.logp_old, r.logp_ref, self.normalized_score(r), settings,
-                                         dpo_log_ratio=r.dpo_log_ratio, segment_end=segment_end)  # fmt: skip
+                                         dpo_log_ratio=r.dpo_log_ratio, segment_end=segment_end, sources=others,
+                                         sentence=sentence)  # fmt: skip
         adv, ret = estimate(
             rl.advantage_estimator,
             r.rewards,
@@ -280,7 +329,7 @@ class PPOTrainer:
                     mask = b["response_mask"]
                     with acc.accumulate(self.model):
                         with acc.autocast():
-                            logp, logits = policy_logprobs(self.policy, b, temperature)
+                            logp, logits = self.roles.logprobs_and_logits("policy", b, temperature)
                             pl, pstats = policy_loss(
                                 logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens
                             )
@@ -289,13 +338,7 @@ class PPOTrainer:
                             )
                             loss = pl - rl.entropy_coef * entropy
                             if self.critic is not None:
-                                v = critic_values(
-                                    self.critic,
-                                    b["prompt_ids"],
-                                    b["prompt_mask"],
-                                    b["response_ids"],
-                                    mask,
-                                )
+                                v = self.roles.values(b)
                                 vl, vstats = value_loss(
                                     v, b["values"], b["returns"], mask, rl.value_clip, tokens
                                 )
@@ -323,7 +366,7 @@ class PPOTrainer:
                     if self.critic is not None:
                         sums["value/loss"] += float(vl.detach())
                         sums["value/clipfrac"] += float(vstats["clipfrac"])
-                eng.record_step_health(finite, iteration)
+                eng.record_step_health(finite, iteration + 1)  # as metrics.jsonl counts
                 update_index += 1
                 minibatches += 1
         # each term is a share of its minibatch's global token mean: sum over processes, then
@@ -348,6 +391,13 @@ class PPOTrainer:
         }
         if "dpo_per_token" in parts:
             sums["rollout/dpo_reward_sum"] = float(parts["dpo_per_token"].sum())
+        # per-response means, weighted by this process's responses (a share is a ratio of sums
+        # over this process's tokens: the mean over processes, exact with one process)
+        for name, (total, share) in reward_breakdown(parts, self.kl.value).items():
+            if name == "score" and not self.roles.has("reward") and not self.rl.missing_eos_penalty:
+                continue  # no reward model: no score to report
+            sums[f"reward/{name}_sum"] = total * len(r)
+            sums[f"reward/{name}_share"] = share * len(r)
         if "gold" in r.texts:
             sums["rollout/gold_reward"] = float(sum(r.texts["gold"]))
         sums = sum_over_processes(sums)
@@ -420,7 +470,7 @@ class PPOTrainer:
             t0 = time.time()
             r, gen_seconds = self.rollout(it)
             t1 = time.time()
-            self.score(r)
+            self.score(r, it)
             parts = self.assemble(r)
             t2 = time.time()
             rollout_stats = self.rollout_metrics(r, parts)
@@ -446,6 +496,10 @@ class PPOTrainer:
                 eng.save_checkpoint(done, {"kl_coef": self.kl.value, "samples_seen": self.samples_seen,
                                            "running_score": vars(self.running)})  # fmt: skip
             maybe_fault("kill_after_step", done)
+        inner = self.acc.unwrap_model(self.model)  # the modules behind the prepared wrapper
+        eng.check_finite_weights(inner.policy, iterations, "policy")
+        if inner.critic is not None and self.cfg.save_critic:
+            eng.check_finite_weights(inner.critic, iterations, "critic")
         final = self.evaluate()
         if final:
             logger.log(iterations, {"samples": self.samples_seen, **final})

@@ -16,9 +16,10 @@ from rto.config.stages import DPOConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
 from rto.engine.files import write_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
-from rto.evaluation.sampled import report_samples
+from rto.evaluation.sampled import load_eval_inputs, report_samples
 from rto.models.forward import causal_logits, gather_logprobs
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained
 from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
@@ -124,14 +125,21 @@ def held_out(
 
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(
-        cfg, "dpo", progress_keys=("loss", "rewards/accuracies", "rewards/margins")
+    folder = RunFolder.check(cfg, "dpo")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(
+        cfg, folder, progress_keys=("loss", "rewards/accuracies", "rewards/margins")
     )
     tokenizer = load_tokenizer(cfg.model)
+    eval_prompts = load_eval_inputs(cfg, tokenizer, cfg.model.path)  # used after training
     ref_path = cfg.ref_model or cfg.model.path
     if ref_path != cfg.model.path:
         check_same_tokenizer(
-            tokenizer, "policy", load_tokenizer(cfg.model, path=ref_path), "reference model"
+            tokenizer,
+            "policy",
+            load_tokenizer(cfg.model, ref_path, "reference model"),
+            "reference model",
         )
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path,
@@ -149,17 +157,19 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     bs = cfg.train.micro_batch_size * 2
     ref = None
     if cfg.loss not in REFERENCE_FREE:
-        ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(engine.device)
+        ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
+        ref = ref.to(engine.device)
         if cfg.precompute_ref_logps:
             precompute_reference(ref, train + evals, pad_id, bs, engine.device)
             ref = None
             engine.say("[rto] reference log-probs precomputed; reference model freed")
     objective = PreferenceObjective(cfg, ref)
-    policy = load_causal_lm(cfg.model)
+    policy = load_causal_lm(cfg.model, role="policy")
 
     def evaluate(m: Any) -> dict[str, float]:
         return held_out(objective, m, evals, pad_id, bs, engine.device)
 
+    out = engine.begin()
     policy, final = engine.fit(
         policy, train, lambda ex: collate_pairs(ex, pad_id), objective, resume=cfg.resume,
         evaluate=evaluate if evals else None,
@@ -188,7 +198,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
             f"{cfg.loss} implicit-reward",
             "eval/rewards/accuracies",
         )
-    summary.update(report_samples(cfg, engine, policy, tokenizer, cfg.model.path))
+    summary.update(report_samples(cfg, engine, policy, tokenizer, cfg.model.path, eval_prompts))
     if engine.is_main:
         write_json(out / INFO_FILE, info)
     engine.finish(summary)

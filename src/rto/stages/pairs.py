@@ -23,7 +23,7 @@ from rto.data.tokenize import load_prompts
 from rto.engine.distributed import gather_ordered, init_distributed, share
 from rto.engine.files import write_jsonl
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
+from rto.engine.run import RunFolder
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.load import load_causal_lm, load_tokenizer
 from rto.models.seeded import row_seed
@@ -99,19 +99,19 @@ def pairs_of_prompt(
 def run(cfg: PairsConfig) -> dict[str, Any]:
     """Each process samples, judges and labels its share of the prompts; every prompt's
     responses and labels come from seeds of its own (run seed, prompt index), so the pairs do
-    not depend on the number of processes. The main process writes the files."""
+    not depend on the number of processes. The main process writes the files, and only once
+    every response is judged."""
     dist = init_distributed()
-    out = prepare_out_dir(cfg, "pairs", is_main=dist.is_main_process)
-    dist.wait_for_everyone()
+    folder = RunFolder.check(cfg, "pairs")  # writes nothing; the folder changes at the end
     began = time.time()
     device = dist.device
+    judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, trainable=False).to(device)
     prompts, report = load_prompts(
         cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
         max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
     )  # fmt: skip
-    judge = resolve(cfg.gold_reward, "gold", "gold_reward")
+    model = load_causal_lm(cfg.model, trainable=False).to(device)
     eos = stop_ids(tokenizer, model)
     k = cfg.num_samples
     per_call = max(1, cfg.generate.batch_size // k)
@@ -163,6 +163,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         raise RtoError(
             f"no preference pairs could be made ({skipped}); sample more responses or use more prompts"
         )
+    out = folder.begin(is_main=dist.is_main_process)  # every response is judged: only now is an old run replaced
     if dist.is_main_process:
         write_jsonl(out / "pairs_train.jsonl", train_rows)
         write_jsonl(out / "pairs_eval.jsonl", eval_rows)

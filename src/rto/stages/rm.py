@@ -22,6 +22,7 @@ from rto.config.stages import RMConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
 from rto.engine.files import write_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
 from rto.models.forward import TokenScorer, sequence_scores
@@ -86,7 +87,10 @@ def score_pairs(
 
 
 def run(cfg: RMConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(cfg, "rm", progress_keys=("loss", "accuracy"))
+    folder = RunFolder.check(cfg, "rm")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(cfg, folder, progress_keys=("loss", "accuracy"))
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     keep = tuple(c for c in [cfg.margin_column, *cfg.gold_columns] if c)
@@ -121,6 +125,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         return {"accuracy": statistics.fmean(float(a > b) for a, b in zip(c, r)),
                 "margin": statistics.fmean(a - b for a, b in zip(c, r))}  # fmt: skip
 
+    out = engine.begin()
     model, final = engine.fit(
         model, train, lambda ex: collate(ex, pad_id, cfg.margin_column), BradleyTerryObjective(),
         resume=cfg.resume, evaluate=evaluate if held_out else None,

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from rto.config.stages import SFTConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import IGNORE, build_sft, collate_sft
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
-from rto.evaluation.sampled import report_samples
+from rto.evaluation.sampled import load_eval_inputs, report_samples
 from rto.models.forward import causal_logits
 from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
 
@@ -88,9 +89,13 @@ def unigram_perplexity(
 
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(cfg, "sft", progress_keys=("loss", "lr"))
+    folder = RunFolder.check(cfg, "sft")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(cfg, folder, progress_keys=("loss", "lr"))
     tokenizer = load_tokenizer(cfg.model)
     source = cfg.model.tokenizer or cfg.model.path
+    eval_prompts = load_eval_inputs(cfg, tokenizer, source)  # checked now, used after training
 
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(
@@ -120,6 +125,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
                 m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device
             )
 
+    out = engine.begin()
     model, final = engine.fit(
         model,
         train,
@@ -134,6 +140,6 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     if eval_report is not None:
         summary["data"]["eval"] = eval_report.to_dict()
         summary["eval/unigram_perplexity"] = unigram_perplexity(train, held_out, len(tokenizer))
-    summary.update(report_samples(cfg, engine, model, tokenizer, source))
+    summary.update(report_samples(cfg, engine, model, tokenizer, source, eval_prompts))
     engine.finish(summary)
     return summary
