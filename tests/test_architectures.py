@@ -113,3 +113,56 @@ def test_outputs_load_with_transformers_and_exports_hold_the_instruction(pipelin
     if tok.chat_template:  # ChatML: the pairs keep replies as text, the prompt as the rows had it
         pair = rows(root / "pairs" / "pairs_train.jsonl")[0]
         assert "<|im_start|>" not in pair["prompt"] and "<|im_end|>" not in pair["chosen"]
+
+
+def test_every_output_folder_has_a_card_whose_code_loads_the_model(pipeline: dict) -> None:
+    import re
+
+    root = pipeline["root"]
+    for stage in ("sft", "pairs", "rm", "dpo", "rl", "eval"):
+        card = (root / stage / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers") and f"rto {stage}" in card
+        assert "## Reproduce" in card
+    card = (root / "rl" / "README.md").read_text()
+    assert str(root / "sft") in card and "rl.dpo_reward_scale" in card and "rollout/kl" in card
+    for stage in ("rl", "rm"):
+        code = re.search(r"```python\n(.*?)```", (root / stage / "README.md").read_text(), re.S)
+        scope: dict = {}
+        exec(code.group(1), scope)  # the card's own loading code works as written
+        assert scope["model"] is not None and scope["tokenizer"] is not None
+
+
+def test_push_to_hub_uploads_the_folder_without_checkpoints(
+    pipeline: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import huggingface_hub
+
+    calls: dict = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls["create"] = repo_id
+
+        def upload_folder(self, **kw):
+            calls["upload"] = kw
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    folder = tmp_path / "rm"
+    shutil.copytree(pipeline["root"] / "rm", folder)
+    from rto.engine.card import push_to_hub
+
+    assert push_to_hub(folder, "me/my-rm") == "https://huggingface.co/me/my-rm"
+    assert calls["create"] == "me/my-rm" and calls["upload"]["folder_path"] == str(folder)
+    assert "checkpoints/*" in calls["upload"]["ignore_patterns"]
+    assert 'from_pretrained("me/my-rm")' in (folder / "README.md").read_text()
+
+
+def test_a_users_own_readme_is_never_replaced(tmp_path: Path) -> None:
+    from rto.engine.card import write_card
+
+    (tmp_path / "README.md").write_text("my notes\n")
+    (tmp_path / "summary.json").write_text('{"stage": "sft"}')
+    write_card(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my notes\n"

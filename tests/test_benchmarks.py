@@ -145,3 +145,34 @@ def test_memory_report_compares_memory_above_the_process_baseline(
     assert rows["full-model RTO"].endswith("| 4500 | 4000 | 2000 | 1.00 |")
     assert rows[memory.CONFIGS["lora_ppo"].title].endswith("| 1500 | 1000 | 2000 | 0.25 |")
     assert "not measured" in rows["shared-base LoRA RTO"]
+def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh at test size on the CPU, so the GPU check cannot rot; and its 1B
+    recipe is a valid pipeline of about a billion parameters."""
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    recipe = tmp_path / "1b.yaml"
+    recipe.write_text(yaml.safe_dump(gpu_check.recipe("1b", tmp_path / "1b"), sort_keys=False))
+    planned, _ = plan(str(recipe))
+    assert [p.name for p in planned] == ["task", "sft", "pairs", "rm", "dpo", "ppo", "rto"]
+    task = planned[0].config
+    mlp = task.hidden_size * 8 // 3
+    per_layer = 4 * task.hidden_size**2 + 3 * task.hidden_size * mlp
+    assert 0.9e9 < task.num_layers * per_layer < 1.1e9  # Llama-shaped, about 1B parameters
+
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # this venv's python
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--size", "tiny", "--out",
+                           str(tmp_path / "tiny")], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "tiny" / "gpu_check.json").read_text())
+    for stage in ("ppo", "rto"):
+        assert result["stages"][stage]["generated_tokens_per_second"] > 0
+        assert result["stages"][stage]["train_tokens_per_second"] > 0
+    assert all(result["stages"][s]["train_tokens_per_second"] > 0 for s in ("sft", "rm", "dpo"))
+    table = (tmp_path / "tiny" / "gpu_check.md").read_text()
+    assert "| rto |" in table and "generated tokens/s" in table

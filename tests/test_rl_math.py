@@ -10,7 +10,13 @@ import torch
 
 from rto.rl.advantages import gae, reward_to_go, whiten
 from rto.rl.losses import policy_loss, value_loss
-from rto.rl.rewards import RewardSettings, normalize_score, token_rewards
+from rto.rl.rewards import (
+    RewardSettings,
+    SourceSettings,
+    normalize_score,
+    reward_breakdown,
+    token_rewards,
+)
 
 LENGTHS = [5, 2, 7, 1]  # ragged; row 2 fills all T = 7 columns (truncated without EOS)
 T = 7
@@ -125,6 +131,125 @@ def test_beta1_zero_ignores_the_dpo_model_entirely() -> None:
     )
     without, _ = token_rewards(mask, lp, lr, score, s)
     assert torch.equal(with_nan, without) and "dpo" not in parts
+
+
+def slow_placed(values, n, s: SourceSettings, ends) -> list[float]:
+    """One row's source reward, scaled, clipped and placed, as the paper's variants describe."""
+    per = []
+    for h in range(n):
+        v = s.scale * float(values[h])
+        if s.clip is not None:
+            v = max(-s.clip, min(s.clip, v))
+        per.append(v)
+    placed = [0.0] * n
+    if s.granularity == "token":
+        placed = list(per)
+    elif s.granularity == "sequence":
+        placed[n - 1] = sum(per)
+    else:
+        acc = 0.0
+        for h in range(n):
+            acc += per[h]
+            if ends[h] or h == n - 1:
+                placed[h], acc = acc, 0.0
+    if s.shaping:
+        placed[n - 1] -= sum(per)
+    return placed
+
+
+def slow_general(mask, lp, lr, score, kl_coef, score_coef, sources, sentence, segment_end):
+    out = torch.zeros(mask.shape)
+    for b in range(mask.shape[0]):
+        n = int(mask[b].sum())
+        for h in range(n):
+            out[b, h] = -kl_coef * (float(lp[b, h]) - float(lr[b, h]))
+        for values, s in sources.values():
+            for h, v in enumerate(slow_placed(values[b], n, s, segment_end[b])):
+                out[b, h] += v
+        out[b, n - 1] += score_coef * float(score[b])
+        for values, w in sentence.values():
+            out[b, n - 1] += w * float(values[b])
+    return out
+
+
+def two_sources(seed: int = 0):
+    mask, lp, lr, ratio, score = make_batch(seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    fn_values = torch.where(mask.bool(), torch.randn(mask.shape, generator=g), torch.nan)
+    verifiable = torch.randn(mask.shape[0], generator=g)
+    seg = torch.zeros(mask.shape, dtype=torch.bool)
+    seg[0, 1] = seg[2, 2] = seg[2, 4] = True
+    return mask, lp, lr, ratio, score, fn_values, verifiable, seg
+
+
+FUNCTION_SETTINGS = [
+    SourceSettings(scale=0.5),
+    SourceSettings(scale=2.0, clip=0.3, granularity="segment"),
+    SourceSettings(scale=1.0, granularity="sequence", shaping=True),
+]
+
+
+@pytest.mark.parametrize("fn_settings", FUNCTION_SETTINGS)
+@pytest.mark.parametrize("dpo", ["rto", "semi_rto", "rs_ppo"])
+def test_token_sources_and_sentence_rewards_match_slow_loop(fn_settings, dpo) -> None:
+    """Each source with its own coefficient, clip, granularity and shaping, plus a sentence
+    reward with its weight, summed into one reward."""
+    mask, lp, lr, ratio, score, fn_values, verifiable, seg = two_sources()
+    s = VARIANTS[dpo]
+    sentence = {"reward_fn": (verifiable, 0.7)}
+    got, parts = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg,
+                               sources={"function": (fn_values, fn_settings)}, sentence=sentence)  # fmt: skip
+    want = slow_general(mask, lp, lr, score, s.kl_coef, s.score_coef,
+                        {"dpo": (ratio, s.dpo()), "function": (fn_values, fn_settings)}, sentence, seg)  # fmt: skip
+    assert torch.allclose(got, want, atol=1e-5) and torch.isfinite(got).all()
+    assert {"dpo", "dpo_per_token", "function", "function_per_token", "reward_fn"} <= set(parts)
+
+
+def test_sources_add_up_and_a_zero_coefficient_removes_a_source_exactly() -> None:
+    mask, lp, lr, ratio, score, fn_values, verifiable, seg = two_sources(1)
+    rto, ppo = VARIANTS["rto"], VARIANTS["ppo"]
+    fn = SourceSettings(scale=0.5, granularity="segment")
+
+    def rewards(settings, sources=None, sentence=None):
+        return token_rewards(mask, lp, lr, score, settings, dpo_log_ratio=ratio, segment_end=seg,
+                             sources=sources, sentence=sentence)[0]  # fmt: skip
+
+    base = rewards(ppo)
+    both = rewards(rto, {"function": (fn_values, fn)}, {"reward_fn": (verifiable, 2.0)})
+    alone = [rewards(rto) - base, rewards(ppo, {"function": (fn_values, fn)}) - base,
+             rewards(ppo, None, {"reward_fn": (verifiable, 2.0)}) - base]  # fmt: skip
+    assert torch.allclose(both, base + sum(alone), atol=1e-6)
+    # coefficient 0: bit-identical to the run without the source, whatever its values (NaN here)
+    nan = torch.full_like(fn_values, float("nan"))
+    off = rewards(ppo, {"function": (nan, SourceSettings(scale=0.0))},
+                  {"reward_fn": (torch.full_like(verifiable, float("nan")), 0.0)})  # fmt: skip
+    assert torch.equal(off, base)
+
+
+def test_reward_breakdown_gives_each_sources_sum_and_share() -> None:
+    mask, lp, lr, ratio, score, fn_values, verifiable, seg = two_sources(2)
+    fn = SourceSettings(scale=0.5, granularity="sequence")
+    s = RewardSettings(dpo_reward_scale=0.05, kl_coef=0.1, score_coef=1.0)
+    _, parts = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg,
+                             sources={"function": (fn_values, fn)}, sentence={"reward_fn": (verifiable, 2.0)})  # fmt: skip
+    got = reward_breakdown(parts, s.kl_coef)
+    assert set(got) == {"dpo", "function", "kl", "score", "reward_fn"}
+    rows = []  # per component, per response: its rewards (token sources before placing)
+    for b, n in enumerate(LENGTHS):
+        rows.append({
+            "dpo": [0.05 * float(ratio[b, h]) for h in range(n)],
+            "function": [0.5 * float(fn_values[b, h]) for h in range(n)],
+            "kl": [-0.1 * (float(lp[b, h]) - float(lr[b, h])) for h in range(n)],
+            "score": [float(score[b])],
+            "reward_fn": [2.0 * float(verifiable[b])],
+        })  # fmt: skip
+    total = sum(abs(v) for row in rows for vals in row.values() for v in vals)
+    for name, (mean_sum, share) in got.items():
+        assert mean_sum == pytest.approx(sum(sum(row[name]) for row in rows) / len(rows), abs=1e-5)
+        assert share == pytest.approx(
+            sum(abs(v) for row in rows for v in row[name]) / total, abs=1e-5
+        )
+    assert sum(share for _, share in got.values()) == pytest.approx(1.0)
 
 
 def test_normalize_score() -> None:

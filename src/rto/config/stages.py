@@ -39,6 +39,14 @@ def _overwrite() -> bool:
     )
 
 
+def _push() -> str | None:
+    return option(
+        None,
+        "After the run finishes, upload the output folder (not its checkpoints) to this hub repo id, "
+        "e.g. me/my-rto-policy (needs `huggingface-cli login`).",
+    )
+
+
 def _seed() -> int:
     return option(0, "Random seed (data order, initialisation, sampling).", min=0)
 
@@ -115,6 +123,7 @@ class SFTConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     completion_only_loss: bool = option(
         True, "Loss on response tokens only for {prompt, completion} and {messages} rows."
     )
@@ -206,6 +215,7 @@ class RMConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     margin_column: str | None = option(
         None, "Column with a per-pair margin m: loss = -log sigmoid(r_w - r_l - m)."
     )
@@ -252,6 +262,7 @@ class DPOConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     loss: str = option("dpo", "Preference loss.", choices=["dpo", "ipo", "rdpo", "simpo", "tdpo"])
     beta: float | None = option(
         None,
@@ -359,6 +370,25 @@ class RLSection:
     segment_delimiters: list[str] = option(
         [".", "!", "?", "\n"], "Tokens ending with one of these end a segment (semi_rto)."
     )
+    token_reward_fn_scale: float = option(
+        1.0,
+        "Coefficient of the `function` token-reward source (token_reward_fn); 0 switches it off.",
+        min=0.0,
+    )
+    token_reward_fn_clip: float | None = option(
+        None,
+        "Clamp each scaled `function` token reward to +-this (null = no clamp).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    token_reward_fn_granularity: str = option(
+        "token",
+        "Where `function` token rewards land: token, segment (summed per sentence), sequence (summed on the last token).",
+        choices=["token", "segment", "sequence"],
+    )
+    token_reward_fn_shaping: bool = option(
+        False, "Subtract the summed `function` token reward at the last token (pure shaping)."
+    )
     kl_coef: float = option(
         0.01, "beta2: per-token KL penalty to the reference.", min=0.0, paper="beta2 0.01"
     )
@@ -374,6 +404,11 @@ class RLSection:
         "beta3: weight of the reward model's score on the last token.",
         min=0.0,
         paper="beta3 1",
+    )
+    reward_fn_coef: float = option(
+        1.0,
+        "Weight of the sentence reward function (reward_fn) on the last token, added unnormalised.",
+        min=0.0,
     )
     score_normalization: str = option(
         "stored",
@@ -396,7 +431,8 @@ class RLSection:
     whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
     critic_init: str = option(
         "reward_model",
-        "Initialise the critic from the reward model (paper) or the policy (new head).",
+        "Initialise the critic from the reward model (paper) or the policy (new head); a reward model with "
+        "another tokenizer than the policy's, or none, leaves the policy (with a note).",
         choices=["reward_model", "policy"],
     )
     critic_lr: float = option(
@@ -470,6 +506,7 @@ class RLConfig:
     seed: int = _seed()
     resume: bool = _resume()
     overwrite: bool = _overwrite()
+    push_to_hub: str | None = _push()
     preset: str | None = option(
         None,
         "Method preset, applied before the file and the command line: " + ", ".join(PRESETS) + ".",
@@ -481,10 +518,29 @@ class RLConfig:
     )
     reward_model: str | None = option(
         None,
-        "Reward model folder (from `rto rm`): the score on the last token, and the critic's start.",
+        "Reward model (from `rto rm`, or any sequence classifier with one output): the score on the last token, "
+        "and the critic's start. With another tokenizer than the policy's, prompts and responses are "
+        "re-rendered with its own tokenizer and chat template.",
+    )
+    reward_fn: str | None = option(
+        None,
+        "Sentence reward function f(prompts, responses) -> list[float], as module:function or a registered name "
+        "(sentiment), added to (or instead of) the reward model's score on the last token (rl.reward_fn_coef).",
     )
     dpo_model: str | None = option(
-        None, "DPO policy pi_dpo (from `rto dpo`); needed when rl.dpo_reward_scale > 0."
+        None,
+        "DPO policy pi_dpo (from `rto dpo`, with the policy's tokenizer); needed when rl.dpo_reward_scale > 0.",
+    )
+    token_reward_fn: str | None = option(
+        None,
+        "Token reward function f(prompts, responses, tokens) as module:function: the `function` token-reward "
+        "source; tokens[i] holds (text, start, end) per response token; it returns per response a reward per "
+        "token or (start, end, reward) character spans (rl.token_reward_fn_*).",
+    )
+    critic_model: str | None = option(
+        None,
+        "Start the critic from this model (a causal LM gets a new value head), instead of rl.critic_init's; "
+        "it must use the policy's tokenizer.",
     )
     save_critic: bool = option(False, "Also save the trained critic to OUT/critic.")
     rl: RLSection = section(RLSection, "The RL algorithm: rewards, advantages, PPO.")
@@ -518,6 +574,13 @@ class RLConfig:
     )
     log: LogSection = section(LogSection, "Logging.")
 
+    def reward_sources(self) -> list[str]:
+        """The rewards this run uses: token sources, then sentence rewards."""
+        rl = self.rl
+        used = {"dpo": rl.dpo_reward_scale > 0, "function": bool(self.token_reward_fn) and rl.token_reward_fn_scale > 0,
+                "score": bool(self.reward_model) and rl.score_coef > 0, "reward_fn": bool(self.reward_fn) and rl.reward_fn_coef > 0}  # fmt: skip
+        return [name for name, on in used.items() if on]
+
     def check(self) -> None:
         _require(self.out, "out", "the folder to write the trained policy to")
         _require(self.model.path, "model.path", "the policy to start from (usually the SFT model)")
@@ -527,17 +590,15 @@ class RLConfig:
             raise ConfigError(
                 "config key 'dpo_model' is required when rl.dpo_reward_scale > 0 (RTO's token reward needs pi_dpo)"
             )
-        if rl.score_coef > 0 and not self.reward_model:
+        if rl.score_coef > 0 and not self.reward_model and not self.reward_fn:
             raise ConfigError(
-                "config key 'reward_model' is required when rl.score_coef > 0 (set rl.score_coef 0 to train on DPO rewards only)"
+                "config key 'reward_model' is required when rl.score_coef > 0 (give reward_fn for a programmatic "
+                "sentence reward, or set rl.score_coef 0 to train on token rewards only)"
             )
-        if (
-            rl.advantage_estimator == "gae"
-            and rl.critic_init == "reward_model"
-            and not self.reward_model
-        ):
+        if not self.reward_sources():
             raise ConfigError(
-                "config key 'reward_model' is required to initialise the critic (or set rl.critic_init policy)"
+                "no reward to learn from: give reward_model (with rl.score_coef > 0), reward_fn, dpo_model (with "
+                "rl.dpo_reward_scale > 0) or token_reward_fn"
             )
         _no_lora_dropout(self.lora, "rl")
         n = rl.rollout_batch_size * rl.samples_per_prompt

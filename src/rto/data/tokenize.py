@@ -159,6 +159,17 @@ def build_sft(
     return examples, report
 
 
+def added_specials(
+    from_chat: bool, render: formats.ChatRenderer, prefix: list[int], eos: list[int]
+) -> tuple[list[int], list[int]]:
+    """(ids before the prompt, ids after a response) that rto adds to a prompt + response:
+    plain text gets the tokenizer's BOS prefix and the EOS; text rendered by a chat template
+    brings its own, except that a template closing replies with no special token gets the EOS."""
+    if not from_chat:
+        return prefix, eos
+    return [], ([] if render.closes_turn else eos)
+
+
 # --------------------------------------------------------------------------- preference pairs
 
 
@@ -200,10 +211,8 @@ def build_pairs(
         if t.chosen == t.rejected:
             report.drop("identical chosen and rejected")
             continue
-        if not t.from_chat:
-            p, c, r = prefix + p, c + eos, r + eos
-        elif not render.closes_turn:
-            c, r = c + eos, r + eos
+        before, after = added_specials(t.from_chat, render, prefix, eos)
+        p, c, r = before + p, c + after, r + after
         p1, c, cut_c = truncate(p, c, max_prompt_length, max_length)
         _, r, cut_r = truncate(p, r, max_prompt_length, max_length)
         if c == r:
@@ -217,6 +226,37 @@ def build_pairs(
         examples.append(ex)
     report.kept = len(examples)
     return examples, report
+
+
+def encode_scored(
+    tokenizer: Any,
+    render: formats.ChatRenderer,
+    prompts: list[Any],
+    responses: list[str],
+    *,
+    max_length: int | None = None,
+) -> tuple[list[list[int]], int]:
+    """(ids, truncated): prompt + response ids of each (prompt, response) exactly as
+    `build_pairs` encodes a row {prompt, chosen: response} (chat template, BOS, end of turn or
+    EOS), so a reward model reads RL samples as it read its training pairs. `prompts` are what
+    the rows held (strings or messages). Longer than `max_length` (the model's positions): the
+    prompt keeps its end, then the response its start; `truncated` counts them."""
+    texts = [
+        formats.scored_text(p, r, render, f"response {i}")
+        for i, (p, r) in enumerate(zip(prompts, responses))
+    ]
+    enc = iter(_encode_many(tokenizer, [s for t in texts for s in t[:2]]))
+    prefix, eos = special_prefix(tokenizer), eos_ids(tokenizer)
+    out, truncated = [], 0
+    for _, _, from_chat in texts:
+        p, r = next(enc), next(enc)
+        before, after = added_specials(from_chat, render, prefix, eos)
+        p, r = before + p, r + after
+        if max_length is not None and len(p) + len(r) > max_length:
+            p, r, _ = truncate(p, r, max(max_length - len(r), 1), max_length)
+            truncated += 1
+        out.append(p + r)
+    return out, truncated
 
 
 # --------------------------------------------------------------------------- prompts

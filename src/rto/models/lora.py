@@ -286,19 +286,24 @@ def add_adapter(
     return wrapped
 
 
-def save_trained(model: Any, tokenizer: Any, out: str | Path, accelerator: Any, lora: Any) -> None:
+def save_trained(
+    model: Any, tokenizer: Any, out: str | Path, accelerator: Any, lora: Any, part: str | None = None
+) -> None:
     """A stage's trained model into `out`: a plain Hugging Face folder (full fine-tuning, or
-    lora.merge), else the adapter folder with lora_base.json."""
+    lora.merge), else the adapter folder with lora_base.json. `part` saves one role of a
+    prepared wrapper (the policy or the critic of the RL stage's actor-critic)."""
     from rto.engine.files import write_json
     from rto.models.load import save_pretrained
 
     out = Path(out)
     unwrapped = accelerator.unwrap_model(model)
+    if part:
+        unwrapped = getattr(unwrapped, part)
     peft_model = getattr(unwrapped, "hf", unwrapped)
     base: AdapterBase | None = getattr(peft_model, "rto_base", None)
     if base is None or not is_peft_model(peft_model):
         _remove(out, _ADAPTER_FILES, accelerator)
-        save_pretrained(model, tokenizer, out, accelerator)
+        save_pretrained(model, tokenizer, out, accelerator, part=part)
         return
     if lora.merge:
         if _sharded(accelerator):
@@ -318,7 +323,7 @@ def save_trained(model: Any, tokenizer: Any, out: str | Path, accelerator: Any, 
     config.base_model_name_or_path = base.peft_path
     config.revision = base.revision
     with _quiet_peft():
-        save_pretrained(model, tokenizer, out, accelerator)
+        save_pretrained(model, tokenizer, out, accelerator, part=part)
     if accelerator.is_main_process:
         write_json(out / BASE_FILE, base.record(out))
 

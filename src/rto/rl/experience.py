@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rto.data.tokenize import pad
-from rto.models.forward import TokenScorer, gather_logprobs, response_logits, sequence_scores
+from rto.models.forward import gather_logprobs, response_logits
 from rto.models.generate import Samples
 
 
@@ -31,6 +31,10 @@ class Rollout:
     )
     values: torch.Tensor | None = None  # (B, T) critic V(s_h) (GAE only)
     score: torch.Tensor | None = None  # (B,) reward model score (raw)
+    token_sources: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # name -> (B, T) raw values
+    sentence: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) sentence rewards
     rewards: torch.Tensor | None = None  # (B, T) assembled token rewards
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
@@ -108,42 +112,26 @@ def policy_logprobs(
 
 
 @torch.no_grad()
-def score_rollout(
-    r: Rollout,
-    *,
-    policy: Any,
-    ref: Any,
-    critic: Any | None,
-    dpo: Any | None,
-    reward_model: TokenScorer | None,
-    batch_size: int,
-    temperature: float,
-) -> None:
-    """Fill logp_old, logp_ref, dpo_log_ratio, values and score, in chunks of `batch_size` rows.
+def score_rollout(r: Rollout, roles: Any, *, batch_size: int, temperature: float) -> None:
+    """Fill logp_old, logp_ref, values and score, asking `roles` (rl/roles.py) in chunks of
+    `batch_size` rows; the score is the reward model's (raw), 0 without one.
 
-    The KL penalty compares policy and reference at the sampling temperature; the DPO reward is
-    defined at temperature 1, so its reference log-probs are recomputed only when they differ."""
-    names = ("logp_old", "logp_ref", "dpo_log_ratio", "values", "score")
+    The KL penalty compares policy and reference at the sampling temperature. A reward model
+    with its own tokenizer reads r.texts' prompt values and decoded responses."""
+    names = ("logp_old", "logp_ref", "values", "score")
     outputs: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     for start in range(0, len(r), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(r)), device=r.response_ids.device)
-        b = r.take(idx)
-        outputs["logp_old"].append(policy_logprobs(policy, b, temperature)[0])
-        logp_ref = policy_logprobs(ref, b, temperature)[0]
-        outputs["logp_ref"].append(logp_ref)
-        if dpo is not None:
-            ref_t1 = logp_ref if temperature == 1.0 else policy_logprobs(ref, b, 1.0)[0]
-            outputs["dpo_log_ratio"].append(policy_logprobs(dpo, b, 1.0)[0] - ref_t1)
-        if critic is not None:
-            outputs["values"].append(
-                critic_values(
-                    critic, b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]
-                )
+        rows = slice(start, min(start + batch_size, len(r)))
+        b = r.take(torch.arange(rows.start, rows.stop, device=r.response_ids.device))
+        outputs["logp_old"].append(roles.logprobs("policy", b, temperature))
+        outputs["logp_ref"].append(roles.logprobs("ref", b, temperature))
+        if roles.has("critic"):
+            outputs["values"].append(roles.values(b))
+        if roles.has("reward"):
+            prompts, responses = r.texts.get("prompt_values"), r.texts.get("responses")
+            outputs["score"].append(
+                roles.score(b, prompts and prompts[rows], responses and responses[rows])
             )
-        if reward_model is not None:
-            ids = torch.cat([b["prompt_ids"], b["response_ids"]], dim=1)
-            mask = torch.cat([b["prompt_mask"], b["response_mask"]], dim=1)
-            outputs["score"].append(sequence_scores(reward_model, ids, mask))
     for k, parts in outputs.items():
         if parts:
             setattr(r, k, torch.cat(parts).float())

@@ -17,8 +17,16 @@ model's, normalised (`normalize_score`). The variants only move the DPO term:
     shaping               subtract the summed DPO reward at the last token, so the return of a
                           whole response is the score minus KL, as in PPO (rs_ppo)
 
-beta1 = 0 removes the DPO term exactly (standard PPO); it is never multiplied in, so a missing
-or non-finite DPO log-prob cannot leak into PPO.
+The DPO log-ratio is one token-reward source among others (`rl/sources.py`): every source s
+gives a (B, T) value x^s per policy response token and enters the same way, with its own
+coefficient, clip, granularity and shaping; sentence rewards k (a reward function) add to the
+score on the last token with their own weight w_k:
+
+    r_h = sum_s place_s(clamp(beta_s * x^s_h, -c_s, c_s)) - beta2 * kl_h
+        + [h == H] * (beta3 * score(x, y) + sum_k w_k * f_k(x, y))
+
+A coefficient of 0 removes its term exactly: it is never multiplied in, so beta1 = 0 is
+standard PPO and a missing or non-finite value of a switched-off source cannot leak in.
 
 All tensors are (B, T) over response positions with a 0/1 `mask` that is 1 on a contiguous
 prefix of each row (right padding); the score is (B,). Values outside the mask are ignored,
@@ -27,11 +35,22 @@ whatever they are (NaN included).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from rto.models.forward import last_real_index
+
+
+@dataclass
+class SourceSettings:
+    """How one token-reward source enters the reward (the DPO source: beta1 and its options)."""
+
+    scale: float = 1.0  # beta_s
+    clip: float | None = None  # c_s (None = no clip)
+    granularity: str = "token"  # token | segment | sequence
+    shaping: bool = False  # subtract the source's sum at the last token
 
 
 @dataclass
@@ -42,6 +61,11 @@ class RewardSettings:
     shaping: bool = False  # rs_ppo
     kl_coef: float = 0.01  # beta2
     score_coef: float = 1.0  # beta3
+
+    def dpo(self) -> SourceSettings:
+        return SourceSettings(
+            self.dpo_reward_scale, self.dpo_reward_clip, self.granularity, self.shaping
+        )
 
 
 def normalize_score(
@@ -86,16 +110,17 @@ def segment_sums(
     return torch.where(ends, totals.gather(1, seg_id), torch.zeros_like(per_token))
 
 
-def dpo_term(
-    dpo_log_ratio: torch.Tensor,
+def source_term(
+    values: torch.Tensor,
     mask: torch.Tensor,
-    settings: RewardSettings,
+    settings: SourceSettings,
     segment_end: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(DPO reward as placed by the granularity, per-token DPO reward before placing)."""
-    per_token = settings.dpo_reward_scale * dpo_log_ratio
-    if settings.dpo_reward_clip is not None:
-        per_token = per_token.clamp(-settings.dpo_reward_clip, settings.dpo_reward_clip)
+    """(a source's reward as placed by its granularity, its per-token reward before placing):
+    per_token_h = clamp(beta_s * x_h, -c_s, c_s) on real tokens."""
+    per_token = settings.scale * values
+    if settings.clip is not None:
+        per_token = per_token.clamp(-settings.clip, settings.clip)
     per_token = per_token.masked_fill(~mask.bool(), 0.0)
     if settings.granularity == "token":
         placed = per_token
@@ -114,6 +139,19 @@ def dpo_term(
     return placed, per_token
 
 
+def dpo_term(
+    dpo_log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    settings: RewardSettings,
+    segment_end: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DPO reward as placed by the granularity, per-token DPO reward before placing)."""
+    return source_term(dpo_log_ratio, mask, settings.dpo(), segment_end)
+
+
+RESERVED = ("kl", "score")
+
+
 def token_rewards(
     mask: torch.Tensor,
     logp_policy: torch.Tensor,
@@ -123,21 +161,73 @@ def token_rewards(
     *,
     dpo_log_ratio: torch.Tensor | None = None,
     segment_end: torch.Tensor | None = None,
+    sources: Mapping[str, tuple[torch.Tensor, SourceSettings]] | None = None,
+    sentence: Mapping[str, tuple[torch.Tensor, float]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(rewards (B, T), parts).
 
-    dpo_log_ratio = log pi_dpo - log pi_ref per token (at temperature 1), needed when beta1 != 0.
-    parts holds 'dpo' (placed, (B, T)), 'dpo_per_token', 'kl' (the per-token log-ratio of policy
-    to reference, (B, T)) and 'score' ((B,), after beta3)."""
+    dpo_log_ratio = log pi_dpo - log pi_ref per token (at temperature 1), needed when beta1 != 0;
+    it is the source 'dpo' with settings.dpo(). `sources` maps other source names to their
+    (B, T) values and settings, `sentence` maps sentence-reward names to their (B,) values and
+    weight. parts holds, per source, its placed reward NAME and NAME_per_token (B, T); 'kl' (the
+    per-token log-ratio of policy to reference, (B, T)); 'score' ((B,), after beta3) and each
+    sentence reward ((B,), after its weight)."""
     mask = mask.float()
     kl = (logp_policy - logp_ref).masked_fill(~mask.bool(), 0.0)
     score_part = settings.score_coef * score.float()
     rewards = -settings.kl_coef * kl + place_at_last(score_part, mask)
     parts = {"kl": kl, "score": score_part}
+    dense = dict(sources or {})
+    clash = [n for n in [*dense, *(sentence or {})] if n in RESERVED or n.endswith("_per_token")]
+    if clash or (sentence and set(sentence) & set(dense)):
+        raise ValueError(
+            f"reward names must be unique and not {RESERVED}: {clash or sorted(set(sentence) & set(dense))}"
+        )
     if settings.dpo_reward_scale != 0.0:
         if dpo_log_ratio is None:
             raise ValueError("dpo_reward_scale != 0 needs dpo_log_ratio")
-        placed, per_token = dpo_term(dpo_log_ratio, mask, settings, segment_end)
+        if "dpo" in dense:
+            raise ValueError("the DPO source is given twice (dpo_log_ratio and sources['dpo'])")
+        dense = {"dpo": (dpo_log_ratio, settings.dpo()), **dense}
+    for name, (values, source_settings) in dense.items():
+        if source_settings.scale == 0.0:  # removed exactly, whatever its values
+            continue
+        placed, per_token = source_term(values, mask, source_settings, segment_end)
         rewards = rewards + placed
-        parts["dpo"], parts["dpo_per_token"] = placed, per_token
+        parts[name], parts[name + "_per_token"] = placed, per_token
+    for name, (values, weight) in (sentence or {}).items():
+        if weight == 0.0:
+            continue
+        parts[name] = weight * values.float()
+        rewards = rewards + place_at_last(parts[name], mask)
     return rewards.masked_fill(~mask.bool(), 0.0), parts
+
+
+def reward_breakdown(
+    parts: Mapping[str, torch.Tensor], kl_coef: float
+) -> dict[str, tuple[float, float]]:
+    """{component: (sum, share)} for each token source (before placing), the KL penalty
+    (-beta2 * kl) and each sentence reward (the score included), from `token_rewards`' parts.
+
+    sum   = mean over responses of the component's reward summed over the response;
+    share = sum over responses and tokens of |its reward| / the same for all components: the
+            part of the reward signal it gives (1 for a component that is all there is)."""
+    per_response: dict[str, torch.Tensor] = {}
+    magnitude: dict[str, torch.Tensor] = {}
+    for name, value in parts.items():
+        if name.endswith("_per_token"):
+            per_response[name[: -len("_per_token")]] = value.sum(1)
+            magnitude[name[: -len("_per_token")]] = value.abs().sum()
+        elif name == "kl":
+            penalty = -kl_coef * value
+            per_response["kl"], magnitude["kl"] = penalty.sum(1), penalty.abs().sum()
+        elif value.dim() == 1:
+            per_response[name], magnitude[name] = value, value.abs().sum()
+    total = float(sum(magnitude.values())) if magnitude else 0.0
+    return {
+        name: (
+            float(per_response[name].float().mean()),
+            float(magnitude[name]) / total if total else 0.0,
+        )
+        for name in per_response
+    }

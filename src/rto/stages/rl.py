@@ -1,8 +1,11 @@
 """`rto rl`: online RL from prompts with token-level rewards (RTO) and its baselines.
 
-Loads the five models of RTO (policy, reference, DPO policy, reward model, critic), checks
-that they share one tokenizer, and hands them to rto.rl.trainer.PPOTrainer. Presets name the
-paper's methods: ppo, rto, rs_ppo, semi_rto, ddpo, rpp, rto_rpp (`--preset`).
+Loads the five roles of RTO (policy, reference, DPO policy, reward model, critic) into
+`rl/roles.SeparateModels` and hands them to rto.rl.trainer.PPOTrainer. The reference, the DPO
+model and the critic read the policy's token ids, so they must share its tokenizer (checked
+before loading); a reward model may have its own (it then reads re-rendered text, and the critic
+starts from the policy). Presets name the paper's methods: ppo, rto, rs_ppo, semi_rto, ddpo,
+rpp, rto_rpp (`--preset`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from typing import Any
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
 from rto.engine.files import read_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
-from rto.evaluation.sampled import load_eval_prompts
+from rto.evaluation.sampled import load_eval_inputs
 from rto.models import lora
 from rto.models.forward import TokenScorer
 from rto.models.load import (
@@ -23,7 +27,11 @@ from rto.models.load import (
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
+    tokenizer_fingerprint,
 )
+from rto.models.reward_model import load_reward_model
+from rto.rl.roles import SeparateModels
+from rto.rl.sources import resolve_function
 from rto.rl.trainer import PPOTrainer, check_prompt_count
 from rto.stages.rm import STATS_FILE
 
@@ -43,22 +51,54 @@ def reward_stats(cfg: RLConfig) -> dict[str, float] | None:
     return stats
 
 
+def critic_source(cfg: RLConfig, rm_same_tokenizer: bool) -> tuple[str, bool, str | None]:
+    """(where the critic starts, whether that checkpoint must have a score head, a note when
+    rl.critic_init asked for the reward model and it cannot be used)."""
+    if cfg.critic_model:
+        return cfg.critic_model, False, None
+    if cfg.rl.critic_init == "policy":
+        return cfg.model.path, False, None
+    if cfg.reward_model and rm_same_tokenizer:
+        return cfg.reward_model, True, None
+    why = (f"the reward model {cfg.reward_model} has its own tokenizer, so its weights cannot read the policy's "
+           "tokens" if cfg.reward_model else "there is no reward model")  # fmt: skip
+    note = (f"[rto] note: the critic starts from the policy {cfg.model.path} with a new value head: {why} "
+            "(give critic_model to start it from another model with the policy's tokenizer)")  # fmt: skip
+    return cfg.model.path, False, note
+
+
 def run(cfg: RLConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(
-        cfg, "rl", progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
+    folder = RunFolder.check(cfg, "rl")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(
+        cfg, folder, progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
     )
     rl = cfg.rl
     tokenizer = load_tokenizer(cfg.model)
     ref_path = cfg.ref_model or cfg.model.path
     use_dpo = rl.dpo_reward_scale > 0
-    use_rm = rl.score_coef > 0
-    critic_from_rm = rl.advantage_estimator == "gae" and rl.critic_init == "reward_model"
-    others = [("reference model", ref_path), ("DPO model", cfg.dpo_model if use_dpo else None),
-              ("reward model", cfg.reward_model if (use_rm or critic_from_rm) else None)]  # fmt: skip
-    for name, path in others:
-        if path and path != (cfg.model.tokenizer or cfg.model.path):
-            check_same_tokenizer(tokenizer, "policy", load_tokenizer(cfg.model, path=path), name)
+    use_rm = rl.score_coef > 0 and bool(cfg.reward_model)
+    own = cfg.model.tokenizer or cfg.model.path
+    dpo_reason = ("the DPO model's rewards are per policy token (log pi_dpo - log pi_ref of the policy's own "
+                  "tokens), so it must share the policy's tokenizer")  # fmt: skip
+    same_ids = [("reference model", ref_path, None), ("DPO model", cfg.dpo_model if use_dpo else None, dpo_reason),
+                ("critic model", cfg.critic_model, None)]  # fmt: skip
+    for name, path, reason in same_ids:
+        if path and path != own:
+            check_same_tokenizer(
+                tokenizer, "policy", load_tokenizer(cfg.model, path, name), name, reason
+            )
+    rm_same = bool(cfg.reward_model) and (
+        cfg.reward_model == own
+        or tokenizer_fingerprint(load_tokenizer(cfg.model, cfg.reward_model, "reward model"))
+        == tokenizer_fingerprint(tokenizer)
+    )
     stats = reward_stats(cfg) if use_rm else None
+    # a user's function that cannot be imported is refused now, before any model is loaded
+    for key in ("reward_fn", "token_reward_fn"):
+        if getattr(cfg, key):
+            resolve_function(getattr(cfg, key), key)
 
     prompts, report = load_prompts(
         cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
@@ -66,52 +106,54 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     )  # fmt: skip
     engine.say("[rto] prompts: " + report.describe())
     check_prompt_count(len(prompts), cfg.rl.rollout_batch_size)  # before loading five models
-    eval_prompts = []
-    if cfg.eval.prompts:
-        eval_prompts = load_eval_prompts(
-            cfg.eval,
-            tokenizer,
-            cfg.data.max_prompt_length,
-            cfg.seed,
-            cfg.model.path,
-            cfg.data.chat_prompts,
-        )
+    eval_prompts = load_eval_inputs(cfg, tokenizer, cfg.model.path) or []
 
     device = engine.device
     trained = lora.frozen_base(cfg.model, cfg.lora)  # how policy and critic load
-    policy = lora.add_adapter(load_causal_lm(trained), cfg.model, cfg.lora)
-    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(device)
+    policy = lora.add_adapter(load_causal_lm(trained, role="policy"), cfg.model, cfg.lora)
+    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
+    ref = ref.to(device)
     dpo = (
-        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False).to(device)
+        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False, role="DPO model").to(device)
         if use_dpo
         else None
     )
     reward_model = None
     if use_rm:
-        hf = load_sequence_scorer(
-            cfg.model, cfg.reward_model, trainable=False, require_head=True, role="reward model"
-        )
-        reward_model = TokenScorer(hf).to(device)
+        reward_model = load_reward_model(cfg.model, cfg.reward_model, tokenizer,
+                                         chat_prompts=cfg.data.chat_prompts, device=device)  # fmt: skip
+        reward_model.check_prompts([p["prompt_value"] for p in prompts])
+        engine.say("[rto] " + reward_model.describe())
     critic = None
     if rl.advantage_estimator == "gae":
-        source = cfg.reward_model if critic_from_rm else cfg.model.path
+        source, require_head, note = critic_source(cfg, rm_same)
+        if note:
+            engine.say(note)
         hf = load_sequence_scorer(
-            trained, source, trainable=True, require_head=critic_from_rm, role="critic"
+            trained, source, trainable=True, require_head=require_head, role="critic"
         )
         critic = TokenScorer(
             lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True, source=source)
         )
+    roles = SeparateModels(
+        policy=policy, ref=ref, dpo=dpo, critic=critic, reward_model=reward_model
+    )
+    engine.say("[rto] rewards: " + ", ".join(cfg.reward_sources()))
 
-    trainer = PPOTrainer(cfg, engine, policy=policy, critic=critic, ref=ref, dpo=dpo, reward_model=reward_model,
-                         tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
+    trainer = PPOTrainer(cfg, engine, roles=roles, tokenizer=tokenizer, prompts=prompts,
+                         eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
+    trainer.plan()  # sizes checked before the run begins
+    out = engine.begin()
     summary = trainer.train()
-    lora.save_trained(trainer.policy, tokenizer, out, engine.accelerator, cfg.lora)
+    lora.save_trained(trainer.model, tokenizer, out, engine.accelerator, cfg.lora, part="policy")
     if cfg.save_critic and trainer.critic is not None:
-        lora.save_trained(trainer.critic, tokenizer, out / "critic", engine.accelerator, cfg.lora)
+        lora.save_trained(trainer.model, tokenizer, out / "critic", engine.accelerator, cfg.lora,
+                          part="critic")  # fmt: skip
     summary = {
         "stage": "rl",
         "preset": cfg.preset,
         **summary,
+        "rewards": cfg.reward_sources(),
         "data": {"prompts": report.to_dict()},
     }
     engine.finish(summary)

@@ -1,0 +1,190 @@
+"""Where rewards come from: token-reward sources (a registry) and sentence reward functions.
+
+A token-reward source gives every policy response token a value, a (B, T) tensor aligned with
+the rollout's response tokens; `rl/rewards.token_rewards` scales, clips and places it with the
+source's own settings (coefficient, clip, granularity, shaping) and adds it to the reward:
+
+    dpo       x_h = log pi_dpo(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h), at temperature 1; beta1 =
+              rl.dpo_reward_scale (RTO's dense reward)
+    function  the user's `f(prompts, responses, tokens)` (config key token_reward_fn): prompts
+              as judges read them, decoded responses, and for each response one TokenSpan
+              (text, start, end) per token (`data/spans.py`); it returns, per response, either
+              one number per token or (start, end, reward) character spans, each placed on the
+              token that owns the span's last character; beta = rl.token_reward_fn_scale
+
+A sentence reward function (config key reward_fn) is `f(prompts, responses) -> list[float]`,
+like a gold reward, added to the score on the last token with weight rl.reward_fn_coef.
+
+More sources: `register(name, builder)`, where `builder(cfg, ctx)` returns the source (an
+object with `name`, `settings` and `__call__(rollout) -> (B, T)`) or None when the run's
+config switches it off. A source switched off is never computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rto.data.spans import rewards_on_tokens, token_spans
+from rto.errors import RtoError
+from rto.rl.experience import Rollout
+from rto.rl.rewards import SourceSettings
+from rto.tasks import call_judge, resolve
+
+
+@dataclass
+class SourceContext:
+    """What a source may use: the roles (rl/roles.py), the policy's tokenizer and stop tokens,
+    and the scoring pass's settings."""
+
+    roles: Any
+    tokenizer: Any
+    stop_ids: list[int]
+    batch_size: int
+    temperature: float
+
+
+Builder = Callable[[Any, SourceContext], Any]
+REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str, builder: Builder) -> None:
+    """Add a token-reward source: `builder(cfg, ctx)` -> the source, or None when off."""
+    REGISTRY[name] = builder
+
+
+def build_sources(cfg: Any, ctx: SourceContext) -> list[Any]:
+    """The sources this run uses, in registry order."""
+    sources = [builder(cfg, ctx) for builder in REGISTRY.values()]
+    return [s for s in sources if s is not None]
+
+
+def response_token_ids(r: Rollout) -> list[list[int]]:
+    """Each response's real tokens (up to and including the stop token)."""
+    lengths = r.response_mask.sum(1).tolist()
+    return [row[: int(n)] for row, n in zip(r.response_ids.tolist(), lengths)]
+
+
+# --------------------------------------------------------------------------- dpo
+
+
+class DPOSource:
+    """RTO's dense reward: the DPO model's log-ratio to the reference at temperature 1."""
+
+    name = "dpo"
+
+    def __init__(self, settings: SourceSettings, ctx: SourceContext):
+        self.settings, self.ctx = settings, ctx
+
+    @torch.no_grad()
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        roles, temperature = self.ctx.roles, self.ctx.temperature
+        out = []
+        for start in range(0, len(r), self.ctx.batch_size):
+            idx = torch.arange(
+                start, min(start + self.ctx.batch_size, len(r)), device=r.response_ids.device
+            )
+            b = r.take(idx)
+            # the KL pass scored the reference at the sampling temperature: reuse it at 1 only
+            ref = (
+                b["logp_ref"]
+                if temperature == 1.0 and "logp_ref" in b
+                else roles.logprobs("ref", b, 1.0)
+            )
+            out.append(roles.logprobs("dpo", b, 1.0) - ref)
+        return torch.cat(out).float()
+
+
+def _dpo_builder(cfg: Any, ctx: SourceContext) -> DPOSource | None:
+    rl = cfg.rl
+    if rl.dpo_reward_scale == 0.0:
+        return None
+    settings = SourceSettings(rl.dpo_reward_scale, rl.dpo_reward_clip, rl.dpo_reward_granularity,
+                              rl.dpo_reward_shaping)  # fmt: skip
+    return DPOSource(settings, ctx)
+
+
+# --------------------------------------------------------------------------- function
+
+
+class FunctionSource:
+    """Per-token rewards from the user's function of the decoded responses."""
+
+    name = "function"
+
+    def __init__(
+        self, fn: Callable[..., Any], spec: str, settings: SourceSettings, ctx: SourceContext
+    ):
+        self.fn, self.spec, self.settings, self.ctx = fn, spec, settings, ctx
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        texts, spans = token_spans(self.ctx.tokenizer, response_token_ids(r), self.ctx.stop_ids)
+        values = list(self.fn(list(r.texts["prompts"]), texts, spans))
+        if len(values) != len(texts):
+            raise RtoError(
+                f"token reward function {self.spec!r} returned {len(values)} lists for {len(texts)} responses"
+            )
+        out = torch.zeros(r.response_ids.shape, dtype=torch.float32)
+        for b, (value, row, text) in enumerate(zip(values, spans, texts)):
+            where = f"token reward function {self.spec!r}, response {b} ({text!r:.60})"
+            out[b, : len(row)] = torch.tensor(rewards_on_tokens(value, row, text, where))
+        return out.to(r.response_ids.device)
+
+
+def _function_builder(cfg: Any, ctx: SourceContext) -> FunctionSource | None:
+    rl = cfg.rl
+    if not cfg.token_reward_fn or rl.token_reward_fn_scale == 0.0:
+        return None
+    fn = resolve_function(cfg.token_reward_fn, "token_reward_fn")
+    settings = SourceSettings(rl.token_reward_fn_scale, rl.token_reward_fn_clip, rl.token_reward_fn_granularity,
+                              rl.token_reward_fn_shaping)  # fmt: skip
+    return FunctionSource(fn, cfg.token_reward_fn, settings, ctx)
+
+
+register("dpo", _dpo_builder)
+register("function", _function_builder)
+
+
+def resolve_function(spec: str, key: str) -> Callable[..., Any]:
+    """A user's `module:function` (or a registered gold reward's name) from config key `key`."""
+    return resolve(spec, "gold", key)
+
+
+# --------------------------------------------------------------------------- sentence rewards
+
+
+class SentenceRewardFunction:
+    """A programmatic sentence reward f(prompts, responses) -> list[float] (a verifiable reward,
+    or a task's gold reward as an oracle), read on the raw prompt as judges read it."""
+
+    def __init__(self, spec: str, weight: float, name: str = "reward_fn"):
+        self.fn, self.spec, self.weight, self.name = (
+            resolve_function(spec, "reward_fn"),
+            spec,
+            weight,
+            name,
+        )
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        values = call_judge(self.fn, list(r.texts["prompts"]), list(r.texts["responses"]), self.spec, "gold",
+                            what="reward function")  # fmt: skip
+        return torch.tensor(values, dtype=torch.float32, device=r.response_ids.device)
+
+
+def sentence_rewards(cfg: Any) -> list[SentenceRewardFunction]:
+    if not cfg.reward_fn or cfg.rl.reward_fn_coef == 0.0:
+        return []
+    return [SentenceRewardFunction(cfg.reward_fn, cfg.rl.reward_fn_coef)]
+
+
+def score_sources(r: Rollout, sources: list[Any], sentence: list[SentenceRewardFunction]) -> None:
+    """Fill r.token_sources (raw (B, T) values, r.dpo_log_ratio for the DPO source) and
+    r.sentence ((B,) values) after the roles' scoring pass."""
+    for source in sources:
+        r.token_sources[source.name] = source(r)
+    r.dpo_log_ratio = r.token_sources.get("dpo")
+    for reward in sentence:
+        r.sentence[reward.name] = reward(r)
