@@ -408,9 +408,21 @@ def save_pretrained(
         target = unwrapped.hf
         state = _strip_prefix(state, "hf.")
     if accelerator.is_main_process:
+        state = _without_tied_copies(target, state)
         target.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()
+
+
+def _without_tied_copies(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without the second name of a tied parameter (the LM head tied to the embeddings):
+    a gathered ZeRO-3 / FSDP state holds separate copies, which would otherwise be saved twice
+    and make the folder differ from a one-process run's."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    extra = {n for group in names.values() for n in group[1:]}
+    return {k: v for k, v in state.items() if k not in extra}
 
 
 # --------------------------------------------------------------------------- tokenizer identity
