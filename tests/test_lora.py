@@ -106,8 +106,8 @@ def lora_runs(request: pytest.FixtureRequest, pairs_data: Path, tmp_path_factory
     rto_ok("sft", "--out", root / "sft_adapter", *sft)
     rto_ok("sft", "--out", root / "sft", *sft, "--lora.merge", "true")
     rto_ok("pairs", "--out", root / "pairs", "--model.path", root / "sft_adapter", "--data.path", prompts,
-           "--data.max_rows", "24", "--data.max_prompt_length", "48", "--gold_reward", "sentiment",
-           "--generate.max_new_tokens", "24", *QUIET)  # fmt: skip
+           "--data.max_rows", "32", "--data.max_prompt_length", "48", "--gold_reward", "sentiment",
+           "--generate.max_new_tokens", "64", *QUIET)  # fmt: skip
     rto_ok("rm", *pref_args(task, root / "sft", pairs_data, root / "rm", "--lora.r", "4"))
     rto_ok("dpo", *pref_args(task, root / "sft", pairs_data, root / "dpo", "--lora.r", "4"))
     rto_ok("rl", "--out", root / "rl", "--preset", "rto", "--model.path", root / "sft",
