@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,58 @@ def test_report_only_rebuilds_the_published_report_from_its_json(bench, tmp_path
     md = (tmp_path / "out" / "paper_miniature.md").read_text()
     assert "`dpo_fit` is DPO trained at learning rate 0.001, `dpo` at 0.0002" in md
     assert (tmp_path / "out" / "paper_miniature_methods.png").stat().st_size > 10_000
+
+
+def test_memory_report_compares_memory_above_the_process_baseline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/memory.py's table on made-up measurements: ratios to full-model RTO use the
+    memory above what Python and the libraries take before any model is loaded."""
+    spec = importlib.util.spec_from_file_location("memory", ROOT / "benchmarks" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "memory", memory)  # its dataclasses look their module up
+    spec.loader.exec_module(memory)
+    run = {"rss_before_models_mb": 500.0, "rss_models_loaded_mb": 2000.0}
+    results = {
+        "full_rto": {**run, "rss_peak_mb": 4500.0},
+        "lora_ppo": {**run, "rss_peak_mb": 1500.0},
+    }
+    rows = {
+        r.split(" | ")[0].lstrip("| "): r for r in memory.table(results, "m", "cpu").splitlines()
+    }
+    assert rows["full-model RTO"].endswith("| 4500 | 4000 | 2000 | 1.00 |")
+    assert rows[memory.CONFIGS["lora_ppo"].title].endswith("| 1500 | 1000 | 2000 | 0.25 |")
+    assert "not measured" in rows["shared-base LoRA RTO"]
+
+
+def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh at test size on the CPU, so the GPU check cannot rot; and its 1B
+    recipe is a valid pipeline of about a billion parameters."""
+    import os
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    recipe = tmp_path / "1b.yaml"
+    recipe.write_text(yaml.safe_dump(gpu_check.recipe("1b", tmp_path / "1b"), sort_keys=False))
+    planned, _ = plan(str(recipe))
+    assert [p.name for p in planned] == ["task", "sft", "pairs", "rm", "dpo", "ppo", "rto"]
+    task = planned[0].config
+    mlp = task.hidden_size * 8 // 3
+    per_layer = 4 * task.hidden_size**2 + 3 * task.hidden_size * mlp
+    assert 0.9e9 < task.num_layers * per_layer < 1.1e9  # Llama-shaped, about 1B parameters
+
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"  # this venv's python
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--size", "tiny", "--out",
+                           str(tmp_path / "tiny")], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "tiny" / "gpu_check.json").read_text())
+    for stage in ("ppo", "rto"):
+        assert result["stages"][stage]["generated_tokens_per_second"] > 0
+        assert result["stages"][stage]["train_tokens_per_second"] > 0
+    assert all(result["stages"][s]["train_tokens_per_second"] > 0 for s in ("sft", "rm", "dpo"))
+    table = (tmp_path / "tiny" / "gpu_check.md").read_text()
+    assert "| rto |" in table and "generated tokens/s" in table

@@ -101,6 +101,33 @@ def test_train_fraction_takes_nested_seeded_shares_and_keeps_the_held_out_rows(
     assert len(texts(1 / 4, max_rows=100)[0]) == 22  # a share of what max_rows left (90 rows)
 
 
+def test_a_byte_order_mark_is_ordinary_utf8(tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a BOM; the rows are the same as without it."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    (tmp_path / "a.json").write_bytes(bom + json.dumps(ROWS).encode())
+    (tmp_path / "a.csv").write_bytes(bom + b"prompt,completion\nthe food was, very good .\n")
+    for spec in ("a.jsonl", "a.json"):
+        assert [dict(r) for r in load_rows(str(tmp_path / spec))] == ROWS, spec
+    assert load_rows(str(tmp_path / "a.csv")).columns == ["prompt", "completion"]
+
+
+def test_other_encodings_name_the_line_and_the_likely_encoding(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "x"}\n'
+    )
+    with pytest.raises(DataError) as err:
+        load_rows(str(latin))
+    msg = str(err.value)
+    assert f"file {latin}, line 2, byte 16" in msg and "not UTF-8 (bytes e9" in msg
+    assert "Windows-1252 or Latin-1" in msg and "iconv -f CP1252 -t UTF-8" in msg
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes(json.dumps(ROWS[0]).encode("utf-16"))
+    with pytest.raises(DataError, match="looks like UTF-16"):
+        load_rows(str(utf16))
+
+
 def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"))

@@ -89,9 +89,10 @@ def test_each_loss_matches_slow_loop(kind: str) -> None:
     objective = PreferenceObjective(cfg, ref)
     batch = collate_pairs(PAIRS, pad_id=0)
     with torch.no_grad():
-        loss, metrics = objective(policy, batch)
+        loss_sum, metrics = objective(policy, batch)
     want = slow_loss(kind, cfg.resolved_beta, cfg.resolved_alpha, cfg.resolved_gamma, policy, ref)
-    assert float(loss) == pytest.approx(want, rel=1e-4)
+    assert objective.count(batch) == len(PAIRS)  # the engine divides the sum by the step's pairs
+    assert float(loss_sum) / len(PAIRS) == pytest.approx(want, rel=1e-4)
     assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                             "logps/chosen", "logps/rejected"}  # fmt: skip
 

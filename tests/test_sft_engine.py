@@ -63,7 +63,7 @@ def test_existing_run_is_not_overwritten(sft_model: Path, capsys: pytest.Capture
     before = (sft_model / "model.safetensors").read_bytes()
     code = rto("sft", "--out", sft_model, "--model.path", sft_model, "--data.path", "x.jsonl")
     assert code == 2
-    assert "already holds a sft run; pass --resume" in capsys.readouterr().err
+    assert "already holds a finished sft run; pass --overwrite" in capsys.readouterr().err
     assert (sft_model / "model.safetensors").read_bytes() == before
 
 

@@ -84,7 +84,7 @@ def test_user_judges_by_module_function(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = resolve("my_judges:length", "gold", "gold_reward")
     assert call_judge(fn, ["p", "p"], ["ab", "abc"], "my_judges:length", "gold") == [2.0, 3.0]
-    with pytest.raises(RtoError, match="non-finite value for response 0"):
+    with pytest.raises(RtoError, match="returned a non-finite value, nan, for response 0"):
         call_judge(
             resolve("my_judges:broken", "gold", "k"), ["p"], ["x"], "my_judges:broken", "gold"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import sys
 from collections.abc import Callable
@@ -223,6 +224,20 @@ def publish(cfg: Any) -> None:
         print(f"[rto] uploaded {cfg.out} to {push_to_hub(cfg.out, repo)}", flush=True)
 
 
+# What the file system refuses (not a bug in rto): said in one line, without a traceback.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def file_system_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"the disk is full{where}; free space, then rerun the command (a training stage with "
+            "--resume continues from its last complete checkpoint)"
+        )
+    return f"{exc.strerror}{where}; check the permissions of that path, or choose another one"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -235,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.parse_args(["task", "--help"])
             stage = TASK_STAGES[args.task_name]
             cfg = load_config(stage, args, unknown)
-            stage.run_function()(cfg, args.task_name)
+            from rto.engine.distributed import on_main_process
+
+            on_main_process(stage.run_function(), cfg, args.task_name)
             return 0
         if args.stage in ("pipeline", "demo"):
             if unknown:
@@ -244,11 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         stage = next(s for s in STAGES if s.name == args.stage)
         cfg = load_config(stage, args, unknown)
         quiet_loading(cfg)
-        stage.run_function()(cfg)
+        if stage.name == "report":  # reads files, draws plots: one process is enough
+            from rto.engine.distributed import on_main_process
+
+            on_main_process(stage.run_function(), cfg)
+        else:
+            stage.run_function()(cfg)
         publish(cfg)
         return 0
     except RtoError as exc:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"rto {args.stage}: error: {file_system_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

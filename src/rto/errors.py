@@ -6,6 +6,8 @@ exits with status 2. A message says what was wrong, where (file, row, key) and w
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class RtoError(Exception):
     """A problem with the user's input or environment, explained for the user."""
@@ -25,3 +27,25 @@ class ModelError(RtoError):
 
 class TrainingError(RtoError):
     """Training cannot continue (for example, losses keep coming out non-finite)."""
+
+
+def not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    """The message for a user's file (data, config) that is not UTF-8: the line and byte where
+    it stops being UTF-8, and the encoding it probably is instead."""
+    start = exc.start
+    line = data.count(b"\n", 0, start) + 1
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    bad = data[start : start + 4].hex(" ")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        guess, iconv = "UTF-16 (it starts with a UTF-16 byte-order mark)", "UTF-16"
+    else:
+        try:
+            data.decode("cp1252")
+            guess, iconv = "Windows-1252 or Latin-1", "CP1252"
+        except UnicodeDecodeError:
+            guess, iconv = "not a text encoding rto can guess", "ENCODING"
+    return (
+        f"file {path}, line {line}, byte {column} (offset {start}): not UTF-8 (bytes {bad}); the "
+        f"file looks like {guess}. Save it as UTF-8, e.g. `iconv -f {iconv} -t UTF-8 {path} > "
+        f"{path.with_name(path.stem + '.utf8' + path.suffix)}`"
+    )

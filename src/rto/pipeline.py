@@ -34,12 +34,12 @@ import yaml
 
 from rto.config import core
 from rto.engine.files import read_json, write_atomic, write_json
-from rto.engine.run import resolved_config
+from rto.engine.run import resolved_config, when_begun
 from rto.errors import ConfigError
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "pipeline.json"
-SINGLE_PROCESS = {"pairs", "eval", "report"}  # stages without a training loop
+MAIN_PROCESS_ONLY = {"report"}  # reads files and draws plots; every other stage splits its work
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
 
 
@@ -109,9 +109,20 @@ def _set_override(recipe: dict[str, Any], assignment: str) -> None:
             f"--set {assignment!r}: no stage named {parts[0]!r} (stages: {', '.join(stages)})"
         )
     node = stages[parts[0]]
-    for p in parts[1:-1]:
+    for i, p in enumerate(parts[1:-1], start=1):
         node = node.setdefault(p, {})
-    node[parts[-1]] = yaml.safe_load(value) if value else value
+        if not isinstance(node, dict):
+            raise ConfigError(
+                f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is a value ({node!r}), "
+                "not a section with keys"
+            )
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value else value
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(
+            f"--set {assignment!r}: the value is not valid YAML ({problem})"
+        ) from None
 
 
 def plan(
@@ -200,12 +211,11 @@ def run(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    from accelerate import PartialState
-
     from rto.cli import STAGES, TASK_STAGES, publish, quiet_loading
+    from rto.engine.distributed import init_distributed
 
-    dist = PartialState()  # under accelerate launch: training stages run on every process,
-    main = dist.is_main_process  # the others (task, pairs, eval, report) on the main one
+    dist = init_distributed()  # under torchrun / accelerate launch: one job over every process;
+    main = dist.is_main_process  # each stage splits its work, except task and report (main only)
     planned, resolved = plan(recipe_file, out=out, overrides=overrides)
     names = [p.name for p in planned]
     for f in force or []:
@@ -213,9 +223,17 @@ def run(
             raise ConfigError(f"--force {f}: no stage of that name (stages: {', '.join(names)})")
     forced_from = min((names.index(f) for f in force or []), default=len(names))
     root = Path(resolved["out"])
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    recipe_written = False
+
+    def write_recipe() -> None:
+        # once, when the first stage begins writing (or at the end if every stage is up to
+        # date): a pipeline that fails on its inputs leaves the earlier run's recipe in place
+        nonlocal recipe_written
+        if main and not recipe_written:
+            root.mkdir(parents=True, exist_ok=True)
+            write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        recipe_written = True
+
     runners = {s.name: s for s in STAGES}
     rerun: set[str] = set()
     report: dict[str, Any] = {}
@@ -266,19 +284,25 @@ def run(
             print(
                 f"[rto] pipeline: running {p.name} ({p.kind}; {why})", file=sys.stderr, flush=True
             )
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / STATE_FILE, {"fingerprint": p.fingerprint, "complete": False})
         dist.wait_for_everyone()
         began = time.time()
         quiet_loading(p.config)
-        if p.kind == "task":
-            if main:
-                TASK_STAGES[p.task].run_function()(p.config, p.task)
-        elif p.kind in SINGLE_PROCESS:
-            if main:
+
+        def mark_started(folder: Path = folder, fingerprint: str = p.fingerprint) -> None:
+            write_recipe()
+            write_json(folder / STATE_FILE, {"fingerprint": fingerprint, "complete": False})
+
+        # the stage's folder (this file included) changes only once its inputs are all loaded
+        # (RunFolder.begin calls mark_started on the main process)
+        with when_begun(folder, mark_started):
+            if p.kind == "task":
+                if main:
+                    TASK_STAGES[p.task].run_function()(p.config, p.task)
+            elif p.kind in MAIN_PROCESS_ONLY:
+                if main:
+                    runners[p.kind].run_function()(p.config)
+            else:
                 runners[p.kind].run_function()(p.config)
-        else:
-            runners[p.kind].run_function()(p.config)
         dist.wait_for_everyone()
         publish(p.config)
         seconds = round(time.time() - began, 1)
@@ -287,6 +311,7 @@ def run(
                        {"fingerprint": p.fingerprint, "complete": True, "seconds": seconds})  # fmt: skip
         rerun.add(p.name)
         report[p.name] = {"status": "ran", "seconds": seconds}
+    write_recipe()
     if main:
         write_json(root / "pipeline_run.json", report)
     return report

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -19,7 +20,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from rto.errors import ConfigError
+from rto.errors import ConfigError, not_utf8
 
 T = TypeVar("T")
 
@@ -145,16 +146,17 @@ def coerce(value: Any, tp: Any, key: str, *, from_text: bool) -> Any:
                 return int(number)
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return number  # inf and nan are refused by _check_range
     if tp is str:
         if isinstance(value, str):
             return value
@@ -175,6 +177,9 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
                     f"config key '{key}' = {v!r} is not allowed; choose one of {allowed}"
                 )
     lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, float) and not math.isfinite(value):
+        # no option means anything at inf or nan: they would train a model of NaNs, or crash
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
             sign = ">" if meta.get("min_exclusive") else ">="
@@ -251,8 +256,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config " + not_utf8(p, raw, exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
     if data is None:

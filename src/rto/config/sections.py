@@ -54,6 +54,55 @@ class ModelSection:
 
 
 @dataclass
+class LoraSection:
+    r: int = option(
+        0,
+        "LoRA rank; 0 = full fine-tuning. With r > 0 the model's weights stay frozen and only "
+        "low-rank adapters (and a reward model's or critic's score head) are trained; the output "
+        "is a peft adapter folder (needs peft: pip install 'rto[peft]').",
+        min=0,
+    )
+    alpha: float | None = option(
+        None,
+        "LoRA alpha: the adapter's update is scaled by alpha / r (null = 2 x r).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    dropout: float = option(
+        0.0,
+        "Dropout on the adapters' inputs; SFT only (the preference and RL stages run every "
+        "role without dropout).",
+        min=0.0,
+        max=0.9,
+    )
+    target_modules: list[str] = option(
+        ["all-linear"],
+        "Layers that get adapters: all-linear = every linear layer (GPT-2's Conv1D too) except "
+        "the output layer and the score head; or layer names, e.g. q_proj,v_proj.",
+    )
+    merge: bool = option(
+        False,
+        "Write the trained model with its adapter merged in (a full Hugging Face model) instead "
+        "of the adapter folder.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def check(self) -> None:
+        if not self.target_modules:
+            raise ConfigError(
+                "config key 'lora.target_modules' is empty; use all-linear or name the layers"
+            )
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError(
+                "config key 'lora.target_modules': all-linear already names every linear layer; "
+                "give it alone, or list layer names without it"
+            )
+
+
+@dataclass
 class DataSection:
     path: str = option(
         "", "Dataset: hub id, dataset folder, or JSON/JSONL/Parquet/CSV file(s), comma-separated."

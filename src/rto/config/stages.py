@@ -15,6 +15,7 @@ from rto.config.sections import (
     EvalSection,
     GenerateSection,
     LogSection,
+    LoraSection,
     ModelSection,
     TrainSection,
 )
@@ -53,6 +54,21 @@ def _seed() -> int:
 def _require(value: str | None, key: str, what: str) -> None:
     if not value:
         raise ConfigError(f"config key '{key}' is required: {what}")
+
+
+def _lora(help: str) -> LoraSection:
+    return section(LoraSection, help)
+
+
+def _no_lora_dropout(lora: LoraSection, stage: str) -> None:
+    """Every role of the preference and RL stages runs without dropout (a model compared with
+    itself must give the same numbers), the adapters' included."""
+    if lora.enabled and lora.dropout > 0:
+        raise ConfigError(
+            f"config key 'lora.dropout' ({lora.dropout}) must be 0 in `rto {stage}`: every model "
+            "of the preference and RL stages runs without dropout (DPO's chosen and rejected "
+            "passes, the PPO ratio and the KL compare a model with itself)"
+        )
 
 
 # --------------------------------------------------------------------------- task
@@ -133,6 +149,7 @@ class SFTConfig:
         "dropout is always off (the RLHF stages compare a model with itself).",
     )
     model: ModelSection = section(ModelSection, "The model to fine-tune.")
+    lora: LoraSection = _lora("LoRA adapters instead of full fine-tuning (lora.r > 0).")
     data: DataSection = section(
         DataSection, "SFT rows: {text}, {prompt, completion} or {messages}."
     )
@@ -226,6 +243,9 @@ class RMConfig:
     model: ModelSection = section(
         ModelSection, "Initialisation: a causal LM (new score head) or a reward model."
     )
+    lora: LoraSection = _lora(
+        "LoRA adapters instead of full fine-tuning (lora.r > 0); the score head is trained whole."
+    )
     data: DataSection = section(DataSection, "Preference rows {prompt, chosen, rejected}.")
     train: TrainSection = section(
         TrainSection,
@@ -246,6 +266,7 @@ class RMConfig:
             raise ConfigError(
                 "config key 'gold_columns' takes two column names (chosen, rejected) or none"
             )
+        _no_lora_dropout(self.lora, "rm")
 
 
 # --------------------------------------------------------------------------- DPO family
@@ -291,6 +312,10 @@ class DPOConfig:
         "Gold score columns; when present the gold ceiling accuracy is reported.",
     )
     model: ModelSection = section(ModelSection, "The policy to train (usually the SFT model).")
+    lora: LoraSection = _lora(
+        "LoRA adapters instead of full fine-tuning (lora.r > 0); with the default ref_model the "
+        "reference is the policy with its adapter off, no second copy."
+    )
     data: DataSection = section(DataSection, "Preference rows {prompt, chosen, rejected}.")
     train: TrainSection = section(
         TrainSection,
@@ -311,6 +336,7 @@ class DPOConfig:
             raise ConfigError(
                 "config key 'precompute_ref_logps' cannot be used with loss 'tdpo', which needs the reference's full distributions"
             )
+        _no_lora_dropout(self.lora, "dpo")
 
     @property
     def resolved_beta(self) -> float:
@@ -535,6 +561,10 @@ class RLConfig:
     save_critic: bool = option(False, "Also save the trained critic to OUT/critic.")
     rl: RLSection = section(RLSection, "The RL algorithm: rewards, advantages, PPO.")
     model: ModelSection = section(ModelSection, "The policy to train (usually the SFT model).")
+    lora: LoraSection = _lora(
+        "LoRA adapters for the trained roles, policy and critic (lora.r > 0); the critic's "
+        "score head is trained whole."
+    )
     data: DataSection = section(
         DataSection,
         "Prompt rows {prompt}.",
@@ -586,6 +616,7 @@ class RLConfig:
                 "no reward to learn from: give reward_model (with rl.score_coef > 0), reward_fn, dpo_model (with "
                 "rl.dpo_reward_scale > 0) or token_reward_fn"
             )
+        _no_lora_dropout(self.lora, "rl")
         n = rl.rollout_batch_size * rl.samples_per_prompt
         if n % self.train.batch_size:
             raise ConfigError(

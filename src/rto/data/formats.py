@@ -78,7 +78,20 @@ def check_messages(value: Any, where: str, column: str) -> list[dict[str, str]]:
     return out
 
 
+def absent(row: dict[str, Any], column: str, where: str, formats: str) -> DataError:
+    """The error for a column a row needs: missing from the row, or there but null."""
+    if column in row:
+        return DataError(
+            f"{where}: column '{column}' is null; give every row a value there, or drop the row"
+        )
+    return DataError(f"{where}: missing column '{column}'; rows need {formats}")
+
+
 def check_text(value: Any, where: str, column: str) -> str:
+    if value is None:
+        raise DataError(
+            f"{where}: column '{column}' is null; give every row text there, or drop the row"
+        )
     if not isinstance(value, str):
         raise DataError(
             f"{where}, column '{column}': expected text, got {type(value).__name__} ({value!r:.60}); "
@@ -269,10 +282,8 @@ class PreferenceText:
 
 def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> PreferenceText:
     for col in ("chosen", "rejected"):
-        if col not in row or row[col] is None:
-            raise DataError(
-                f"{where}: missing column '{col}'; preference rows need {PREFERENCE_FORMATS}"
-            )
+        if row.get(col) is None:
+            raise absent(row, col, where, PREFERENCE_FORMATS)
     prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
     if render.wrap_strings or _is_messages(prompt):
         # replies to a chat prompt are assistant turns, closed by the template's end of turn
@@ -291,9 +302,7 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
                     f"{where}: 'chosen' and 'rejected' conversations differ before their last reply"
                 )
         elif prompt is None:
-            raise DataError(
-                f"{where}: missing column 'prompt'; preference rows need {PREFERENCE_FORMATS}"
-            )
+            raise absent(row, "prompt", where, PREFERENCE_FORMATS)
         elif _is_messages(prompt):
             prompt_m = check_messages(prompt, where, "prompt")
         else:
@@ -302,9 +311,7 @@ def preference_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Pr
         _, r_text = render.response(prompt_m, rejected_m[-1], where)
         return PreferenceText(p_text, c_text, r_text, True)
     if prompt is None:
-        raise DataError(
-            f"{where}: missing column 'prompt'; preference rows need {PREFERENCE_FORMATS}"
-        )
+        raise absent(row, "prompt", where, PREFERENCE_FORMATS)
     c_text = check_text(chosen, where, "chosen")
     r_text = check_text(rejected, where, "rejected")
     if _is_messages(prompt):
@@ -359,4 +366,4 @@ def prompt_text(row: dict[str, Any], render: ChatRenderer, where: str) -> Prompt
         if not msgs:
             raise DataError(f"{where}, column 'messages': no turn before the assistant's reply")
         return PromptText(render(msgs, True, where), raw_instruction(msgs), msgs, True)
-    raise DataError(f"{where}: missing column 'prompt'; prompt rows need {PROMPT_FORMATS}")
+    raise absent(row, "prompt", where, PROMPT_FORMATS)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rto.errors import DataError
+from rto.errors import DataError, not_utf8
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -53,8 +53,18 @@ class Rows:
         return Rows(rows, self.origin, lines)
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark (which is dropped). Other
+    encodings are refused with the line and byte where the file stops being UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(not_utf8(path, data, exc)) from None
+
+
 def _read_json_file(path: Path) -> Rows:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"file {path} is empty; it needs at least one row")
     rows: list[dict[str, Any]] = []
@@ -148,6 +158,9 @@ def _load_files(paths: list[Path]) -> Rows:
             return tables[0]
         rows = [r for t in tables for r in t.rows]
         return Rows(rows, "files " + ", ".join(map(str, paths)))
+    if kinds == {"csv"}:
+        for p in paths:  # datasets would fail on other encodings without saying where
+            read_text(p)
     names = ", ".join(map(str, paths))
     return _load_with_datasets(
         kinds.pop(),

@@ -136,7 +136,7 @@ def _usage(out: Path, stage: str, name: str) -> list[str]:
     return ["## Use", "", "```python", *code, "```", ""]
 
 
-def _ours(path: Path) -> bool:
+def written_by_rto(path: Path) -> bool:
     """A README.md rto wrote (so it may be rewritten), not one of the user's."""
     try:
         return "Made by `rto " in path.read_text(encoding="utf-8", errors="replace")[:4000]
@@ -148,7 +148,7 @@ def write_card(out: str | Path, name: str | None = None) -> None:
     """Write OUT/README.md from OUT/config.yaml and OUT/summary.json (whichever exist); a
     README.md that rto did not write is left alone."""
     out = Path(out)
-    if (out / CARD_FILE).exists() and not _ours(out / CARD_FILE):
+    if (out / CARD_FILE).exists() and not written_by_rto(out / CARD_FILE):
         return
     summary = read_json(out / "summary.json") if (out / "summary.json").is_file() else {}
     config_path = out / "config.yaml"

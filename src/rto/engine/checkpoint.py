@@ -3,12 +3,15 @@
 A checkpoint is written into `checkpoints/.partial-step-N`, flushed, and only then renamed to
 `checkpoints/step-N` (a rename is atomic). A folder named `step-N` is therefore always complete;
 a kill during a save leaves only a `.partial-*` folder, which the next run deletes.
+With several processes every one writes its part (its random state; its shards under ZeRO-3 /
+FSDP) into the same `.partial-` folder, and the main process renames it once all have finished.
 Inside: accelerate's state (models, optimisers, every random generator) and `trainer_state.json`
 (step and whatever the stage adds).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -17,6 +20,7 @@ from typing import Any
 
 from rto.engine.faults import maybe_fault
 from rto.engine.files import read_json, write_json
+from rto.errors import TrainingError
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -39,8 +43,14 @@ class Checkpoints:
         return sorted(found)
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1][1] if done else None
+        """The newest complete checkpoint, as the main process sees it (the same on every one)."""
+        done = self.complete() if self.accelerator.is_main_process else []
+        found = [str(done[-1][1]) if done else None]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(found, from_process=0)
+        return Path(found[0]) if found[0] else None
 
     def clean_partial(self) -> None:
         if self.accelerator.is_main_process and self.root.is_dir():
@@ -53,23 +63,47 @@ class Checkpoints:
         acc = self.accelerator
         final = self.root / f"step-{step}"
         partial = self.root / f".partial-step-{step}"
-        if acc.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(partial), safe_serialization=True)
-        if acc.is_main_process:
-            write_json(partial / STATE_FILE, {"step": step, **state})
-            _fsync_tree(partial)
-            maybe_fault("kill_during_save", step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(self.root)
-            for _, old in self.complete()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(partial), safe_serialization=True)  # collective: each process its part
+            maybe_fault("disk_full_during_save", step, partial / "model.safetensors")
+            acc.wait_for_everyone()  # every part is on disk before the one rename makes it a checkpoint
+            if acc.is_main_process:
+                write_json(partial / STATE_FILE, {"step": step, **state})
+                _fsync_tree(partial)
+                maybe_fault("kill_during_save", step)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+                _fsync_dir(self.root)
+                for _, old in self.complete()[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            raise self._write_failed(exc, step, partial) from None
         acc.wait_for_everyone()
         return final
+
+    def _write_failed(self, exc: OSError, step: int, partial: Path) -> TrainingError:
+        """A checkpoint that could not be written (a full disk, a lost mount): drop the partial
+        one, and say which complete checkpoint the run resumes from."""
+        shutil.rmtree(partial, ignore_errors=True)
+        latest = self.latest()
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "the disk is full" if full else f"{exc.strerror or exc}"
+        where = exc.filename or partial
+        resume = (
+            f"the last complete checkpoint, {latest}, is intact and resumes with --resume"
+            if latest is not None
+            else "no complete checkpoint was written yet, so --resume starts from the beginning"
+        )
+        fix = "free space there (or set train.keep_checkpoints 1)" if full else "fix that"
+        return TrainingError(
+            f"could not write the checkpoint of step {step}: {what} ({where}); {resume}. "
+            f"{fix[0].upper() + fix[1:]}, then rerun the same command with --resume"
+        )
 
     def load(self, path: Path) -> dict[str, Any]:
         self.accelerator.load_state(str(path))

@@ -12,7 +12,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("rto", "torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy")
+PACKAGES = ("rto", "torch", "transformers", "accelerate", "datasets", "tokenizers", "numpy", "peft")
 
 
 def _version(package: str) -> str | None:

@@ -135,9 +135,14 @@ class MetricsLogger:
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:
-    """Write summary.json: the stage's final numbers, then where they were made (`environment`);
-    then the folder's card (README.md)."""
+    """Write summary.json: the stage's final numbers, how many processes made them (world_size,
+    distributed_type), then where they were made (`environment`); then the folder's card
+    (README.md)."""
+    from rto.engine.distributed import describe
+
     summary = {k: _clean(v) for k, v in summary.items()}
+    for k, v in describe().items():
+        summary.setdefault(k, v)
     summary.setdefault("environment", environment())
     write_json(Path(out_dir) / "summary.json", summary)
     write_card(out_dir)

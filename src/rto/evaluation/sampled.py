@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from rto.data.tokenize import load_prompts
+from rto.engine.distributed import gather_ordered, rank_and_world, share
 from rto.engine.files import write_jsonl
 from rto.models.forward import response_logprobs
 from rto.models.generate import decode_responses, sample, stop_ids
+from rto.models.seeded import row_seed
 from rto.tasks import call_judge, resolve
 
 
@@ -32,6 +34,26 @@ def load_eval_prompts(
         max_prompt_length=max_prompt_length, source=source, chat_prompts=chat_prompts,
     )  # fmt: skip
     return examples
+
+
+def resolve_judges(eval_cfg: Any) -> None:
+    """Import the judges a config names (eval.gold_reward, eval.fluency) before any work, so
+    that a typo in them is reported at once, not after training."""
+    for spec, kind, key in ((eval_cfg.gold_reward, "gold", "eval.gold_reward"),
+                            (eval_cfg.fluency, "fluency", "eval.fluency")):  # fmt: skip
+        if spec:
+            resolve(spec, kind, key)
+
+
+def load_eval_inputs(cfg: Any, tokenizer: Any, source: str) -> list[dict[str, Any]] | None:
+    """Before training: the judges and the held-out prompts sampled after it (None without
+    eval.prompts), so that a typo in them is reported before any work."""
+    resolve_judges(cfg.eval)
+    if not cfg.eval.prompts:
+        return None
+    return load_eval_prompts(
+        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+    )
 
 
 def judge(
@@ -81,20 +103,25 @@ def sampled_metrics(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(metrics, records): one sampled response per held-out prompt, judged.
 
+    With several processes each one samples and judges its share of the prompts, and every
+    process gets all records back in prompt order. Response i is sampled with its own seed
+    (seed, i), so the records do not depend on the number of processes or the batch size.
     KL (with `ref`) is the sum over response tokens of log pi(y_h) - log pi_ref(y_h), the
     standard Monte-Carlo estimate of KL(pi || pi_ref) for one response."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
+    rank, world = rank_and_world()
+    mine = share(len(prompts), rank, world)
     eos = stop_ids(tokenizer, model)
     records: list[dict[str, Any]] = []
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:  # evaluation must not disturb the training run's random stream
-        for i in range(0, len(prompts), gen_cfg.batch_size):
-            chunk = prompts[i : i + gen_cfg.batch_size]
+        for start in range(mine.start, mine.stop, gen_cfg.batch_size):
+            positions = range(start, min(start + gen_cfg.batch_size, mine.stop))
+            chunk = [prompts[i] for i in positions]
             s = sample(
                 model, [p["prompt_ids"] for p in chunk], pad_id=tokenizer.pad_token_id, eos=eos,
                 max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
-                top_k=gen_cfg.top_k, device=device,
+                top_k=gen_cfg.top_k, device=device, seeds=[row_seed(seed, i) for i in positions],
             )  # fmt: skip
             texts = decode_responses(tokenizer, s, eos)
             extra: dict[str, list[float]] = {}
@@ -108,8 +135,8 @@ def sampled_metrics(
                     s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask, values, texts
                 )
                 extra["rm_score"] = scores.tolist()
-            for j, p in enumerate(chunk):
-                rec: dict[str, Any] = {"id": p.get("id", i + j), "prompt": p["prompt"], "response": texts[j],
+            for j, (i, p) in enumerate(zip(positions, chunk)):
+                rec: dict[str, Any] = {"id": p.get("id", i), "prompt": p["prompt"], "response": texts[j],
                                        "length": int(s.response_mask[j].sum()), "truncated": bool(s.truncated[j])}  # fmt: skip
                 rec.update({k: v[j] for k, v in extra.items()})
                 records.append(rec)
@@ -123,23 +150,30 @@ def sampled_metrics(
             rec["gold_reward"] = gold[j]
         if fluent is not None:
             rec["fluent"] = fluent[j]
+    records = gather_ordered(records, list(mine))
     return summarise(records), records
 
 
 def report_samples(
-    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str
-) -> dict[str, float]:
-    """After training: sample the policy on cfg.eval.prompts (main process only), write
-    OUT/samples.jsonl and return the metrics named sample/... for summary.json."""
-    if not cfg.eval.prompts or not engine.is_main:
+    cfg: Any, engine: Any, policy: Any, tokenizer: Any, source: str,
+    prompts: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """After training: sample the policy on cfg.eval.prompts (split over the processes; `prompts`
+    when `load_eval_inputs` loaded them already), write OUT/samples.jsonl (main process) and
+    return the metrics named sample/... for summary.json."""
+    from rto.engine.distributed import GenerationWeights
+
+    if not cfg.eval.prompts:
         return {}
-    prompts = load_eval_prompts(
-        cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
-    )
-    model = engine.accelerator.unwrap_model(policy)
-    metrics, records = sampled_metrics(
-        model, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed
-    )
-    write_jsonl(engine.out / "samples.jsonl", records)
+    if prompts is None:
+        prompts = load_eval_prompts(
+            cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
+        )
+    with GenerationWeights(engine.accelerator, policy)() as model:
+        metrics, records = sampled_metrics(
+            model, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed
+        )
+    if engine.is_main:
+        write_jsonl(engine.out / "samples.jsonl", records)
     engine.say("[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return {f"sample/{k}": v for k, v in metrics.items()}

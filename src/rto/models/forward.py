@@ -102,21 +102,28 @@ class TokenScorer(nn.Module):
 
     def __init__(self, hf_model: Any):
         super().__init__()
-        self.hf = hf_model
+        self.hf = hf_model  # a Hugging Face model, or a peft model around one (LoRA)
+
+    @property
+    def model(self) -> Any:
+        """The Hugging Face model (inside a peft model, its LoRA layers injected)."""
+        return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
 
     @property
     def config(self) -> Any:
-        return self.hf.config
+        return self.model.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        backbone = getattr(self.hf, self.hf.base_model_prefix)
+        model = self.model
+        backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
             use_cache=False,
         ).last_hidden_state
-        return self.hf.score(hidden).squeeze(-1).float()
+        head_dtype = next(model.score.parameters()).dtype  # a LoRA head trains in float32
+        return model.score(hidden.to(head_dtype)).squeeze(-1).float()
 
 
 def sequence_scores(

@@ -73,27 +73,42 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     device: torch.device | str = "cpu",
+    seeds: list[int] | None = None,
 ) -> Samples:
+    """`seeds` (one per prompt, see rto.models.seeded) makes each response a function of its own
+    seed, whatever the batch and the process it is generated in; without them, sampling draws
+    from torch's global random stream."""
     from transformers import GenerationConfig
 
     prompt_ids, prompt_mask = pad(prompts, pad_id, side="left")
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     greedy = temperature == 0
+    seeded = seeds is not None and not greedy
     gen_cfg = GenerationConfig(
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None if greedy or not top_k else top_k,
+        do_sample=not greedy and not seeded,  # seeded: argmax over Gumbel-perturbed scores
+        temperature=None if greedy or seeded else temperature,
+        top_p=None if greedy or seeded else top_p,
+        top_k=None if greedy or seeded or not top_k else top_k,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=pad_id,
         use_cache=True,
     )
+    extra: dict[str, Any] = {}
+    if seeded:
+        from rto.models.seeded import seeded_processors
+
+        assert seeds is not None and len(seeds) == len(prompts), "one seed per prompt"
+        extra["logits_processor"] = seeded_processors(
+            seeds, prompt_ids.shape[1], temperature=temperature, top_p=top_p, top_k=top_k,
+            device=prompt_ids.device,
+        )  # fmt: skip
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg
-    )
+    out = model.generate(  # never synced_gpus: rto generates with whole weights on each process
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg,
+        synced_gpus=False, **extra,
+    )  # fmt: skip
     if was_training:
         model.train()
     response_ids = out[:, prompt_ids.shape[1] :]

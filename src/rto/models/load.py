@@ -95,6 +95,76 @@ def _locate(section: Any, path: str | None = None) -> tuple[str, dict[str, Any]]
     return source, kwargs
 
 
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone does not).
+VOCAB_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+               "sentencepiece.bpe.model", "tiktoken.model"}  # fmt: skip
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def check_source(source: str, kwargs: dict[str, Any], what: str, *, tokenizer: bool) -> None:
+    """Explain a local path that cannot hold the `what` before transformers fails on it in its
+    own words (an empty folder makes it ask for sentencepiece)."""
+    path = Path(source).expanduser()
+    if kwargs.get("gguf_file"):
+        if path.is_dir() and not (path / kwargs["gguf_file"]).is_file():
+            raise ModelError(f"the {what} file {path / kwargs['gguf_file']} does not exist")
+        return
+    if not path.exists():
+        if _looks_local(source):
+            raise ModelError(
+                f"the {what} path {source} does not exist (it is neither a local folder nor a hub id)"
+            )
+        return  # a hub id: transformers looks it up
+    if not path.is_dir():
+        raise ModelError(
+            f"the {what} path {source} is a file; give the model's folder (or a .gguf file)"
+        )
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        raise ModelError(
+            f"the {what} folder {source} is empty; give a folder holding a Hugging Face model "
+            "(config.json, weights, tokenizer files), such as the output folder of an rto stage"
+        )
+    if tokenizer:
+        custom = kwargs.get("trust_remote_code") and "tokenizer_config.json" in names
+        if (
+            not custom
+            and not names & VOCAB_FILES
+            and not any(n.endswith(".tiktoken") for n in names)
+        ):
+            raise ModelError(
+                f"the folder {source} has no tokenizer files (none of {', '.join(sorted(VOCAB_FILES))}); "
+                "save the tokenizer there too (tokenizer.save_pretrained), or name the folder that "
+                "holds it with --model.tokenizer"
+            )
+    elif "config.json" not in names:
+        raise ModelError(
+            f"the {what} folder {source} has no config.json, so it is not a Hugging Face model "
+            f"folder (it holds {', '.join(sorted(names)[:6])}{' ...' if len(names) > 6 else ''})"
+        )
+
+
+def check_not_classifier(source: str, what: str) -> None:
+    """A sequence classifier (a reward model, a critic) given where a causal LM is needed would
+    load with a new, random LM head: refuse it."""
+    config_file = Path(source).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        archs = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # transformers will say what is wrong with it
+    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        raise ModelError(
+            f"the {what} at {source} is a sequence classifier ({', '.join(archs)}: a reward model "
+            "or a critic), not a causal language model; give a policy here (from `rto sft`, "
+            "`rto dpo` or `rto rl`), and the reward model as --reward_model"
+        )
+
+
 def _explain_load_error(what: str, path: str, exc: Exception) -> ModelError:
     hint = ""
     if not Path(path).exists():
@@ -105,12 +175,20 @@ def _explain_load_error(what: str, path: str, exc: Exception) -> ModelError:
     return ModelError(f"could not load the {what} from {path}: {type(exc).__name__}: {exc}.{hint}")
 
 
-def load_tokenizer(section: Any, path: str | None = None) -> Any:
-    """The tokenizer of `section` (or of `path`), with a pad token guaranteed."""
+def load_tokenizer(section: Any, path: str | None = None, role: str | None = None) -> Any:
+    """The tokenizer of `section` (or of `path`, the folder of the `role` model), with a pad
+    token guaranteed."""
     from transformers import AutoTokenizer
+
+    from rto.models import lora
 
     quiet_transformers()
     source, kwargs = _locate(section, path or section.tokenizer)
+    if lora.is_adapter(source) and not (Path(source) / "tokenizer_config.json").is_file():
+        base = lora.locate_base(source)  # an adapter folder without a tokenizer: its base's
+        return load_tokenizer(lora.base_section(section, base), base.base_model)
+    what = "tokenizer" if section.tokenizer and not path else (role or "model")
+    check_source(source, kwargs, what, tokenizer=True)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:
@@ -128,13 +206,26 @@ def load_tokenizer(section: Any, path: str | None = None) -> Any:
 
 
 def load_causal_lm(
-    section: Any, path: str | None = None, *, trainable: bool = True, keep_dropout: bool = False
-) -> Any:
-    """A causal LM with dropout off (unless `keep_dropout`; see `disable_dropout`)."""
+    section: Any, path: str | None = None, *, trainable: bool = True, keep_dropout: bool = False,
+    role: str = "causal language model",
+) -> Any:  # fmt: skip
+    """A causal LM with dropout off (unless `keep_dropout`; see `disable_dropout`); `role`
+    names it in error messages (policy, reference model ...). A peft adapter folder loads as its
+    base with the adapter merged in (rto.models.lora)."""
     from transformers import AutoModelForCausalLM
 
+    from rto.models import lora
+
+    if lora.is_adapter(path or section.path):
+        model = lora.load_adapter_folder(section, path or section.path, lambda base: load_causal_lm(
+            base, trainable=trainable, keep_dropout=keep_dropout, role=role))  # fmt: skip
+        model.requires_grad_(trainable)  # peft froze the base it merged into
+        _prepare(model, section, trainable, keep_dropout=keep_dropout)
+        return model
     quiet_transformers()
     source, kwargs = _locate(section, path)
+    check_source(source, kwargs, role, tokenizer=False)
+    check_not_classifier(source, role)
     kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
@@ -142,7 +233,7 @@ def load_causal_lm(
         with _gguf_progress():
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
-        raise _explain_load_error("causal language model", source, exc) from None
+        raise _explain_load_error(role, source, exc) from None
     if kwargs.get("gguf_file"):
         _detach_gguf_quantizer(model, source)
     _prepare(model, section, trainable, keep_dropout=keep_dropout)
@@ -174,11 +265,29 @@ def load_sequence_scorer(
     checkpoint it is kept. `require_head=True` refuses a checkpoint without a trained score head
     (e.g. a plain causal LM given as the reward model), which transformers would otherwise fill
     with random weights silently.
+
+    A peft adapter folder loads as its base with the adapter merged in; a reward model's or
+    critic's adapter carries its score head (rto.models.lora).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from rto.models import lora
+
+    if lora.is_adapter(path):
+        base = lora.locate_base(path)
+        if require_head and not base.score_head:
+            raise ModelError(
+                f"the {role} at {path} is a LoRA adapter without a score head (a language model's "
+                "adapter); train a reward model with `rto rm`"
+            )
+        model = lora.load_adapter_folder(section, path, lambda b: load_sequence_scorer(
+            b, b.path, trainable=trainable, require_head=False, role=role))  # fmt: skip
+        model.requires_grad_(trainable)  # peft froze the base it merged into
+        _prepare(model, section, trainable)
+        return model
     quiet_transformers()
     path, kwargs = _locate(section, path)
+    check_source(path, kwargs, role, tokenizer=False)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as exc:
@@ -267,10 +376,21 @@ def _prepare(model: Any, section: Any, trainable: bool, *, keep_dropout: bool = 
         model.requires_grad_(False)
 
 
+def _strip_prefix(state: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+    if not state:
+        return state
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def save_pretrained(
-    model: Any, tokenizer: Any, out_dir: str | Path, accelerator: Any = None
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    accelerator: Any = None,
+    part: str | None = None,
 ) -> None:
-    """Save model + tokenizer as a plain Hugging Face folder (safetensors)."""
+    """Save model + tokenizer as a plain Hugging Face folder (safetensors); `part` saves one
+    submodule of a prepared wrapper (the policy or the critic of the RL stage's actor-critic)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator is None:
@@ -280,18 +400,29 @@ def save_pretrained(
         return
     unwrapped = accelerator.unwrap_model(model)
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    if part:
+        unwrapped = getattr(unwrapped, part)
+        state = _strip_prefix(state, part + ".")
     target = unwrapped
     if hasattr(unwrapped, "hf"):
         target = unwrapped.hf
-        state = (
-            {k[len("hf.") :]: v for k, v in state.items() if k.startswith("hf.")}
-            if state
-            else state
-        )
+        state = _strip_prefix(state, "hf.")
     if accelerator.is_main_process:
+        state = _without_tied_copies(target, state)
         target.save_pretrained(out, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out)
     accelerator.wait_for_everyone()
+
+
+def _without_tied_copies(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without the second name of a tied parameter (the LM head tied to the embeddings):
+    a gathered ZeRO-3 / FSDP state holds separate copies, which would otherwise be saved twice
+    and make the folder differ from a one-process run's."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    extra = {n for group in names.values() for n in group[1:]}
+    return {k: v for k, v in state.items() if k not in extra}
 
 
 # --------------------------------------------------------------------------- tokenizer identity

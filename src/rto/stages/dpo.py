@@ -16,11 +16,13 @@ from rto.config.stages import DPOConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
 from rto.engine.files import write_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
-from rto.evaluation.sampled import report_samples
+from rto.evaluation.sampled import load_eval_inputs, report_samples
+from rto.models import lora
 from rto.models.forward import causal_logits, gather_logprobs
-from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer, save_pretrained
+from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
 
 INFO_FILE = "dpo.json"
@@ -37,7 +39,14 @@ def sequence_logps(
 
 
 class PreferenceObjective:
-    """The loss of one DPO-family method over a collated pair batch (chosen rows, then rejected)."""
+    """The loss of one DPO-family method over a collated pair batch (chosen rows, then rejected),
+    summed over pairs; the engine divides by the pairs of the whole optimiser step, so the loss
+    and every metric is the pair mean over the global batch, as in the papers."""
+
+    unit = "pairs"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
 
     def __init__(self, cfg: DPOConfig, ref: Any | None):
         self.kind = cfg.loss
@@ -72,13 +81,13 @@ class PreferenceObjective:
         losses, r_w, r_l = preference_loss(
             self.kind, s, beta=self.beta, alpha=self.alpha, gamma=self.gamma
         )
-        return losses.mean(), {
-            "rewards/chosen": float(r_w.mean()),
-            "rewards/rejected": float(r_l.mean()),
-            "rewards/accuracies": float((r_w > r_l).float().mean()),
-            "rewards/margins": float((r_w - r_l).mean()),
-            "logps/chosen": float(s.pi_w.detach().mean()),
-            "logps/rejected": float(s.pi_l.detach().mean()),
+        return losses.sum(), {
+            "rewards/chosen": r_w.sum(),
+            "rewards/rejected": r_l.sum(),
+            "rewards/accuracies": (r_w > r_l).float().sum(),
+            "rewards/margins": (r_w - r_l).sum(),
+            "logps/chosen": s.pi_w.detach().sum(),
+            "logps/rejected": s.pi_l.detach().sum(),
         }
 
 
@@ -96,6 +105,18 @@ def precompute_reference(
             e["ref_chosen_logps"], e["ref_rejected_logps"] = w, l_
 
 
+def ready_reference(
+    cfg: DPOConfig, ref: Any, examples: list[dict[str, Any]], pad_id: int, bs: int, engine: Engine
+) -> Any | None:
+    """The reference for training: itself, or None once its log-probs are stored in `examples`
+    (precompute_ref_logps)."""
+    if not cfg.precompute_ref_logps:
+        return ref
+    precompute_reference(ref, examples, pad_id, bs, engine.device)
+    engine.say("[rto] reference log-probs precomputed; training needs no reference pass")
+    return None
+
+
 @torch.no_grad()
 def held_out(
     objective: PreferenceObjective,
@@ -106,25 +127,32 @@ def held_out(
     device: Any,
 ) -> dict[str, float]:
     model.eval()
-    totals: dict[str, list[float]] = {}
+    totals: dict[str, float] = {}
     for i in range(0, len(examples), bs):
         batch = {k: v.to(device) for k, v in collate_pairs(examples[i : i + bs], pad_id).items()}
         loss, metrics = objective(model, batch)
-        for k, v in {"loss": float(loss), **metrics}.items():
-            totals.setdefault(k, []).append(v * len(examples[i : i + bs]))
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
     model.train()
-    return {k: sum(v) / len(examples) for k, v in totals.items()}
+    return {k: v / len(examples) for k, v in totals.items()}
 
 
 def run(cfg: DPOConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(
-        cfg, "dpo", progress_keys=("loss", "rewards/accuracies", "rewards/margins")
+    folder = RunFolder.check(cfg, "dpo")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(
+        cfg, folder, progress_keys=("loss", "rewards/accuracies", "rewards/margins")
     )
     tokenizer = load_tokenizer(cfg.model)
+    eval_prompts = load_eval_inputs(cfg, tokenizer, cfg.model.path)  # used after training
     ref_path = cfg.ref_model or cfg.model.path
     if ref_path != cfg.model.path:
         check_same_tokenizer(
-            tokenizer, "policy", load_tokenizer(cfg.model, path=ref_path), "reference model"
+            tokenizer,
+            "policy",
+            load_tokenizer(cfg.model, ref_path, "reference model"),
+            "reference model",
         )
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path,
@@ -140,30 +168,35 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     )  # too little data for one batch: say so before loading models
     pad_id = tokenizer.pad_token_id
     bs = cfg.train.micro_batch_size * 2
+    # A LoRA policy trained from the reference holds it already: its base, adapter off.
+    ref_is_base = cfg.lora.enabled and ref_path == cfg.model.path
     ref = None
-    if cfg.loss not in REFERENCE_FREE:
-        ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(engine.device)
-        if cfg.precompute_ref_logps:
-            precompute_reference(ref, train + evals, pad_id, bs, engine.device)
-            ref = None
-            engine.say("[rto] reference log-probs precomputed; reference model freed")
+    if cfg.loss not in REFERENCE_FREE and not ref_is_base:
+        ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
+        ref = ready_reference(cfg, ref.to(engine.device), train + evals, pad_id, bs, engine)
+    policy = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora), role="policy")
+    policy = lora.add_adapter(policy, cfg.model, cfg.lora)
+    if cfg.loss not in REFERENCE_FREE and ref_is_base:
+        ref = lora.AdapterOff(policy.to(engine.device))
+        ref = ready_reference(cfg, ref, train + evals, pad_id, bs, engine)
     objective = PreferenceObjective(cfg, ref)
-    policy = load_causal_lm(cfg.model)
 
     def evaluate(m: Any) -> dict[str, float]:
         return held_out(objective, m, evals, pad_id, bs, engine.device)
 
+    out = engine.begin()
     policy, final = engine.fit(
         policy, train, lambda ex: collate_pairs(ex, pad_id), objective, resume=cfg.resume,
         evaluate=evaluate if evals else None,
     )  # fmt: skip
-    save_pretrained(policy, tokenizer, out, engine.accelerator)
+    lora.save_trained(policy, tokenizer, out, engine.accelerator, cfg.lora)
     info = {
         "loss": cfg.loss,
         "beta": objective.beta,
         "alpha": objective.alpha,
         "simpo_gamma": objective.gamma,
         "ref_model": ref_path,
+        "reference": "the policy's base (LoRA adapter off)" if ref_is_base else "separate model",
     }
     summary: dict[str, Any] = {
         "stage": "dpo",
@@ -181,7 +214,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
             f"{cfg.loss} implicit-reward",
             "eval/rewards/accuracies",
         )
-    summary.update(report_samples(cfg, engine, policy, tokenizer, cfg.model.path))
+    summary.update(report_samples(cfg, engine, policy, tokenizer, cfg.model.path, eval_prompts))
     if engine.is_main:
         write_json(out / INFO_FILE, info)
     engine.finish(summary)

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from rto.config.stages import EvalConfig
+from rto.engine.distributed import init_distributed
 from rto.engine.files import write_atomic, write_json, write_jsonl
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
-from rto.evaluation.sampled import load_eval_prompts, sampled_metrics
+from rto.engine.run import RunFolder
+from rto.evaluation.sampled import load_eval_prompts, resolve_judges, sampled_metrics
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rto.models.reward_model import load_reward_model
 
@@ -98,26 +99,33 @@ def format_table(methods: dict[str, dict[str, Any]], baseline: str) -> str:
 
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
-    from accelerate import PartialState
-
-    out = prepare_out_dir(cfg, "eval")
+    """Each process samples and judges its share of the prompts (seeded per prompt, so the
+    generations do not depend on the number of processes); the main process writes, and only
+    once every policy is judged."""
+    dist = init_distributed()
+    main = dist.is_main_process
+    folder = RunFolder.check(cfg, "eval")  # writes nothing; the folder changes at the end
     began = time.time()
-    device = PartialState().device
+    device = dist.device
     policies = cfg.named_policies()
     first_name, first_path = policies[0]
-    tokenizer = load_tokenizer(cfg.model, path=first_path)
+    tokenizer = load_tokenizer(cfg.model, first_path, f"policy {first_name}")
+    resolve_judges(cfg.eval)
     for name, path in policies[1:] + ([("reference", cfg.ref_model)] if cfg.ref_model else []):
+        role = f"policy {name}" if name != "reference" else "reference model"
         check_same_tokenizer(
             tokenizer,
             f"policy {first_name}",
-            load_tokenizer(cfg.model, path=path),
-            f"policy {name}" if name != "reference" else "reference model",
+            load_tokenizer(cfg.model, path, role),
+            role,
         )
     prompts = load_eval_prompts(
         cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, first_path, cfg.data.chat_prompts
     )
     ref = (
-        load_causal_lm(cfg.model, path=cfg.ref_model, trainable=False).to(device)
+        load_causal_lm(cfg.model, path=cfg.ref_model, trainable=False, role="reference model").to(
+            device
+        )
         if cfg.ref_model
         else None
     )
@@ -126,12 +134,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         rm = load_reward_model(cfg.model, cfg.reward_model, tokenizer, chat_prompts=cfg.data.chat_prompts,
                                device=device)  # fmt: skip
         rm.check_prompts([p["prompt_value"] for p in prompts])
-        print("[rto] " + rm.describe(), flush=True)
+        if main:
+            print("[rto] " + rm.describe(), flush=True)
 
     methods: dict[str, dict[str, Any]] = {}
     all_records: dict[str, list[dict[str, Any]]] = {}
     for name, path in policies:
-        policy = load_causal_lm(cfg.model, path=path, trainable=False).to(device)
+        policy = load_causal_lm(cfg.model, path=path, trainable=False, role=f"policy {name}")
+        policy = policy.to(device)
         metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=device, seed=cfg.seed,
                                            ref=ref, reward_model=rm)  # fmt: skip
         texts = [r["response"] for r in records]
@@ -139,16 +149,12 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "path": path}
         )
         methods[name], all_records[name] = metrics, records
-        write_jsonl(out / "generations" / f"{name}.jsonl", records)
-        if "alpaca_eval" in cfg.export:
-            export_alpaca_eval(out, name, records)
-        if "arena_hard" in cfg.export:
-            export_arena_hard(out, name, records)
-        print(
-            f"[rto] eval {name}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
-            flush=True,
-        )
+        if main:
+            print(
+                f"[rto] eval {name}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+                flush=True,
+            )
         del policy
 
     judge = cfg.win_rate_by
@@ -163,7 +169,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         if name != baseline and rates:
             methods[name][f"win_rate_vs_{baseline}"] = rates[name][baseline]
     table = format_table(methods, baseline)
-    print(table, flush=True)
     result = {
         "methods": methods,
         "win_rates": rates,
@@ -171,7 +176,18 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "baseline": baseline,
         "prompts": len(prompts),
     }
-    write_json(out / "eval.json", result)
+    out = folder.begin(is_main=main)  # every policy is judged: only now is an old run replaced
+    if main:
+        for name, records in all_records.items():
+            write_jsonl(out / "generations" / f"{name}.jsonl", records)
+            if "alpaca_eval" in cfg.export:
+                export_alpaca_eval(out, name, records)
+            if "arena_hard" in cfg.export:
+                export_arena_hard(out, name, records)
     summary = {"stage": "eval", **result, "seconds": round(time.time() - began, 1)}
-    write_summary(out, summary)
+    if main:
+        print(table, flush=True)
+        write_json(out / "eval.json", result)
+        write_summary(out, summary)
+    dist.wait_for_everyone()
     return summary

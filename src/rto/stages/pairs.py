@@ -15,17 +15,18 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from typing import Any
-
-import torch
 
 from rto.config.stages import PairsConfig
 from rto.data.tokenize import load_prompts
+from rto.engine.distributed import gather_ordered, init_distributed, share
 from rto.engine.files import write_jsonl
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
+from rto.engine.run import RunFolder
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.load import load_causal_lm, load_tokenizer
+from rto.models.seeded import row_seed
 from rto.tasks import call_judge, resolve
 
 
@@ -68,69 +69,88 @@ def gold_accuracy(rows: list[dict[str, Any]]) -> float:
     return score / len(rows)
 
 
-def run(cfg: PairsConfig) -> dict[str, Any]:
-    from accelerate import PartialState
+def pairs_of_prompt(
+    prompt: str, texts: list[str], gold: list[float], truncated: list[bool], cfg: PairsConfig,
+    rng: random.Random,
+) -> tuple[list[dict[str, Any]], Counter]:  # fmt: skip
+    """The labelled pairs made from one prompt's k responses, and what was skipped."""
+    skipped: Counter = Counter()
+    made = []
+    for a, b in choose_pairs(gold, cfg.pairing, rng):
+        if texts[a] == texts[b]:
+            skipped["identical responses"] += 1
+            continue
+        if not texts[a].strip() or not texts[b].strip():
+            skipped["empty response"] += 1
+            continue
+        if cfg.drop_truncated and (truncated[a] or truncated[b]):
+            skipped["truncated response"] += 1
+            continue
+        a_wins = label(gold[a], gold[b], cfg.annotator, cfg.temperature, cfg.ties, rng)
+        if a_wins is None:
+            skipped["tie"] += 1
+            continue
+        w, l_ = (a, b) if a_wins else (b, a)
+        made.append({"prompt": prompt, "chosen": texts[w], "rejected": texts[l_],
+                     "chosen_gold": gold[w], "rejected_gold": gold[l_]})  # fmt: skip
+    return made, skipped
 
-    out = prepare_out_dir(cfg, "pairs")
+
+def run(cfg: PairsConfig) -> dict[str, Any]:
+    """Each process samples, judges and labels its share of the prompts; every prompt's
+    responses and labels come from seeds of its own (run seed, prompt index), so the pairs do
+    not depend on the number of processes. The main process writes the files, and only once
+    every response is judged."""
+    dist = init_distributed()
+    folder = RunFolder.check(cfg, "pairs")  # writes nothing; the folder changes at the end
     began = time.time()
-    device = PartialState().device
+    device = dist.device
+    judge = resolve(cfg.gold_reward, "gold", "gold_reward")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, trainable=False).to(device)
     prompts, report = load_prompts(
         cfg.data.path, cfg.data.split, tokenizer, max_rows=cfg.data.max_rows, seed=cfg.seed,
         max_prompt_length=cfg.data.max_prompt_length, source=cfg.model.path, chat_prompts=cfg.data.chat_prompts,
         fraction=cfg.data.train_fraction,
     )  # fmt: skip
-    judge = resolve(cfg.gold_reward, "gold", "gold_reward")
+    model = load_causal_lm(cfg.model, trainable=False).to(device)
     eos = stop_ids(tokenizer, model)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     k = cfg.num_samples
     per_call = max(1, cfg.generate.batch_size // k)
-    skipped = {"identical responses": 0, "empty response": 0, "truncated response": 0, "tie": 0}
-    pairs_by_prompt: list[list[dict[str, Any]]] = []
-    gold_all: list[float] = []
+    mine = share(len(prompts), dist.process_index, dist.num_processes)
+    results: list[tuple[list[dict[str, Any]], list[float], Counter]] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts), disable=not cfg.log.progress, desc="pairs", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
-    for start in range(0, len(prompts), per_call):
-        chunk = prompts[start : start + per_call]
+    bar = tqdm(total=len(mine), disable=not cfg.log.progress or not dist.is_main_process, desc="pairs",
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    for start in range(mine.start, mine.stop, per_call):
+        positions = range(start, min(start + per_call, mine.stop))
+        chunk = [prompts[i] for i in positions]
         s = sample(
             model, [p["prompt_ids"] for p in chunk for _ in range(k)], pad_id=tokenizer.pad_token_id, eos=eos,
             max_new_tokens=cfg.generate.max_new_tokens, temperature=cfg.generate.temperature,
             top_p=cfg.generate.top_p, top_k=cfg.generate.top_k, device=device,
+            seeds=[row_seed(cfg.seed, i, j) for i in positions for j in range(k)],
         )  # fmt: skip
         texts = decode_responses(tokenizer, s, eos)
         prompt_texts = [p["prompt"] for p in chunk for _ in range(k)]
         gold = call_judge(judge, prompt_texts, texts, cfg.gold_reward, "gold")
-        gold_all += gold
         truncated = s.truncated.tolist()
-        for j, p in enumerate(chunk):
-            idx = range(j * k, (j + 1) * k)
-            g = [gold[i] for i in idx]
-            made = []
-            for a, b in choose_pairs(g, cfg.pairing, rng):
-                ia, ib = idx[a], idx[b]
-                if texts[ia] == texts[ib]:
-                    skipped["identical responses"] += 1
-                    continue
-                if not texts[ia].strip() or not texts[ib].strip():
-                    skipped["empty response"] += 1
-                    continue
-                if cfg.drop_truncated and (truncated[ia] or truncated[ib]):
-                    skipped["truncated response"] += 1
-                    continue
-                a_wins = label(gold[ia], gold[ib], cfg.annotator, cfg.temperature, cfg.ties, rng)
-                if a_wins is None:
-                    skipped["tie"] += 1
-                    continue
-                w, l_ = (ia, ib) if a_wins else (ib, ia)
-                made.append({"prompt": p["prompt_value"], "chosen": texts[w], "rejected": texts[l_],
-                             "chosen_gold": gold[w], "rejected_gold": gold[l_]})  # fmt: skip
-            pairs_by_prompt.append(made)
+        for j, (i, p) in enumerate(zip(positions, chunk)):
+            own = slice(j * k, (j + 1) * k)
+            rng = random.Random(row_seed(cfg.seed, i, -1))  # this prompt's annotator
+            made, skipped = pairs_of_prompt(
+                p["prompt_value"], texts[own], gold[own], truncated[own], cfg, rng
+            )
+            results.append((made, gold[own], skipped))
         bar.update(len(chunk))
     bar.close()
+    results = gather_ordered(results, list(mine))
+    pairs_by_prompt = [made for made, _, _ in results]
+    gold_all = [g for _, gold, _ in results for g in gold]
+    skipped = {"identical responses": 0, "empty response": 0, "truncated response": 0, "tie": 0}
+    for _, _, counts in results:
+        for reason, n in counts.items():
+            skipped[reason] += n
 
     order = list(range(len(pairs_by_prompt)))
     random.Random(cfg.seed + 1).shuffle(order)
@@ -144,8 +164,10 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         raise RtoError(
             f"no preference pairs could be made ({skipped}); sample more responses or use more prompts"
         )
-    write_jsonl(out / "pairs_train.jsonl", train_rows)
-    write_jsonl(out / "pairs_eval.jsonl", eval_rows)
+    out = folder.begin(is_main=dist.is_main_process)  # every response is judged: only now is an old run replaced
+    if dist.is_main_process:
+        write_jsonl(out / "pairs_train.jsonl", train_rows)
+        write_jsonl(out / "pairs_eval.jsonl", eval_rows)
     labelled = train_rows + eval_rows
     summary = {
         "stage": "pairs",
@@ -160,10 +182,12 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         "label_agrees_with_gold": gold_accuracy(labelled),
         "seconds": round(time.time() - began, 1),
     }
-    print(
-        f"[rto] pairs: {len(train_rows)} train + {len(eval_rows)} held-out pairs from {len(prompts)} prompts; "
-        f"skipped {skipped}; labels agree with the gold reward on {summary['label_agrees_with_gold']:.3f}",
-        flush=True,
-    )
-    write_summary(out, summary)
+    if dist.is_main_process:
+        print(
+            f"[rto] pairs: {len(train_rows)} train + {len(eval_rows)} held-out pairs from {len(prompts)} prompts; "
+            f"skipped {skipped}; labels agree with the gold reward on {summary['label_agrees_with_gold']:.3f}",
+            flush=True,
+        )
+        write_summary(out, summary)
+    dist.wait_for_everyone()
     return summary

@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rto.config import core
 from rto.config.stages import ReportConfig
 from rto.engine.environment import environment
 from rto.engine.files import read_json, write_atomic, write_json
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
+from rto.engine.run import RunFolder
+from rto.errors import DataError
 from rto.stages.eval import format_table
 
 KEYS = ("gold_reward_mean", "gold_reward_sem", "kl", "fluency_rate", "length_mean")
@@ -27,8 +27,16 @@ KEYS = ("gold_reward_mean", "gold_reward_sem", "kl", "fluency_rate", "length_mea
 
 def read_curve(path: Path) -> list[dict[str, float]]:
     rows = []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise DataError(
+            f"config key 'curves': {path} has no metrics.jsonl; give the output folder of an `rto rl` run"
+        )
+    for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"file {metrics}, line {number}: not valid JSON") from None
         if "eval/gold_reward_mean" in r:
             rows.append({"samples": r.get("samples", 0), "gold": r["eval/gold_reward_mean"],
                          "sem": r.get("eval/gold_reward_sem", 0.0), "kl": r.get("eval/kl_mean", float("nan")),
@@ -148,13 +156,26 @@ def markdown(
 
 
 def run(cfg: ReportConfig) -> dict[str, Any]:
-    out = prepare_out_dir(cfg, "report")
-    eval_result = read_json(Path(cfg.eval) / "eval.json")
+    folder = RunFolder.check(cfg, "report")  # writes nothing until every input is read
+    eval_file = Path(cfg.eval) / "eval.json"
+    if not eval_file.is_file():
+        raise DataError(
+            f"config key 'eval': {eval_file} does not exist; give the output folder of an `rto eval` run"
+        )
+    try:
+        eval_result = read_json(eval_file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"file {eval_file} is not valid JSON ({exc}); rerun `rto eval`") from None
+    if not isinstance(eval_result, dict) or "methods" not in eval_result:
+        raise DataError(f"file {eval_file} has no 'methods'; is it the eval.json of `rto eval`?")
     methods = method_rows(eval_result, cfg.baseline)
     curves = {e.split("=", 1)[0]: read_curve(Path(e.split("=", 1)[1])) for e in cfg.curves}
+    recipe = Path(cfg.pipeline_config or folder.path.parent / "pipeline.yaml")
+    if cfg.pipeline_config or recipe.is_file():
+        core.load_yaml(recipe)  # checked before the run begins
+    out = folder.begin()  # under `rto pipeline`, this may write the recipe being run
+    config = core.load_yaml(recipe) if recipe.is_file() else None
     plots = plot(methods, curves, out, cfg.title)
-    config_file = Path(cfg.pipeline_config) if cfg.pipeline_config else out.parent / "pipeline.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
     result = {"methods": methods, "curves": curves, "config": config, "environment": environment()}
     write_json(out / "results.json", result)
     write_atomic(out / "results.md", markdown(cfg.title, methods, cfg.baseline, plots, eval_result))

@@ -16,16 +16,17 @@ from typing import Any
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
 from rto.engine.files import read_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
-from rto.evaluation.sampled import load_eval_prompts
+from rto.evaluation.sampled import load_eval_inputs
+from rto.models import lora
 from rto.models.forward import TokenScorer
 from rto.models.load import (
     check_same_tokenizer,
     load_causal_lm,
     load_sequence_scorer,
     load_tokenizer,
-    save_pretrained,
     tokenizer_fingerprint,
 )
 from rto.models.reward_model import load_reward_model
@@ -67,8 +68,11 @@ def critic_source(cfg: RLConfig, rm_same_tokenizer: bool) -> tuple[str, bool, st
 
 
 def run(cfg: RLConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(
-        cfg, "rl", progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
+    folder = RunFolder.check(cfg, "rl")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(
+        cfg, folder, progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
     )
     rl = cfg.rl
     tokenizer = load_tokenizer(cfg.model)
@@ -83,11 +87,11 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     for name, path, reason in same_ids:
         if path and path != own:
             check_same_tokenizer(
-                tokenizer, "policy", load_tokenizer(cfg.model, path=path), name, reason
+                tokenizer, "policy", load_tokenizer(cfg.model, path, name), name, reason
             )
     rm_same = bool(cfg.reward_model) and (
         cfg.reward_model == own
-        or tokenizer_fingerprint(load_tokenizer(cfg.model, path=cfg.reward_model))
+        or tokenizer_fingerprint(load_tokenizer(cfg.model, cfg.reward_model, "reward model"))
         == tokenizer_fingerprint(tokenizer)
     )
     stats = reward_stats(cfg) if use_rm else None
@@ -103,22 +107,15 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     )  # fmt: skip
     engine.say("[rto] prompts: " + report.describe())
     check_prompt_count(len(prompts), cfg.rl.rollout_batch_size)  # before loading five models
-    eval_prompts = []
-    if cfg.eval.prompts:
-        eval_prompts = load_eval_prompts(
-            cfg.eval,
-            tokenizer,
-            cfg.data.max_prompt_length,
-            cfg.seed,
-            cfg.model.path,
-            cfg.data.chat_prompts,
-        )
+    eval_prompts = load_eval_inputs(cfg, tokenizer, cfg.model.path) or []
 
     device = engine.device
-    policy = load_causal_lm(cfg.model)
-    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False).to(device)
+    trained = lora.frozen_base(cfg.model, cfg.lora)  # how policy and critic load
+    policy = lora.add_adapter(load_causal_lm(trained, role="policy"), cfg.model, cfg.lora)
+    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
+    ref = ref.to(device)
     dpo = (
-        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False).to(device)
+        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False, role="DPO model").to(device)
         if use_dpo
         else None
     )
@@ -133,10 +130,11 @@ def run(cfg: RLConfig) -> dict[str, Any]:
         source, require_head, note = critic_source(cfg, rm_same)
         if note:
             engine.say(note)
+        hf = load_sequence_scorer(
+            trained, source, trainable=True, require_head=require_head, role="critic"
+        )
         critic = TokenScorer(
-            load_sequence_scorer(
-                cfg.model, source, trainable=True, require_head=require_head, role="critic"
-            )
+            lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True, source=source)
         )
     roles = SeparateModels(
         policy=policy, ref=ref, dpo=dpo, critic=critic, reward_model=reward_model
@@ -145,10 +143,13 @@ def run(cfg: RLConfig) -> dict[str, Any]:
 
     trainer = PPOTrainer(cfg, engine, roles=roles, tokenizer=tokenizer, prompts=prompts,
                          eval_prompts=eval_prompts, score_stats=stats)  # fmt: skip
+    trainer.plan()  # sizes checked before the run begins
+    out = engine.begin()
     summary = trainer.train()
-    save_pretrained(trainer.policy, tokenizer, out, engine.accelerator)
+    lora.save_trained(trainer.model, tokenizer, out, engine.accelerator, cfg.lora, part="policy")
     if cfg.save_critic and trainer.critic is not None:
-        save_pretrained(trainer.critic, tokenizer, out / "critic", engine.accelerator)
+        lora.save_trained(trainer.model, tokenizer, out / "critic", engine.accelerator, cfg.lora,
+                          part="critic")  # fmt: skip
     summary = {
         "stage": "rl",
         "preset": cfg.preset,

@@ -2,6 +2,8 @@
 
     loss = -log sigmoid(r(x, y_w) - r(x, y_l) - m)          (m = optional per-pair margin)
 
+averaged over the pairs of each optimiser step's global batch.
+
 r is a sequence-classification model with one output, read at the last real token of prompt +
 response whatever the padding side. Saved in Hugging Face format with `reward_stats.json`: the
 mean and standard deviation of its scores on the training responses, which the RL stage uses to
@@ -20,10 +22,12 @@ from rto.config.stages import RMConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
 from rto.engine.files import write_json
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
+from rto.models import lora
 from rto.models.forward import TokenScorer, sequence_scores
-from rto.models.load import load_sequence_scorer, load_tokenizer, save_pretrained
+from rto.models.load import load_sequence_scorer, load_tokenizer
 
 STATS_FILE = "reward_stats.json"
 
@@ -43,14 +47,26 @@ def pair_scores(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return scores[:half], scores[half:]
 
 
-def bt_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    r_w, r_l = pair_scores(model, batch)
-    margin = batch.get("margin", torch.zeros_like(r_w))
-    loss = -F.logsigmoid(r_w - r_l - margin).mean()
-    return loss, {
-        "accuracy": float((r_w > r_l).float().mean()),
-        "margin": float((r_w - r_l).detach().mean()),
-    }
+class BradleyTerryObjective:
+    """-log sigmoid(r_w - r_l - m) summed over a micro-batch's pairs; the engine divides by the
+    pairs of the whole optimiser step, so the loss (and accuracy, margin) is the pair mean over
+    the global batch."""
+
+    unit = "pairs"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r_w, r_l = pair_scores(model, batch)
+        margin = batch.get("margin", torch.zeros_like(r_w))
+        loss = -F.logsigmoid(r_w - r_l - margin).sum()
+        return loss, {
+            "accuracy": (r_w > r_l).float().sum(),
+            "margin": (r_w - r_l).detach().sum(),
+        }
 
 
 @torch.no_grad()
@@ -72,7 +88,10 @@ def score_pairs(
 
 
 def run(cfg: RMConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(cfg, "rm", progress_keys=("loss", "accuracy"))
+    folder = RunFolder.check(cfg, "rm")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(cfg, folder, progress_keys=("loss", "accuracy"))
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     keep = tuple(c for c in [cfg.margin_column, *cfg.gold_columns] if c)
@@ -94,11 +113,10 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     engine.steps_per_epoch(
         len(train)
     )  # too little data for one batch: say so before loading models
-    hf = load_sequence_scorer(
-        cfg.model, cfg.model.path, trainable=True, require_head=False, role="reward model"
-    )
+    hf = load_sequence_scorer(lora.frozen_base(cfg.model, cfg.lora), cfg.model.path,
+                              trainable=True, require_head=False, role="reward model")  # fmt: skip
     hf.config.pad_token_id = tokenizer.pad_token_id
-    model = TokenScorer(hf)
+    model = TokenScorer(lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True))
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.micro_batch_size * 4
 
@@ -107,8 +125,9 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         return {"accuracy": statistics.fmean(float(a > b) for a, b in zip(c, r)),
                 "margin": statistics.fmean(a - b for a, b in zip(c, r))}  # fmt: skip
 
+    out = engine.begin()
     model, final = engine.fit(
-        model, train, lambda ex: collate(ex, pad_id, cfg.margin_column), bt_loss,
+        model, train, lambda ex: collate(ex, pad_id, cfg.margin_column), BradleyTerryObjective(),
         resume=cfg.resume, evaluate=evaluate if held_out else None,
     )  # fmt: skip
     c, r = score_pairs(model, train, pad_id, eval_bs, engine.device)
@@ -118,7 +137,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         "std": statistics.pstdev(scores) or 1.0,
         "n": len(scores),
     }
-    save_pretrained(model, tokenizer, out, engine.accelerator)
+    lora.save_trained(model, tokenizer, out, engine.accelerator, cfg.lora)
     summary: dict[str, Any] = {
         "stage": "rm",
         **final,

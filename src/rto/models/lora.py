@@ -1,0 +1,401 @@
+"""LoRA adapters on peft: add them to a model, save them as adapter folders, load a folder back.
+
+With `lora.r > 0` a stage freezes the model it starts from (the *base*) and trains low-rank
+adapters on its linear layers, plus, for a reward model or critic, the whole score head (a peft
+`modules_to_save` module, saved with the adapter). Its output is an adapter folder:
+
+    adapter_config.json, adapter_model.safetensors    what peft writes and reads
+    tokenizer files                                   as in every rto output
+    lora_base.json                                    rto's record of the base (below)
+
+peft's `base_model_name_or_path` holds the base as an absolute folder (a hub id stays a hub id),
+so peft + transformers load the folder alone from any working directory. `lora_base.json` adds
+what peft does not keep:
+
+    base_model   the same absolute folder, .gguf file or hub id
+    relative     the base's folder relative to the adapter folder: rto looks there first, so a
+                 run folder moved or copied as a whole (runs/demo -> elsewhere) still loads
+    revision     hub revision of the base
+    fingerprint  a hash of the base's weights (`weights_fingerprint`): loading checks it, so an
+                 adapter never silently lands on a base that was retrained or replaced
+    score_head   whether the adapter carries a score head (reward model, critic)
+
+Wherever rto takes a model path (a stage's model.path, rto pairs, rto eval, rl's reference, DPO
+model, reward model and critic start), an adapter folder is loaded as its base with the adapter
+merged in (`load_adapter_folder`). Its base may itself be an adapter folder (LoRA DPO on a LoRA
+SFT); the fingerprint of such a chain hashes the base's fingerprint with the adapter's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rto.errors import ConfigError, ModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_FILE = "lora_base.json"
+ALL_LINEAR = "all-linear"
+_SAMPLES_PER_TENSOR = 1024
+# What the other kind of output leaves in a folder (a full model, an adapter): a stage that
+# writes one removes the other, so that nobody loads a stale model from an overwritten run.
+_FULL_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors*",
+    "model-*.safetensors",
+)
+_ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft's notes that say nothing to an rto user: GPT-2's Conv1D layers get fan_in_fan_out
+    set; its check of gradient checkpointing reads a property transformers renamed; saving an
+    adapter whose base is itself an adapter folder finds no config.json there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+        yield
+
+
+def import_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ModelError(
+            "LoRA (lora.r > 0, or a model given as a peft adapter folder) needs the peft "
+            "package: pip install 'rto[peft]'"
+        ) from None
+    return peft
+
+
+def is_adapter(path: str | Path | None) -> bool:
+    """A local folder that holds a peft adapter (adapter_config.json)."""
+    return bool(path) and (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_peft_model(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def hf_model(model: Any) -> Any:
+    """The Hugging Face model inside a peft model (its adapters injected), or `model` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def frozen_base(section: Any, lora: Any) -> Any:
+    """The model section to load a base with: under LoRA the base is frozen, so `auto` picks the
+    dtype of a frozen model (bfloat16 on GPUs that support it); adapters and heads train in
+    float32 all the same."""
+    if not lora.enabled or section.dtype != "auto":
+        return section
+    from rto.models.load import resolve_dtype
+
+    dtype = resolve_dtype("auto", trainable=False)
+    return dataclasses.replace(section, dtype=str(dtype).removeprefix("torch."))
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def weights_fingerprint(model: Any) -> str | None:
+    """A hash of a model's body (all but its output layer or score head, so a causal LM and the
+    reward model built on it agree), read at up to 1024 evenly spaced entries of every tensor,
+    rounded to bfloat16: the same for a base loaded in float32 or bfloat16, different for a
+    retrained one (fine-tuning moves essentially every entry). None under ZeRO-3, whose
+    parameters are shards."""
+    body = getattr(model, model.base_model_prefix, model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(body.named_parameters()):
+        if hasattr(tensor, "ds_id"):
+            return None
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].float().to(torch.bfloat16)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(sample.view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(model: Any) -> str | None:
+    """The fingerprint of a loaded model: its weights', or, when it came from an adapter folder,
+    the chain's (set by `load_adapter_folder`)."""
+    return getattr(model, "rto_fingerprint", None) or weights_fingerprint(model)
+
+
+def _chain_fingerprint(base_fingerprint: str | None, folder: Path) -> str | None:
+    if base_fingerprint is None:
+        return None
+    weights = folder / ADAPTER_WEIGHTS
+    adapter = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "none"
+    return hashlib.sha256(f"{base_fingerprint}+{adapter}".encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the base record
+
+
+@dataclasses.dataclass
+class AdapterBase:
+    """The model an adapter was trained on."""
+
+    base_model: str  # absolute folder or .gguf file, or a hub id
+    revision: str | None = None
+    fingerprint: str | None = None
+    score_head: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isabs(self.base_model)
+
+    @property
+    def peft_path(self) -> str:
+        """What peft's base_model_name_or_path can hold: a folder or hub id (a GGUF base is its
+        folder; pass gguf_file=... to from_pretrained yourself)."""
+        if self.base_model.endswith(".gguf"):
+            return os.path.dirname(self.base_model)
+        return self.base_model
+
+    def record(self, adapter_folder: Path) -> dict[str, Any]:
+        relative = None
+        if self.is_local:
+            relative = os.path.relpath(self.base_model, os.path.abspath(adapter_folder))
+        return {"base_model": self.base_model, "relative": relative, "revision": self.revision,
+                "fingerprint": self.fingerprint, "score_head": self.score_head}  # fmt: skip
+
+
+def describe_base(section: Any, source: str, model: Any, *, score_head: bool) -> AdapterBase:
+    """The record of `model`, loaded from `source` with `section`'s options, as an adapter's base."""
+    location = source
+    if source == section.path and section.gguf_file:
+        location = os.path.join(source, section.gguf_file)
+    if os.path.exists(location):
+        location = os.path.abspath(location)
+    revision = section.revision if source == section.path else None
+    return AdapterBase(location, revision, fingerprint(model), score_head)
+
+
+def locate_base(folder: str | Path) -> AdapterBase:
+    """The base of the adapter in `folder`, found where it is now: beside the adapter as
+    recorded (a moved run folder), at its absolute path, or on the hub; an error says what is
+    missing otherwise."""
+    folder = Path(folder)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    record: dict[str, Any] = {}
+    if (folder / BASE_FILE).is_file():
+        record = json.loads((folder / BASE_FILE).read_text())
+    named = record.get("base_model") or config.get("base_model_name_or_path")
+    if not named:
+        raise ModelError(
+            f"the LoRA adapter at {folder} does not say which model it was trained on "
+            f"(no base_model_name_or_path in {folder / ADAPTER_CONFIG}); set it to the base "
+            "model's folder or hub id"
+        )
+    candidates = []
+    if record.get("relative"):
+        candidates.append(
+            os.path.normpath(os.path.join(os.path.abspath(folder), record["relative"]))
+        )
+    candidates.append(named)
+    found = next((c for c in candidates if os.path.exists(c)), None)
+    looks_local = os.path.isabs(named) or named.startswith(".") or named.endswith(".gguf")
+    if found is None and looks_local:
+        where = " or ".join(candidates)
+        raise ModelError(
+            f"the LoRA adapter at {folder} was trained on the base model {named}, which is not "
+            f"there any more (looked for {where}); put the base model back, or set "
+            f"base_model_name_or_path in {folder / ADAPTER_CONFIG} (and base_model in "
+            f"{folder / BASE_FILE}) to where it is now"
+        )
+    head = record.get("score_head")
+    if head is None:  # an adapter from elsewhere: a peft sequence-classification adapter
+        head = config.get("task_type") == "SEQ_CLS" or "score" in (
+            config.get("modules_to_save") or []
+        )
+    return AdapterBase(
+        found or named,
+        record.get("revision", config.get("revision")),
+        record.get("fingerprint"),
+        bool(head),
+    )
+
+
+# --------------------------------------------------------------------------- adding and saving
+
+
+def lora_config(lora: Any, *, score_head: bool) -> Any:
+    peft = import_peft()
+    targets = lora.target_modules
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha if lora.alpha is not None else 2.0 * lora.r,
+        lora_dropout=lora.dropout,
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
+        task_type="SEQ_CLS" if score_head else "CAUSAL_LM",
+        modules_to_save=["score"] if score_head else None,
+    )
+
+
+def _linear_layer_names(model: Any) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D))
+    }
+    return sorted(names)
+
+
+def add_adapter(
+    model: Any, section: Any, lora: Any, *, score_head: bool = False, source: str | None = None
+) -> Any:
+    """`model` (loaded from `source`, default section.path) frozen, with new LoRA adapters to
+    train; unchanged when lora.r is 0. The adapters start at zero (peft's B = 0), so the new
+    model computes exactly what the base did."""
+    if not lora.enabled:
+        return model
+    peft = import_peft()
+    base = describe_base(section, source or section.path, model, score_head=score_head)
+    config = lora_config(lora, score_head=score_head)
+    try:
+        with _quiet_peft():
+            wrapped = peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(
+            f"config key 'lora.target_modules' ({', '.join(lora.target_modules)}) does not fit "
+            f"the model at {base.base_model}: {exc}. Its linear layers are named "
+            f"{', '.join(_linear_layer_names(model))}; or use all-linear"
+        ) from None
+    if score_head:  # trained whole: keep it in float32 even on a bfloat16 base
+        head = wrapped.get_base_model().score
+        for p in head.parameters():
+            p.data = p.data.float()
+    wrapped.rto_base = base
+    return wrapped
+
+
+def save_trained(
+    model: Any, tokenizer: Any, out: str | Path, accelerator: Any, lora: Any, part: str | None = None
+) -> None:
+    """A stage's trained model into `out`: a plain Hugging Face folder (full fine-tuning, or
+    lora.merge), else the adapter folder with lora_base.json. `part` saves one role of a
+    prepared wrapper (the policy or the critic of the RL stage's actor-critic)."""
+    from rto.engine.files import write_json
+    from rto.models.load import save_pretrained
+
+    out = Path(out)
+    unwrapped = accelerator.unwrap_model(model)
+    if part:
+        unwrapped = getattr(unwrapped, part)
+    peft_model = getattr(unwrapped, "hf", unwrapped)
+    base: AdapterBase | None = getattr(peft_model, "rto_base", None)
+    if base is None or not is_peft_model(peft_model):
+        _remove(out, _ADAPTER_FILES, accelerator)
+        save_pretrained(model, tokenizer, out, accelerator, part=part)
+        return
+    if lora.merge:
+        if _sharded(accelerator):
+            accelerator.print(
+                "[rto] lora.merge is not supported under ZeRO-3 / FSDP (sharded weights); "
+                f"saved the adapter folder instead: merge it with peft's merge_and_unload ({out})"
+            )
+        else:
+            merged = peft_model.merge_and_unload()
+            _remove(out, _ADAPTER_FILES, accelerator)
+            if accelerator.is_main_process:
+                save_pretrained(merged, tokenizer, out)
+            accelerator.wait_for_everyone()
+            return
+    _remove(out, _FULL_MODEL_FILES, accelerator)
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = base.peft_path
+    config.revision = base.revision
+    with _quiet_peft():
+        save_pretrained(model, tokenizer, out, accelerator, part=part)
+    if accelerator.is_main_process:
+        write_json(out / BASE_FILE, base.record(out))
+
+
+def _remove(out: Path, patterns: tuple[str, ...], accelerator: Any) -> None:
+    if accelerator.is_main_process and out.is_dir():
+        for pattern in patterns:
+            for stale in out.glob(pattern):
+                stale.unlink()
+
+
+def _sharded(accelerator: Any) -> bool:
+    state = accelerator.state
+    if str(state.distributed_type).endswith("FSDP"):
+        return True
+    plugin = getattr(state, "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def base_section(section: Any, base: AdapterBase) -> Any:
+    """`section`'s loading options (dtype, attention kernel ...) pointed at an adapter's base."""
+    return dataclasses.replace(
+        section, path=base.base_model, gguf_file=None, revision=base.revision, tokenizer=None
+    )
+
+
+def load_adapter_folder(section: Any, folder: str | Path, load_base: Callable[[Any], Any]) -> Any:
+    """Base + the adapter in `folder`, merged into a plain model (requires_grad and train / eval
+    mode are the caller's to set). `load_base(section)` loads the base given by section.path, so
+    a base that is itself an adapter folder loads the same way."""
+    peft = import_peft()
+    folder = Path(folder)
+    base = locate_base(folder)
+    model = load_base(base_section(section, base))
+    found = fingerprint(model)
+    if base.fingerprint and found and found != base.fingerprint:
+        raise ModelError(
+            f"the LoRA adapter at {folder} was trained on a different model than the one now at "
+            f"{base.base_model} (weights fingerprint {found}, recorded {base.fingerprint}): the "
+            "base was retrained or replaced since; retrain the adapter on it, or put the "
+            "original base back"
+        )
+    config = peft.PeftConfig.from_pretrained(str(folder))
+    config.task_type = None  # any model class: a causal LM's adapter also fits its reward model
+    config.inference_mode = True
+    try:
+        with _quiet_peft():
+            wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config)
+    except Exception as exc:
+        raise ModelError(
+            f"could not load the LoRA adapter at {folder} onto its base {base.base_model}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    merged = wrapped.merge_and_unload()
+    merged.rto_fingerprint = _chain_fingerprint(found or base.fingerprint, folder)
+    return merged
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+class AdapterOff:
+    """pi_ref of a LoRA policy trained from the reference: the same model with its adapter
+    disabled, which computes exactly the frozen base. Called like a model (no_grad is the
+    caller's)."""
+
+    def __init__(self, peft_model: Any):
+        self.model = peft_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)

@@ -1,0 +1,262 @@
+"""One job on many processes, and one update per global batch.
+
+The same tiny pipeline (sft -> pairs -> rm -> dpo -> rl -> eval) runs once in one process and
+once under `torchrun --nproc_per_node 2` (CPU, gloo): sft, rm and dpo end with the same weights
+and log the same numbers, pairs and eval write the same files, rl runs with both processes
+keeping identical weights, and every metrics line is written once. A two-process run killed
+with SIGKILL in the middle of a checkpoint save resumes to the weights of the uninterrupted one.
+Processes that do not form one job are refused. And the update of one optimiser step does not
+depend on how its batch is cut into micro-batches (sft, rm, dpo and PPO)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import PREF_COMMON, rl_args, rto_ok, sft_args
+
+
+def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m rto ARGS`, one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rto", *map(str, args)]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def metric_rows(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def recipe(task: Path, out: Path) -> dict:
+    short = {"data": {"max_length": 96, "max_prompt_length": 32}, "log": {"progress": False}}
+    pref = {**short, "data": {**short["data"], "path": "{pairs}/pairs_train.jsonl",
+            "eval_path": "{pairs}/pairs_eval.jsonl"}, "model": {"path": "{sft}"},
+            "train": {"lr": 5e-3, "batch_size": 16, "micro_batch_size": 8, "max_steps": 3}}  # fmt: skip
+    judge = {
+        "prompts": str(task / "prompts_eval.jsonl"),
+        "num_prompts": 16,
+        "gold_reward": "sentiment",
+    }
+    return {
+        "out": str(out),
+        "seed": 0,
+        "stages": {
+            "sft": {"stage": "sft", **short, "model": {"path": str(task / "base_model")},
+                    "data": {**short["data"], "path": str(task / "sft_train.jsonl"), "max_rows": 400},
+                    "train": {"lr": 1e-2, "batch_size": 16, "micro_batch_size": 8, "max_steps": 6,
+                              "save_every": 2}},
+            "pairs": {"stage": "pairs", "model": {"path": "{sft}"}, "gold_reward": "sentiment",
+                      "log": {"progress": False}, "data": {"path": str(task / "prompts_train.jsonl"),
+                      "max_prompt_length": 32, "max_rows": 160, "eval_fraction": 0.2},
+                      "generate": {"max_new_tokens": 24, "batch_size": 32}},
+            "rm": {"stage": "rm", **pref},
+            "dpo": {"stage": "dpo", **pref},
+            "rl": {"stage": "rl", "preset": "rto", "model": {"path": "{sft}"}, "reward_model": "{rm}",
+                   "dpo_model": "{dpo}", "log": {"progress": False}, "eval": judge,
+                   "data": {"path": str(task / "prompts_train.jsonl"), "max_prompt_length": 32},
+                   "rl": {"rollout_batch_size": 16, "critic_lr": 1e-3},
+                   "train": {"lr": 1e-4, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2},
+                   "generate": {"max_new_tokens": 24, "batch_size": 16}},
+            "eval": {"stage": "eval", "policies": ["sft={sft}", "rto={rl}"], "ref_model": "{sft}",
+                     "reward_model": "{rm}", "data": {"max_prompt_length": 32}, "eval": judge,
+                     "generate": {"max_new_tokens": 24, "batch_size": 16}},
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same recipe in one process (in this one) and in two (torchrun)."""
+    root = tmp_path_factory.mktemp("distributed")
+    out = {}
+    for name in ("one", "two"):
+        f = root / f"{name}.yaml"
+        f.write_text(yaml.safe_dump(recipe(tiny_task, root / name), sort_keys=False))
+        out[name] = root / name
+        if name == "one":
+            rto_ok("pipeline", "--config", f)
+        else:
+            done = torchrun("pipeline", "--config", f)
+            assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_two_processes_train_exactly_as_one(runs: dict[str, Path], stage: str) -> None:
+    one, two = runs["one"] / stage, runs["two"] / stage
+    assert max_difference(one, two) <= 1e-6
+    a, b = metric_rows(one), metric_rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # each line once, not once a process
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k, v in ra.items():
+            assert v == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    s = json.loads((two / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["distributed_type"] == "MULTI_CPU"
+    assert s["weights_identical_across_processes"] is True
+    assert json.loads((one / "summary.json").read_text())["world_size"] == 1
+
+
+def test_pairs_and_eval_do_not_depend_on_the_process_count(runs: dict[str, Path]) -> None:
+    for name in ("pairs_train.jsonl", "pairs_eval.jsonl"):
+        assert (runs["one"] / "pairs" / name).read_text() == (
+            runs["two"] / "pairs" / name
+        ).read_text()
+    # the same responses; scores to float rounding (each process scores a smaller batch)
+    one, two = (
+        [json.loads(x) for x in (runs[n] / "eval" / "generations" / "sft.jsonl").read_text().splitlines()]
+        for n in ("one", "two")
+    )  # fmt: skip
+    assert [(r["id"], r["response"], r["gold_reward"]) for r in one] == [
+        (r["id"], r["response"], r["gold_reward"]) for r in two
+    ]
+    assert [r["rm_score"] for r in one] == pytest.approx([r["rm_score"] for r in two], abs=1e-5)
+    two_rl = [
+        json.loads(x)
+        for x in (runs["two"] / "eval" / "generations" / "rto.jsonl").read_text().splitlines()
+    ]
+    assert [r["id"] for r in two_rl] == list(range(16))  # gathered back in prompt order  # fmt: skip
+    assert json.loads((runs["two"] / "eval" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_rl_on_two_processes(runs: dict[str, Path]) -> None:
+    one, two = metric_rows(runs["one"] / "rl"), metric_rows(runs["two"] / "rl")
+    assert [r["step"] for r in two] == [0, 1, 2, 2]  # start eval, 2 iterations, final eval
+    # the first rollout and the evaluation of the starting policy are the same responses,
+    # whatever the process count (per-prompt seeds); the updates then differ (local shuffles)
+    for k in (
+        "rollout/score",
+        "rollout/response_length",
+        "rollout/gold_reward",
+        "rollout/dpo_reward_sum",
+    ):
+        assert two[1][k] == pytest.approx(one[1][k], rel=1e-5), k
+    assert two[0] == pytest.approx(one[0], rel=1e-5)
+    s = json.loads((runs["two"] / "rl" / "summary.json").read_text())
+    assert s["weights_identical_across_processes"] is True and s["world_size"] == 2  # fmt: skip
+
+
+def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    full = runs["two"] / "sft"  # 6 steps, checkpoints every 2
+    config = ["sft", "--config", full / "config.yaml", "--out", tmp_path / "cut"]
+    killed = torchrun(*config, env={"RTO_FAULT": "kill_during_save:4"})
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert ckpts == [".partial-step-4", "step-2"]  # the half-written one is not a checkpoint
+    resumed = torchrun(*config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert max_difference(full, tmp_path / "cut") == 0.0
+    assert [r["step"] for r in metric_rows(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6, 6]
+
+
+def test_processes_that_do_not_form_one_job_are_refused(tiny_task: Path, tmp_path: Path) -> None:
+    # what happened before: something built accelerate's state before rto could join the
+    # processes, so each of N launched processes would have trained alone into one folder
+    code = ("from accelerate import PartialState; PartialState(); from rto.cli import main; "
+            "raise SystemExit(main())")  # fmt: skip
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "o"
+    done = subprocess.run([sys.executable, "-c", code, *map(str, sft_args(tiny_task, out))],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 2
+    assert "started as 2 processes" in done.stderr and "torchrun --nproc_per_node" in done.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ one update per global batch
+
+
+def last_update(folder: Path, key: str) -> float:
+    return [r for r in metric_rows(folder) if key in r][0][key]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "rl"])
+def test_the_update_does_not_depend_on_the_micro_batch_size(
+    stage: str, tiny_task: Path, sft_model: Path, pairs_data: Path, reward_model: Path,
+    dpo_model: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """micro_batch_size 1, 2 and 4 split a batch of 8 differently; the loss is a mean over the
+    whole batch's tokens (sft, PPO) or pairs (rm, dpo), so the gradient is the same. (Before, a
+    mean per micro-batch weighted short and long micro-batches alike: the updates differed by up
+    to twice the learning rate.) Adam turns a tiny rounding difference in a gradient entry that is
+    nearly zero into a visible step, so weights are compared to a small share of the rate."""
+    lr = 3e-3
+    pref = ["--model.path", sft_model, "--data.path", pairs_data / "pairs_train.jsonl", "--data.max_rows", "64",
+            "--train.lr", str(lr), "--train.batch_size", "8", "--train.max_steps", "2", *PREF_COMMON]  # fmt: skip
+    outs = []
+    for m in (1, 2, 4):
+        out = tmp_path / f"m{m}"
+        micro = ["--train.micro_batch_size", str(m)]
+        if stage == "sft":
+            rto_ok(*sft_args(tiny_task, out, "--data.max_rows", "64", "--train.batch_size", "8",
+                             "--train.max_steps", "2", "--train.lr", str(lr), *micro))  # fmt: skip
+        elif stage in ("rm", "dpo"):
+            rto_ok(stage, "--out", out, *pref, *micro)
+        else:
+            rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, out, "--preset", "rto",
+                            "--rl.rollout_batch_size", "16", "--train.batch_size", "8",
+                            "--train.max_steps", "1", "--train.lr", str(lr), *micro))  # fmt: skip
+        outs.append(out)
+    loss_key, norm_key = (
+        ("policy/loss", "policy/grad_norm") if stage == "rl" else ("loss", "grad_norm")
+    )
+    for out in outs[1:]:
+        assert last_update(out, loss_key) == pytest.approx(last_update(outs[0], loss_key), rel=1e-5)
+        assert last_update(out, norm_key) == pytest.approx(last_update(outs[0], norm_key), rel=1e-5)
+        assert max_difference(outs[0], out) < 0.02 * lr
+
+
+# ------------------------------------------------------------------ DeepSpeed (slow: not in CI)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_configs_run_on_two_cpu_processes(
+    runs: dict[str, Path], tmp_path: Path, config: str
+) -> None:
+    """The shipped DeepSpeed configs with 2 CPU processes (needs `pip install deepspeed`): SFT ends
+    where DDP ends, and RL (one engine for policy and critic; under ZeRO-3 the policy's weights
+    gathered once per rollout for generation) runs the same first rollout."""
+    pytest.importorskip("deepspeed")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(Path(__file__).resolve().parent.parent / "configs" / "accelerate" / f"{config}.yaml"),
+              "--num_processes", "2", "--main_process_port", "0", "-m", "rto"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage in ("sft", "rl"):
+        cmd = [
+            *launch,
+            stage,
+            "--config",
+            str(runs["two"] / stage / "config.yaml"),
+            "--out",
+            str(tmp_path / stage),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        s = json.loads((tmp_path / stage / "summary.json").read_text())
+        assert s["distributed_type"] == "DEEPSPEED" and s["world_size"] == 2
+    assert max_difference(runs["two"] / "sft", tmp_path / "sft") < 0.02 * 1e-2  # lr 1e-2
+    ddp, ds = metric_rows(runs["two"] / "rl"), metric_rows(tmp_path / "rl")
+    assert ds[1]["rollout/score"] == pytest.approx(ddp[1]["rollout/score"], rel=1e-5)
