@@ -29,6 +29,7 @@ def build_foreign_rm(root: Path, *task_args: str) -> Path:
     model with a score head (random, large enough that scores differ between texts)."""
     args = list(TINY_TASK)
     args[args.index("--vocab_size") + 1] = "300"
+    args[args.index("--max_positions") + 1] = "128"  # a smaller vocabulary: longer texts in tokens
     rto_ok("task", "sentiment", "--out", root / "task", "--seed", "1", *args, *task_args)
     section = ModelSection(path=str(root / "task" / "base_model"))
     hf = load_sequence_scorer(
