@@ -208,7 +208,10 @@ def test_unknown_or_missing_trackers_are_refused_before_any_work(
     if importlib.util.find_spec("mlflow") is None:
         code = rto(*sft_args(tiny_task, tmp_path / "b", "--log.report_to", "mlflow"))
         err = capsys.readouterr().err
-        assert code == 2 and "asks for mlflow, which is not installed: pip install 'rto[mlflow]'" in err
+        assert (
+            code == 2
+            and "asks for mlflow, which is not installed: pip install 'rto[mlflow]'" in err
+        )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

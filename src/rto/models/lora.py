@@ -287,7 +287,12 @@ def add_adapter(
 
 
 def save_trained(
-    model: Any, tokenizer: Any, out: str | Path, accelerator: Any, lora: Any, part: str | None = None
+    model: Any,
+    tokenizer: Any,
+    out: str | Path,
+    accelerator: Any,
+    lora: Any,
+    part: str | None = None,
 ) -> None:
     """A stage's trained model into `out`: a plain Hugging Face folder (full fine-tuning, or
     lora.merge), else the adapter folder with lora_base.json. `part` saves one role of a
