@@ -103,7 +103,9 @@ def test_reference_with_adapters_off_is_the_sft_model(shared: dict) -> None:
         assert torch.equal(roles.logprobs("policy", b), ref)
 
 
-def test_reward_score_through_adapter_and_head_equals_the_merged_reward_models(shared: dict) -> None:
+def test_reward_score_through_adapter_and_head_equals_the_merged_reward_models(
+    shared: dict,
+) -> None:
     roles, b = shared["roles"], shared["batch"]
     tokenizer = load_tokenizer(ModelSection(path=str(shared["base"])))
     merged = load_reward_model(ModelSection(path=str(shared["base"])), str(shared["rm"]), tokenizer,
@@ -135,7 +137,9 @@ def test_gradients_reach_both_trained_adapters_and_nothing_else(shared: dict) ->
     assert all(p.grad is not None for p in policy_params + critic_params)
     # a new adapter's B is 0, so A gets no gradient yet; B does, and every part of the critic
     # (a copy of the reward model's adapter, and the head)
-    assert all(p.grad.abs().sum() > 0 for p in roles.adapters.parameters("policy") if p.shape[0] > 4)
+    assert all(
+        p.grad.abs().sum() > 0 for p in roles.adapters.parameters("policy") if p.shape[0] > 4
+    )
     assert all(p.grad.abs().sum() > 0 for p in critic_params)
     assert all(p.grad is None and not p.requires_grad for p in everything if id(p) not in trained)
     assert len(roles.adapters.parameters("policy")) == len(roles.adapters.parameters("dpo")) > 0
@@ -182,3 +186,69 @@ def test_beta1_zero_on_the_shared_base_is_shared_base_ppo(
     assert metric_rows(tmp_path / "rto0") == metric_rows(tmp_path / "ppo")
     summary = json.loads((tmp_path / "ppo" / "summary.json").read_text())
     assert summary["roles"] == "one shared base"
+
+
+def test_shared_base_rto_scores_its_first_rollout_as_separate_models_do(
+    tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The same RTO run with the reference given as a copy of the SFT model, which puts every
+    role in a separate model (the adapters merged): the first rollout (sampled from the same
+    policy) gets the same DPO rewards, scores, values and returns."""
+    import shutil
+
+    shutil.copytree(sft_model, tmp_path / "sft_copy")
+    common = [*SHARED_RUN, "--preset", "rto", "--train.max_steps", "1"]
+    for out, extra in (("shared", []), ("separate", ["--ref_model", tmp_path / "sft_copy"])):
+        args = rl_args(tiny_task, sft_model, on_sft["rm"], on_sft["dpo"], tmp_path / out)
+        assert rto(*args, *common, *extra) == 0
+    err = capsys.readouterr().err
+    assert "[rto] roles: one shared base" in err and "[rto] roles: separate models" in err
+    shared, separate = metric_rows(tmp_path / "shared")[-1], metric_rows(tmp_path / "separate")[-1]
+    for key in ("rollout/dpo_reward_sum", "rollout/score", "rollout/return", "reward/score_sum",
+                "value/explained_variance", "rollout/response_length"):  # fmt: skip
+        assert shared[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-7), key
+    assert abs(shared["rollout/dpo_reward_sum"]) > 1e-5
+
+
+def test_killed_shared_base_run_resumes_to_the_same_adapters(
+    tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path
+) -> None:
+    common = [*SHARED_RUN, "--preset", "rto", "--train.max_steps", "3", "--train.save_every", "1"]
+    args = lambda out, *extra: rl_args(tiny_task, sft_model, on_sft["rm"], on_sft["dpo"],  # noqa: E731
+                                       tmp_path / out, *common, *extra)  # fmt: skip
+    for out, env in (("full", {}), ("cut", {"RTO_FAULT": "kill_after_step:2"})):
+        done = rto_subprocess(*args(out), env=env)
+        assert done.returncode == (0 if out == "full" else -9), done.stderr
+    saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step-2" / "model.safetensors"))
+    # the checkpoint holds what trains: the policy's and the critic's adapters, the value head
+    assert saved and all(
+        ".policy." in k or ".critic." in k or k == "critic.head.weight" for k in saved
+    )
+    assert any(".critic." in k for k in saved) and "critic.head.weight" in saved
+    resumed = rto_subprocess(*args("cut", "--resume"))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    for folder in (Path("."), Path("critic")):
+        a, b = adapters_of(tmp_path / "full" / folder), adapters_of(tmp_path / "cut" / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    critic = json.loads((tmp_path / "full" / "critic" / "lora_base.json").read_text())
+    assert critic["score_head"] and Path(critic["base_model"]) == sft_model.resolve()
+
+
+def test_an_adapter_on_another_base_is_refused_with_both_fingerprints(
+    tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    elsewhere = make_adapter(
+        tiny_task / "base_model", tmp_path / "dpo_on_base", score_head=False, seed=5
+    )
+    code = rto(*rl_args(tiny_task, sft_model, on_sft["rm"], elsewhere, tmp_path / "rl", *SHARED_RUN,
+                        "--preset", "rto"))  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    recorded = json.loads((elsewhere / "lora_base.json").read_text())["fingerprint"]
+    found = lora.fingerprint(load_causal_lm(ModelSection(path=str(sft_model)), trainable=False))
+    assert (
+        f"the DPO model {elsewhere} is a LoRA adapter on a base with weights fingerprint {recorded}"
+        in err
+    )
+    assert f"the policy's base {sft_model} has fingerprint {found}" in err
+    assert not (tmp_path / "rl").exists()  # refused before the run folder was made

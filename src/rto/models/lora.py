@@ -498,7 +498,9 @@ class SharedAdapters:
                 part = getattr(layer, attribute)
                 if name in part:
                     item = part[name]
-                    found.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+                    found.extend(
+                        [item] if isinstance(item, torch.nn.Parameter) else item.parameters()
+                    )
         return found
 
     @contextlib.contextmanager
@@ -549,7 +551,9 @@ class SharedAdapters:
             out.mkdir(parents=True, exist_ok=True)
             state = peft.get_peft_model_state_dict(self.model, adapter_name=name)
             if head is not None:  # where peft keeps a modules_to_save score head
-                state.update({f"base_model.model.score.{k}": v for k, v in head.state_dict().items()})
+                state.update(
+                    {f"base_model.model.score.{k}": v for k, v in head.state_dict().items()}
+                )
             state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             config = dataclasses.replace(
                 self.model.peft_config[name], base_model_name_or_path=self.record.peft_path,

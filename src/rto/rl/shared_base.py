@@ -57,7 +57,9 @@ class HeadScorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.rto_shared.using(self.rto_adapter):
-            return head_scores(backbone_of(self.rto_shared.hf), self.head, input_ids, attention_mask)
+            return head_scores(
+                backbone_of(self.rto_shared.hf), self.head, input_ids, attention_mask
+            )
 
 
 def new_value_head(adapters: SharedAdapters) -> nn.Linear:
@@ -96,7 +98,9 @@ class SharedBase(SeparateModels):
                 "reference = adapters off")  # fmt: skip
 
 
-def adapter_roles(cfg: Any, *, use_dpo: bool, use_rm: bool, critic_from: str | None) -> dict[str, str]:
+def adapter_roles(
+    cfg: Any, *, use_dpo: bool, use_rm: bool, critic_from: str | None
+) -> dict[str, str]:
     """{role: folder} of the frozen models a shared base would carry as adapters: the DPO model
     and the reward model, when in use (the reward model also when the critic starts from it)."""
     use_rm = use_rm or (critic_from is not None and critic_from == cfg.reward_model)

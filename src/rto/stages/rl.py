@@ -17,6 +17,7 @@ from typing import Any
 
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
+from rto.engine.distributed import shards_weights
 from rto.engine.files import read_json
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
@@ -32,7 +33,6 @@ from rto.models.load import (
     tokenizer_fingerprint,
 )
 from rto.models.reward_model import load_reward_model
-from rto.engine.distributed import shards_weights
 from rto.rl.roles import SeparateModels
 from rto.rl.shared_base import adapter_roles, load_shared_base, why_not_shared
 from rto.rl.sources import resolve_function
