@@ -252,3 +252,29 @@ def test_an_adapter_on_another_base_is_refused_with_both_fingerprints(
     )
     assert f"the policy's base {sft_model} has fingerprint {found}" in err
     assert not (tmp_path / "rl").exists()  # refused before the run folder was made
+
+
+def test_gradient_checkpointing_recomputes_each_role_with_its_own_adapter(
+    tiny_task: Path, tmp_path: Path
+) -> None:
+    """Backward recomputes a checkpointed layer when the policy's adapter is active again; the
+    critic's layers must be recomputed with the critic's adapter: the same gradients as without
+    checkpointing."""
+    base = tiny_task / "base_model"
+    rm = make_adapter(base, tmp_path / "rm", score_head=True, seed=6)
+    b = batch(300)
+    grads = []
+    for checkpointing in (False, True):
+        cfg = RLConfig(model=ModelSection(path=str(base), gradient_checkpointing=checkpointing),
+                       reward_model=str(rm), lora=LoraSection(r=4))  # fmt: skip
+        torch.manual_seed(0)  # the new policy adapter's A is drawn at random
+        roles = load_shared_base(cfg, load_tokenizer(cfg.model), use_dpo=False, use_rm=True,
+                                 critic_from=str(rm), device=torch.device("cpu"))  # fmt: skip
+        with torch.no_grad():
+            for p in roles.adapters.parameters("policy"):
+                p.add_(0.05)  # a trained policy adapter: it differs from the critic's
+        assert roles.adapters.hf.is_gradient_checkpointing == checkpointing
+        (roles.logprobs("policy", b).sum() + roles.values(b).sum()).backward()
+        policy, critic = roles.trained_parameters()
+        grads.append([p.grad.clone() for p in policy + critic])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
