@@ -278,3 +278,21 @@ def test_gradient_checkpointing_recomputes_each_role_with_its_own_adapter(
         policy, critic = roles.trained_parameters()
         grads.append([p.grad.clone() for p in policy + critic])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_two_processes_run_a_shared_base_job_with_identical_weights(
+    tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path
+) -> None:
+    """DDP over the actor-critic of the shared base (the base registered once, the policy's and
+    the critic's adapters and the value head synchronised): both processes end identical."""
+    from test_distributed import torchrun
+
+    out = tmp_path / "rl"
+    args = rl_args(tiny_task, sft_model, on_sft["rm"], on_sft["dpo"], out, *SHARED_RUN)
+    done = torchrun(*args, "--preset", "rto", "--train.micro_batch_size", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("[rto] roles: one shared base") == 1  # said once, by the main process
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["roles"] == "one shared base"
+    assert summary["weights_identical_across_processes"] is True
+    assert adapters_of(out) and adapters_of(out / "critic")
