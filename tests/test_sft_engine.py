@@ -146,20 +146,73 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_task: Path, tmp_path
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_tensorboard_gets_the_same_numbers_as_metrics_jsonl(
-    tiny_task: Path, tmp_path: Path
+def test_trackers_get_the_numbers_of_metrics_jsonl_with_namespaced_tags(
+    tiny_task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """TensorBoard (real) and wandb (a stand-in module recording its calls) through accelerate's
+    tracker classes: every metrics.jsonl number at its step, tags namespaced (train/loss), the
+    run's config as flat hyper-parameters."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    fake = tmp_path / "fake_wandb"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text(
+        "calls = []\n"
+        "class Config:\n"
+        "    def update(self, values, allow_val_change=False): calls.append(('config', values))\n"
+        "config = Config()\n"
+        "class Run:\n"
+        "    def log(self, values, step=None, **kw): calls.append(('log', step, values))\n"
+        "    def finish(self): calls.append(('finish',))\n"
+        "def init(**kwargs):\n"
+        "    calls.append(('init', kwargs))\n"
+        "    return Run()\n"
+    )
+    monkeypatch.syspath_prepend(str(fake))
     out = tmp_path / "tb"
     rto_ok(*sft_args(tiny_task, out, "--train.max_steps", "3", "--data.max_rows", "200",
-                     "--log.tensorboard", "true", "--log.run_name", "mine"))  # fmt: skip
+                     "--log.report_to", "tensorboard,wandb", "--log.run_name", "mine",
+                     "--log.project", "proj"))  # fmt: skip
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert len(losses) == 3
+
     events = EventAccumulator(str(out / "tensorboard" / "mine"))
     events.Reload()
-    losses = [e.value for e in events.Scalars("loss")]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert losses == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-6)
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == [step for step, _ in losses]
+    assert [e.value for e in scalars] == pytest.approx([loss for _, loss in losses], rel=1e-6)
+    assert "loss" not in events.Tags()["scalars"]
+
+    import wandb
+
+    init = next(c[1] for c in wandb.calls if c[0] == "init")
+    assert init["project"] == "proj" and init["name"] == "mine"
+    logged = [
+        (c[1], c[2]["train/loss"]) for c in wandb.calls if c[0] == "log" and "train/loss" in c[2]
+    ]
+    assert logged == losses  # the very numbers metrics.jsonl holds
+    config = next(c[1] for c in wandb.calls if c[0] == "config")
+    assert config["train.max_steps"] == 3 and config["model.path"].endswith("base_model")
+    assert wandb.calls[-1] == ("finish",)
+
+
+def test_unknown_or_missing_trackers_are_refused_before_any_work(
+    tiny_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib.util
+
+    code = rto(*sft_args(tiny_task, tmp_path / "a", "--log.report_to", "tensorbord"))
+    assert code == 2 and "'log.report_to' has 'tensorbord'; choose from" in capsys.readouterr().err
+    if importlib.util.find_spec("mlflow") is None:
+        code = rto(*sft_args(tiny_task, tmp_path / "b", "--log.report_to", "mlflow"))
+        err = capsys.readouterr().err
+        assert (
+            code == 2
+            and "asks for mlflow, which is not installed: pip install 'rto[mlflow]'" in err
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_too_little_data_is_said_before_any_model_is_loaded(

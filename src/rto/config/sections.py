@@ -248,11 +248,60 @@ class EvalSection:
 @dataclass
 class LogSection:
     progress: bool = option(True, "Show a progress bar with the key numbers.")
+    report_to: list[str] = option(
+        [],
+        "Experiment trackers that mirror metrics.jsonl, through accelerate: tensorboard (under "
+        "OUT/tensorboard), wandb, trackio, mlflow, or all (every one installed). Tags are "
+        "namespaced (train/loss, eval/..., rollout/...).",
+    )
     tensorboard: bool = option(
-        False, "Also log to TensorBoard (needs tensorboard) under OUT/tensorboard."
+        False, "Also log to TensorBoard (the same as report_to tensorboard)."
     )
-    wandb: bool = option(False, "Also log to Weights & Biases (needs wandb).")
-    wandb_project: str = option("rto", "wandb project name.")
+    wandb: bool = option(False, "Also log to Weights & Biases (the same as report_to wandb).")
+    project: str = option("rto", "Project (wandb, trackio) or experiment (MLflow) name.")
     run_name: str | None = option(
-        None, "Run name for wandb / TensorBoard; default: the output folder's name."
+        None, "Run name in the trackers (TensorBoard's folder); default: the output folder's name."
     )
+
+    def trackers(self) -> list[str]:
+        """The trackers asked for (report_to, plus the tensorboard / wandb switches), each once,
+        in order; "all" is every tracker installed."""
+        out: list[str] = []
+        asked = [*self.report_to, *(["tensorboard"] if self.tensorboard else []),
+                 *(["wandb"] if self.wandb else [])]  # fmt: skip
+        for name in asked:
+            for one in [n for n in TRACKERS if _installed(n)] if name == "all" else [name]:
+                if one not in out:
+                    out.append(one)
+        return out
+
+    def check(self) -> None:
+        """Unknown or missing trackers are refused before any work, naming the key and the fix."""
+        for name in self.report_to:
+            if name != "all" and name not in TRACKERS:
+                raise ConfigError(
+                    f"config key 'log.report_to' has {name!r}; choose from "
+                    f"{', '.join([*TRACKERS, 'all'])} (all: every one installed)"
+                )
+        for name in self.trackers():
+            if not _installed(name):
+                key = f"log.{name}" if name in ("tensorboard", "wandb") else "log.report_to"
+                raise ConfigError(
+                    f"config key '{key}' asks for {name}, which is not installed: "
+                    f"pip install '{TRACKERS[name][1]}' (or drop it from {key})"
+                )
+
+
+# experiment trackers: name -> (the module it needs, what to pip install)
+TRACKERS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "rto[tensorboard]"),
+    "wandb": ("wandb", "rto[wandb]"),
+    "trackio": ("trackio", "rto[trackio]"),
+    "mlflow": ("mlflow", "rto[mlflow]"),
+}
+
+
+def _installed(tracker: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(TRACKERS[tracker][0]) is not None

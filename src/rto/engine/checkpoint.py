@@ -68,7 +68,9 @@ class Checkpoints:
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
             acc.wait_for_everyone()
-            acc.save_state(str(partial), safe_serialization=True)  # collective: each process its part
+            acc.save_state(
+                str(partial), safe_serialization=True
+            )  # collective: each process its part
             maybe_fault("disk_full_during_save", step, partial / "model.safetensors")
             acc.wait_for_everyone()  # every part is on disk before the one rename makes it a checkpoint
             if acc.is_main_process:

@@ -1,5 +1,6 @@
-"""Metrics: `metrics.jsonl` (one JSON object per logged step), `summary.json` (final), an
-optional TensorBoard / wandb mirror, and a progress bar with the key numbers."""
+"""Metrics: `metrics.jsonl` (one JSON object per logged step; the source of truth), `summary.json`
+(final), mirrors in experiment trackers (engine/trackers.py), and a progress bar with the key
+numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rto.engine import trackers
 from rto.engine.card import write_card
 from rto.engine.environment import environment
 from rto.engine.files import write_atomic, write_json
@@ -37,27 +39,15 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.progress_keys = progress_keys
-        self._tb = None
-        self._wandb = None
+        self._trackers: trackers.Trackers | None = None
         self._bar = None
         if not enabled:
             return
-        name = log_cfg.run_name or Path(out_dir).resolve().name
-        if log_cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit(
-                    "log.tensorboard needs tensorboard: pip install 'rto[tensorboard]'"
-                ) from None
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard" / name))
-        if log_cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("log.wandb needs wandb: pip install 'rto[wandb]'") from None
-            self._wandb = wandb.init(
-                project=log_cfg.wandb_project, name=name, config=run_config, resume="allow"
+        names = log_cfg.trackers()
+        if names:
+            name = log_cfg.run_name or Path(out_dir).resolve().name
+            self._trackers = trackers.Trackers(
+                names, Path(out_dir), log_cfg.project, name, run_config
             )
         if log_cfg.progress:
             from tqdm.auto import tqdm
@@ -93,17 +83,14 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+        row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+        if self._trackers is not None:  # mirrors, after the row is on disk (NaN kept as NaN)
+            self._trackers.log(values, step)
         if self._bar is not None:
             shown = {
                 k.split("/")[-1]: f"{row[k]:.4g}"
@@ -128,10 +115,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        if self._trackers is not None:
+            self._trackers.close()
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> None:

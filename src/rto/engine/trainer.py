@@ -296,6 +296,7 @@ class Engine:
             models = [whole]
         norms = [self.accelerator.clip_grad_norm_(list(_parameters(m)), max_norm) for m in models]
         return [None if n is None else float(n) for n in norms]
+
     def check_finite_weights(self, model: Any, step: int, what: str = "model") -> None:
         """A model whose weights hold NaN or inf is never saved as a result: stop with an error."""
         params = [(n, p) for n, p in model.named_parameters() if p.numel()]

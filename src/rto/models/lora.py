@@ -291,7 +291,12 @@ def _wrap(model: Any, config: Any, lora: Any, base: AdapterBase, get_peft_model:
 
 
 def save_trained(
-    model: Any, tokenizer: Any, out: str | Path, accelerator: Any, lora: Any, part: str | None = None
+    model: Any,
+    tokenizer: Any,
+    out: str | Path,
+    accelerator: Any,
+    lora: Any,
+    part: str | None = None,
 ) -> None:
     """A stage's trained model into `out`: a plain Hugging Face folder (full fine-tuning, or
     lora.merge), else the adapter folder with lora_base.json. `part` saves one role of a

@@ -164,7 +164,9 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         raise RtoError(
             f"no preference pairs could be made ({skipped}); sample more responses or use more prompts"
         )
-    out = folder.begin(is_main=dist.is_main_process)  # every response is judged: only now is an old run replaced
+    out = folder.begin(
+        is_main=dist.is_main_process
+    )  # every response is judged: only now is an old run replaced
     if dist.is_main_process:
         write_jsonl(out / "pairs_train.jsonl", train_rows)
         write_jsonl(out / "pairs_eval.jsonl", eval_rows)
