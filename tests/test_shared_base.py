@@ -119,6 +119,53 @@ def test_reward_score_through_adapter_and_head_equals_the_merged_reward_models(
         assert torch.allclose(roles.critic(ids, mask), merged.scorer(ids, mask), atol=1e-5)
 
 
+def test_adapters_of_the_shared_base_save_as_folders_peft_loads_alone(
+    shared: dict, tmp_path: Path
+) -> None:
+    """What `rto rl --lora.r` writes from the shared base: an adapter folder per trained role
+    (the critic's with its head, as a sequence classifier), or with lora.merge a plain model."""
+    from accelerate import Accelerator
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
+
+    roles, b = shared["roles"], shared["batch"]
+    adapters, accelerator = roles.adapters, Accelerator(cpu=True)
+    tokenizer = load_tokenizer(ModelSection(path=str(shared["base"])))
+    adapters.save("critic", tmp_path / "critic", tokenizer, accelerator, head=roles.critic.head)
+    adapters.save_merged("dpo", tmp_path / "dpo_merged", tokenizer, accelerator)
+    ids = torch.cat([b["prompt_ids"], b["response_ids"]], 1)[:, :8]  # unpadded rows
+    with torch.no_grad():
+        alone = AutoPeftModelForSequenceClassification.from_pretrained(
+            tmp_path / "critic", num_labels=1
+        )
+        expected = roles.critic(ids, torch.ones_like(ids))[:, -1]
+        assert torch.allclose(alone.eval()(input_ids=ids).logits[:, 0], expected, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo_merged").eval()
+        dpo = roles.dpo(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, dpo, atol=1e-5)
+        # merging wrote a copy: the shared base itself is unmerged again
+        assert torch.equal(roles.ref(input_ids=ids).logits, load_causal_lm(
+            ModelSection(path=str(shared["base"])), trainable=False)(input_ids=ids).logits)  # fmt: skip
+    assert json.loads((tmp_path / "critic" / "lora_base.json").read_text())["score_head"]
+
+
+def test_a_critic_started_from_the_policy_gets_a_new_adapter_and_value_head(
+    tiny_task: Path, tmp_path: Path
+) -> None:
+    base = tiny_task / "base_model"
+    rm = make_adapter(base, tmp_path / "rm", score_head=True, seed=7)
+    cfg = rl_config(base, rm, rm)
+    roles = load_shared_base(cfg, load_tokenizer(cfg.model), use_dpo=False, use_rm=True,
+                             critic_from=str(base), device=torch.device("cpu"))  # fmt: skip
+    policy, critic = roles.trained_parameters()
+    assert len(critic) == len(policy) + 1 and all(p.requires_grad for p in critic)
+    assert not torch.equal(roles.critic.head.weight, roles.reward_model.scorer.head.weight)
+    b = batch(300)
+    roles.values(b).sum().backward()
+    assert roles.critic.head.weight.grad.abs().sum() > 0
+    assert "dpo" not in roles.adapters.trains and not roles.has("dpo")
+
+
 def test_gradients_reach_both_trained_adapters_and_nothing_else(shared: dict) -> None:
     roles: SharedBase = shared["roles"]
     b = shared["batch"]

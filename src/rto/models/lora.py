@@ -574,18 +574,20 @@ class SharedAdapters:
         accelerator.wait_for_everyone()
 
     def save_merged(self, name: str, out: str | Path, tokenizer: Any, accelerator: Any) -> None:
-        """The base with adapter `name` merged in, as a plain Hugging Face folder; the shared
-        base is unmerged again afterwards (the other adapters still sit on it)."""
+        """The base with adapter `name` merged in, as a plain Hugging Face folder: the merged
+        weights are computed beside the shared base, which stays as it is (merging in place and
+        unmerging would not give back the same bits)."""
         _remove(out, _ADAPTER_FILES, accelerator)
         if accelerator.is_main_process:
-            with self.using(name):
-                self.model.merge_adapter([name])
-                try:
-                    state = {_plain_name(k): v for k, v in self.hf.state_dict().items()
-                             if ".lora_" not in k}  # fmt: skip
-                    self.hf.save_pretrained(Path(out), state_dict=state, safe_serialization=True)
-                finally:
-                    self.model.unmerge_adapter()
+            deltas = {f"{module_name}.base_layer.weight": module.get_delta_weight(name)
+                      for module_name, module in self.hf.named_modules()
+                      if _is_tuner_layer(module) and name in module.lora_A}  # fmt: skip
+            state = {}
+            for key, value in self.hf.state_dict().items():
+                if ".lora_" not in key:
+                    delta = deltas.get(key)
+                    state[_plain_name(key)] = value if delta is None else value + delta.to(value)
+            self.hf.save_pretrained(Path(out), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out)
         accelerator.wait_for_everyone()
 
