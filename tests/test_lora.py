@@ -94,8 +94,8 @@ def test_missing_peft_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module", params=["tiny_task", "gpt2_task", "qwen2_task"])
 def lora_runs(request: pytest.FixtureRequest, pairs_data: Path, tmp_path_factory) -> dict:
     """sft (adapter, and the same run merged) -> pairs from the adapter -> rm, dpo (LoRA on the
-    merged SFT model) -> rl (LoRA policy and critic; the reward and DPO adapters loaded as
-    separate models) -> eval of adapter folders, a few steps each."""
+    merged SFT model) -> rl (LoRA policy and critic; the reward and DPO adapters on the same
+    base: one shared base) -> eval of adapter folders, a few steps each."""
     task = request.getfixturevalue(request.param)
     root = tmp_path_factory.mktemp(request.param + "_lora")
     prompts = task / "prompts_train.jsonl"
@@ -181,8 +181,11 @@ def test_rl_with_a_lora_policy_beside_separate_models(lora_runs: dict) -> None:
     first = next(r for r in rows if "rollout/kl" in r)
     # the new adapter starts at zero: the policy is exactly the reference, the ratio exactly 1
     assert first["rollout/kl"] == 0.0 and first["policy/approx_kl"] == 0.0
+    # the DPO model and the reward model are adapters on the policy's base: one shared base,
+    # the critic an adapter on it (started as a copy of the reward model's adapter and head)
+    assert json.loads((root / "rl" / "summary.json").read_text())["roles"] == "one shared base"
     critic = json.loads((root / "rl" / "critic" / "lora_base.json").read_text())
-    assert critic["score_head"] and critic["relative"] == "../../rm"  # initialised from the RM
+    assert critic["score_head"] and critic["relative"] == "../../sft"
     result = json.loads((root / "eval" / "eval.json").read_text())
     assert set(result["methods"]) == {"sft", "rto"} and "kl_mean" in result["methods"]["rto"]
     assert json.loads((root / "pairs" / "summary.json").read_text())

@@ -163,10 +163,10 @@ class Engine:
         return self.optimizer_for_groups([(model, lr if lr is not None else self.train.lr)])
 
     def optimizer_for_groups(self, groups: list[tuple[Any, float]]) -> torch.optim.Optimizer:
-        """AdamW with one parameter group per (model, learning rate)."""
+        """AdamW with one parameter group per (model or list of parameters, learning rate)."""
         t = self.train
         param_groups = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
+            {"params": [p for p in _parameters(model) if p.requires_grad], "lr": lr}
             for model, lr in groups
         ]
         return torch.optim.AdamW(
@@ -284,7 +284,7 @@ class Engine:
         return {"weights_identical_across_processes": bool((everyone == everyone[0]).all())}
 
     def clip_gradients(self, models: Sequence[Any], whole: Any = None) -> list[float | None]:
-        """Clip each model's gradient norm to train.grad_clip; return the norms before clipping.
+        """Clip each model's (or list of parameters') gradient norm to train.grad_clip; return the norms before clipping.
 
         Under FSDP the norm of a sharded gradient is the prepared model's (`whole`) business, so
         parts are clipped together; DeepSpeed clips inside its own step (gradient_clipping in its
@@ -294,7 +294,7 @@ class Engine:
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         if whole is not None and self.accelerator.distributed_type == DistributedType.FSDP:
             models = [whole]
-        norms = [self.accelerator.clip_grad_norm_(m.parameters(), max_norm) for m in models]
+        norms = [self.accelerator.clip_grad_norm_(list(_parameters(m)), max_norm) for m in models]
         return [None if n is None else float(n) for n in norms]
 
     def check_finite_weights(self, model: Any, step: int, what: str = "model") -> None:
@@ -489,3 +489,10 @@ class Engine:
             }
         )
         return model, final
+
+
+def _parameters(model_or_parameters: Any) -> Any:
+    """A module's parameters, or a list of parameters as it is."""
+    if isinstance(model_or_parameters, torch.nn.Module):
+        return model_or_parameters.parameters()
+    return model_or_parameters

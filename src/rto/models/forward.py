@@ -115,15 +115,27 @@ class TokenScorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.model
-        backbone = getattr(model, model.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        head_dtype = next(model.score.parameters()).dtype  # a LoRA head trains in float32
-        return model.score(hidden.to(head_dtype)).squeeze(-1).float()
+        return head_scores(backbone_of(model), model.score, input_ids, attention_mask)
+
+
+def backbone_of(model: Any) -> Any:
+    """The transformer body of a Hugging Face causal LM or sequence classifier (no output layer,
+    no score head): both name it by base_model_prefix (`model`, GPT-2's `transformer`)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def head_scores(
+    backbone: Any, head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, L) head(last hidden state) at every position, in float32."""
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    head_dtype = next(head.parameters()).dtype  # a LoRA head trains in float32
+    return head(hidden.to(head_dtype)).squeeze(-1).float()
 
 
 def sequence_scores(

@@ -269,21 +269,25 @@ def add_adapter(
     peft = import_peft()
     base = describe_base(section, source or section.path, model, score_head=score_head)
     config = lora_config(lora, score_head=score_head)
-    try:
-        with _quiet_peft():
-            wrapped = peft.get_peft_model(model, config)
-    except ValueError as exc:
-        raise ConfigError(
-            f"config key 'lora.target_modules' ({', '.join(lora.target_modules)}) does not fit "
-            f"the model at {base.base_model}: {exc}. Its linear layers are named "
-            f"{', '.join(_linear_layer_names(model))}; or use all-linear"
-        ) from None
+    with _quiet_peft():
+        wrapped = _wrap(model, config, lora, base, peft.get_peft_model)
     if score_head:  # trained whole: keep it in float32 even on a bfloat16 base
         head = wrapped.get_base_model().score
         for p in head.parameters():
             p.data = p.data.float()
     wrapped.rto_base = base
     return wrapped
+
+
+def _wrap(model: Any, config: Any, lora: Any, base: AdapterBase, get_peft_model: Callable) -> Any:
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(
+            f"config key 'lora.target_modules' ({', '.join(lora.target_modules)}) does not fit "
+            f"the model at {base.base_model}: {exc}. Its linear layers are named "
+            f"{', '.join(_linear_layer_names(model))}; or use all-linear"
+        ) from None
 
 
 def save_trained(
@@ -304,6 +308,17 @@ def save_trained(
     unwrapped = accelerator.unwrap_model(model)
     if part:
         unwrapped = getattr(unwrapped, part)
+    shared: SharedAdapters | None = getattr(unwrapped, "rto_shared", None)
+    if shared is not None:  # one adapter of the RL stage's shared base (and a head)
+        head = None if is_peft_model(unwrapped) else unwrapped.head
+        if lora.merge and head is None:
+            shared.save_merged(unwrapped.rto_adapter, out, tokenizer, accelerator)
+        else:
+            if lora.merge:
+                accelerator.print(f"[rto] lora.merge: the critic is saved as an adapter folder with its "
+                                  f"value head ({out}); merge it with peft's merge_and_unload")  # fmt: skip
+            shared.save(unwrapped.rto_adapter, out, tokenizer, accelerator, head=head)
+        return
     peft_model = getattr(unwrapped, "hf", unwrapped)
     base: AdapterBase | None = getattr(peft_model, "rto_base", None)
     if base is None or not is_peft_model(peft_model):
@@ -404,3 +419,188 @@ class AdapterOff:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.model.disable_adapter():
             return self.model(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- one base, named adapters
+
+
+class SharedAdapters:
+    """One frozen base with named LoRA adapters that take turns on it (the RL stage's shared
+    base: policy, critic, dpo, reward). `using(name)` runs a block with one adapter active,
+    `using(None)` with every adapter off (the base alone); nothing is copied, only which adapter
+    each LoRA layer adds changes.
+
+    peft's own switches (set_adapter, disable_adapter) also mark the adapter they activate as
+    trainable and every other one as frozen; here two adapters train at once (policy and
+    critic), so which adapters train is fixed when they are added and every switch puts it back.
+    Between turns the policy's adapter is active, so the peft model generates and trains as the
+    policy when called directly."""
+
+    def __init__(self, base: Any, section: Any, lora: Any, default: str = "policy"):
+        peft = import_peft()
+        self.record = describe_base(section, section.path, base, score_head=False)
+        with _quiet_peft():
+            self.model = _wrap(base, lora_config(lora, score_head=False), lora, self.record,
+                               lambda m, c: peft.get_peft_model(m, c, adapter_name=default))  # fmt: skip
+        self.model.rto_base = self.record
+        self.model.rto_shared = self
+        self.model.rto_adapter = default
+        self.trains: dict[str, bool] = {default: True}
+        self.active: str | None = default
+        self._layers = [m for m in self.model.modules() if _is_tuner_layer(m)]
+        self._restore_requires_grad()
+        if section.gradient_checkpointing:  # recomputation must see the adapter the pass used
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": self._checkpoint_contexts})  # fmt: skip
+
+    @property
+    def hf(self) -> Any:
+        """The Hugging Face causal LM, its LoRA layers injected."""
+        return self.model.get_base_model()
+
+    def add(self, name: str, config: Any, *, trainable: bool) -> None:
+        """A new adapter (B = 0: it starts as the base)."""
+        config = dataclasses.replace(config, task_type="CAUSAL_LM", modules_to_save=None,
+                                     inference_mode=not trainable)  # fmt: skip
+        with _quiet_peft():
+            self.model.add_adapter(name, config)
+        self.trains[name] = trainable
+        self._layers = [m for m in self.model.modules() if _is_tuner_layer(m)]
+        self._restore_requires_grad()
+
+    def load(self, name: str, folder: str | Path, *, trainable: bool) -> torch.nn.Linear | None:
+        """The adapter in `folder` as adapter `name`; returns its score head (a reward model's),
+        as a separate module, or None."""
+        from safetensors.torch import load_file
+
+        peft = import_peft()
+        folder = Path(folder)
+        self.add(name, peft.PeftConfig.from_pretrained(str(folder)), trainable=trainable)
+        saved = load_file(str(folder / ADAPTER_WEIGHTS))
+        head_state = {k.rsplit(".", 1)[-1]: v for k, v in saved.items() if _is_head_key(k)}
+        state = {k: v for k, v in saved.items() if not _is_head_key(k)}
+        expected = set(peft.get_peft_model_state_dict(self.model, adapter_name=name))
+        if set(state) != expected:
+            odd = sorted(set(state) ^ expected)[:3]
+            raise ModelError(
+                f"the LoRA adapter at {folder} does not fit the shared base {self.record.base_model} "
+                f"(weights that differ: {', '.join(odd)}): was it trained on another architecture?"
+            )
+        peft.set_peft_model_state_dict(self.model, state, adapter_name=name)
+        self._restore_requires_grad()
+        if not head_state:
+            return None
+        weight = head_state["weight"]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_state)
+        head.load_state_dict(head_state)
+        return head.to(weight.device).requires_grad_(trainable)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter `name`."""
+        found = []
+        for layer in self._layers:
+            for attribute in layer.adapter_layer_names:
+                part = getattr(layer, attribute)
+                if name in part:
+                    item = part[name]
+                    found.extend(
+                        [item] if isinstance(item, torch.nn.Parameter) else item.parameters()
+                    )
+        return found
+
+    @contextlib.contextmanager
+    def using(self, name: str | None) -> Iterator[None]:
+        """A block run with adapter `name` active (None: every adapter off)."""
+        before = self.active
+        if name == before:
+            yield
+            return
+        self._activate(name)
+        try:
+            yield
+        finally:
+            self._activate(before)
+
+    def _activate(self, name: str | None) -> None:
+        for layer in self._layers:
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(name)
+                layer.enable_adapters(True)
+        self.active = name
+        self._restore_requires_grad()
+
+    def _restore_requires_grad(self) -> None:
+        for name, trainable in self.trains.items():
+            for p in self.parameters(name):
+                p.requires_grad_(trainable)
+
+    def _checkpoint_contexts(self) -> tuple[Any, Any]:
+        """torch.utils.checkpoint's context_fn: a layer's forward is recomputed during backward,
+        when the policy's adapter is active again; recompute it with the adapter it ran with."""
+        return contextlib.nullcontext(), self.using(self.active)
+
+    def save(self, name: str, out: str | Path, tokenizer: Any, accelerator: Any,
+             head: torch.nn.Module | None = None) -> None:  # fmt: skip
+        """Adapter `name` (with `head` as its score head) as an adapter folder on the shared
+        base, as `save_trained` writes one: peft + transformers load it alone."""
+        from safetensors.torch import save_file
+
+        from rto.engine.files import write_json
+
+        peft = import_peft()
+        out = Path(out)
+        _remove(out, _FULL_MODEL_FILES, accelerator)
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            state = peft.get_peft_model_state_dict(self.model, adapter_name=name)
+            if head is not None:  # where peft keeps a modules_to_save score head
+                state.update(
+                    {f"base_model.model.score.{k}": v for k, v in head.state_dict().items()}
+                )
+            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            config = dataclasses.replace(
+                self.model.peft_config[name], base_model_name_or_path=self.record.peft_path,
+                revision=self.record.revision, inference_mode=True,
+                task_type="SEQ_CLS" if head is not None else "CAUSAL_LM",
+                modules_to_save=["score"] if head is not None else None,
+            )  # fmt: skip
+            config.save_pretrained(str(out))
+            save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            tokenizer.save_pretrained(out)
+            record = dataclasses.replace(self.record, score_head=head is not None)
+            write_json(out / BASE_FILE, record.record(out))
+        accelerator.wait_for_everyone()
+
+    def save_merged(self, name: str, out: str | Path, tokenizer: Any, accelerator: Any) -> None:
+        """The base with adapter `name` merged in, as a plain Hugging Face folder: the merged
+        weights are computed beside the shared base, which stays as it is (merging in place and
+        unmerging would not give back the same bits)."""
+        _remove(out, _ADAPTER_FILES, accelerator)
+        if accelerator.is_main_process:
+            deltas = {f"{module_name}.base_layer.weight": module.get_delta_weight(name)
+                      for module_name, module in self.hf.named_modules()
+                      if _is_tuner_layer(module) and name in module.lora_A}  # fmt: skip
+            state = {}
+            for key, value in self.hf.state_dict().items():
+                if ".lora_" not in key:
+                    delta = deltas.get(key)
+                    state[_plain_name(key)] = value if delta is None else value + delta.to(value)
+            self.hf.save_pretrained(Path(out), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+        accelerator.wait_for_everyone()
+
+
+def _plain_name(key: str) -> str:
+    return key.replace(".base_layer.", ".")
+
+
+def _is_head_key(key: str) -> bool:
+    return key.startswith("base_model.model.score.")
+
+
+def _is_tuner_layer(module: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)

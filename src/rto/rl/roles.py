@@ -2,9 +2,9 @@
 
 The scorer and the update never hold models; they ask by role: "log-probs of these tokens
 under `ref`", "values", "score". How the roles are laid out in memory is the layout's business,
-so reward maths and the loop do not change with it. Today's layout, `SeparateModels`, holds one
-model per role; a layout with one frozen base and named adapters (policy, dpo, rm, critic;
-ref = adapters off) can answer the same questions.
+so reward maths and the loop do not change with it. `SeparateModels` holds one model per role;
+`rl.shared_base.SharedBase` (LoRA) one frozen base with named adapters (policy, dpo, reward,
+critic; ref = adapters off) and answers the same questions.
 
 A batch is a dict of the RL layout's tensors (`Rollout.take`): prompt_ids / prompt_mask (B, P)
 left-padded, response_ids / response_mask (B, T) right-padded. Only the trainable roles
@@ -31,6 +31,16 @@ class SeparateModels:
                  reward_model: Any | None = None):  # fmt: skip
         self.policy, self.ref, self.dpo = policy, ref, dpo
         self.critic, self.reward_model = critic, reward_model
+
+    def describe(self) -> str:
+        return "separate models, one per role"
+
+    def trained_parameters(self) -> tuple[list[Any], list[Any]]:
+        """(the policy's, the critic's) parameters that train (one optimiser group each)."""
+        return tuple(  # type: ignore[return-value]
+            [] if m is None else [p for p in m.parameters() if p.requires_grad]
+            for m in (self.policy, self.critic)
+        )
 
     def has(self, role: str) -> bool:
         """Whether `role` (policy, ref, dpo, reward, critic) is there."""

@@ -141,6 +141,7 @@ class PPOTrainer:
             )
         self.samples_seen = 0
         self.model: Any = None  # ActorCritic, prepared by accelerate (see `prepare`)
+        self._trained: list[list[Any]] = []  # the policy's and the critic's trained parameters
         self.generation_weights: GenerationWeights | None = None
 
     # the trainable roles, as accelerate prepares them
@@ -427,17 +428,19 @@ class PPOTrainer:
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def trained_parts(self) -> list[Any]:
-        """The policy and the critic modules inside the prepared wrapper (for gradient clipping)."""
-        inner = self.acc.unwrap_model(self.model)
-        return [m for m in (inner.policy, inner.critic) if m is not None]
+        """The policy's and the critic's trained parameters (for gradient clipping)."""
+        return self._trained
 
     def prepare(self) -> Any:
-        """Wrap policy and critic into one prepared module with one optimiser; from then on
-        self.policy / self.critic run their role through it."""
+        """Wrap policy and critic into one prepared module with one optimiser (a parameter group
+        each, as the roles' layout says which parameters train); from then on self.policy /
+        self.critic run their role through it."""
         eng, acc, rl = self.engine, self.acc, self.rl
-        groups = [(self.policy, self.cfg.train.lr)] + (
-            [(self.critic, rl.critic_lr)] if self.critic is not None else []
+        policy_params, critic_params = self.roles.trained_parameters()
+        groups = [(policy_params, self.cfg.train.lr)] + (
+            [(critic_params, rl.critic_lr)] if self.critic is not None else []
         )
+        self._trained = [params for params, _ in groups]
         optimizer = eng.optimizer_for_groups(groups)
         self.model, optimizer = acc.prepare(ActorCritic(self.policy, self.critic), optimizer)
         self.policy = partial(self.model, "policy")

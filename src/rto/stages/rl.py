@@ -1,7 +1,9 @@
 """`rto rl`: online RL from prompts with token-level rewards (RTO) and its baselines.
 
-Loads the five roles of RTO (policy, reference, DPO policy, reward model, critic) into
-`rl/roles.SeparateModels` and hands them to rto.rl.trainer.PPOTrainer. The reference, the DPO
+Loads the five roles of RTO (policy, reference, DPO policy, reward model, critic) in one of two
+layouts and hands them to rto.rl.trainer.PPOTrainer: `rl/roles.SeparateModels`, one model per
+role, or, with --lora.r when the DPO model and the reward model are adapters on the policy's
+base, `rl/shared_base.SharedBase`, one frozen base with an adapter per role. The reference, the DPO
 model and the critic read the policy's token ids, so they must share its tokenizer (checked
 before loading); a reward model may have its own (it then reads re-rendered text, and the critic
 starts from the policy). Presets name the paper's methods: ppo, rto, rs_ppo, semi_rto, ddpo,
@@ -15,6 +17,7 @@ from typing import Any
 
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
+from rto.engine.distributed import shards_weights
 from rto.engine.files import read_json
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
@@ -31,6 +34,7 @@ from rto.models.load import (
 )
 from rto.models.reward_model import load_reward_model
 from rto.rl.roles import SeparateModels
+from rto.rl.shared_base import adapter_roles, load_shared_base, why_not_shared
 from rto.rl.sources import resolve_function
 from rto.rl.trainer import PPOTrainer, check_prompt_count
 from rto.stages.rm import STATS_FILE
@@ -110,35 +114,25 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     eval_prompts = load_eval_inputs(cfg, tokenizer, cfg.model.path) or []
 
     device = engine.device
-    trained = lora.frozen_base(cfg.model, cfg.lora)  # how policy and critic load
-    policy = lora.add_adapter(load_causal_lm(trained, role="policy"), cfg.model, cfg.lora)
-    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
-    ref = ref.to(device)
-    dpo = (
-        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False, role="DPO model").to(device)
-        if use_dpo
-        else None
-    )
-    reward_model = None
-    if use_rm:
-        reward_model = load_reward_model(cfg.model, cfg.reward_model, tokenizer,
-                                         chat_prompts=cfg.data.chat_prompts, device=device)  # fmt: skip
-        reward_model.check_prompts([p["prompt_value"] for p in prompts])
-        engine.say("[rto] " + reward_model.describe())
-    critic = None
+    critic_from, require_head = None, False
     if rl.advantage_estimator == "gae":
-        source, require_head, note = critic_source(cfg, rm_same)
+        critic_from, require_head, note = critic_source(cfg, rm_same)
         if note:
             engine.say(note)
-        hf = load_sequence_scorer(
-            trained, source, trainable=True, require_head=require_head, role="critic"
-        )
-        critic = TokenScorer(
-            lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True, source=source)
-        )
-    roles = SeparateModels(
-        policy=policy, ref=ref, dpo=dpo, critic=critic, reward_model=reward_model
-    )
+    frozen = adapter_roles(cfg, use_dpo=use_dpo, use_rm=use_rm, critic_from=critic_from)
+    why_not = why_not_shared(cfg, frozen, sharded=shards_weights(engine.accelerator))
+    if why_not is None and use_rm and not rm_same:
+        why_not = f"the reward model {cfg.reward_model} has its own tokenizer"
+    if why_not is None:
+        roles = load_shared_base(cfg, tokenizer, use_dpo=use_dpo, use_rm=use_rm,
+                                 critic_from=critic_from, device=device)  # fmt: skip
+    else:
+        roles = separate_models(cfg, engine, tokenizer, use_dpo=use_dpo, use_rm=use_rm,
+                                critic_from=critic_from, require_head=require_head)  # fmt: skip
+    engine.say(f"[rto] roles: {roles.describe()}" + (f" ({why_not})" if why_not else ""))
+    if roles.reward_model is not None:
+        roles.reward_model.check_prompts([p["prompt_value"] for p in prompts])
+        engine.say("[rto] " + roles.reward_model.describe())
     engine.say("[rto] rewards: " + ", ".join(cfg.reward_sources()))
 
     trainer = PPOTrainer(cfg, engine, roles=roles, tokenizer=tokenizer, prompts=prompts,
@@ -154,8 +148,38 @@ def run(cfg: RLConfig) -> dict[str, Any]:
         "stage": "rl",
         "preset": cfg.preset,
         **summary,
+        "roles": roles.layout,
         "rewards": cfg.reward_sources(),
         "data": {"prompts": report.to_dict()},
     }
     engine.finish(summary)
     return summary
+
+
+def separate_models(cfg: RLConfig, engine: Engine, tokenizer: Any, *, use_dpo: bool, use_rm: bool, critic_from: str | None,
+                    require_head: bool) -> SeparateModels:  # fmt: skip
+    """One model per role; with LoRA the policy and the critic are adapters on their own copies
+    of their bases, and an adapter-folder DPO or reward model is loaded merged."""
+    device, ref_path = engine.device, cfg.ref_model or cfg.model.path
+    trained = lora.frozen_base(cfg.model, cfg.lora)  # how policy and critic load
+    policy = lora.add_adapter(load_causal_lm(trained, role="policy"), cfg.model, cfg.lora)
+    ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
+    ref = ref.to(device)
+    dpo = (
+        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False, role="DPO model").to(device)
+        if use_dpo
+        else None
+    )
+    reward_model = None
+    if use_rm:
+        reward_model = load_reward_model(cfg.model, cfg.reward_model, tokenizer,
+                                         chat_prompts=cfg.data.chat_prompts, device=device)  # fmt: skip
+    critic = None
+    if critic_from is not None:
+        hf = load_sequence_scorer(
+            trained, critic_from, trainable=True, require_head=require_head, role="critic"
+        )
+        critic = TokenScorer(
+            lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True, source=critic_from)
+        )
+    return SeparateModels(policy=policy, ref=ref, dpo=dpo, critic=critic, reward_model=reward_model)
