@@ -175,7 +175,7 @@ def test_reward_model_adapter_carries_its_score_head(lora_runs: dict) -> None:
     assert (rm / "reward_stats.json").is_file()
 
 
-def test_rl_with_a_lora_policy_beside_separate_models(lora_runs: dict) -> None:
+def test_rl_with_lora_adapters_for_every_role_on_one_shared_base(lora_runs: dict) -> None:
     root = lora_runs["root"]
     rows = [json.loads(x) for x in (root / "rl" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "rollout/kl" in r)
