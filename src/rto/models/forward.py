@@ -55,7 +55,9 @@ def causal_logits(
     if last > 0:
         try:
             return model(**kwargs, logits_to_keep=last).logits[:, -last:]
-        except TypeError as e:  # raised when the call binds its arguments, before any work
+        except (
+            TypeError
+        ) as e:  # raised where the forward binds its arguments, before its layers run
             if "logits_to_keep" not in str(e):
                 raise
     logits = model(**kwargs).logits

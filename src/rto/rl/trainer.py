@@ -336,7 +336,9 @@ class PPOTrainer:
                             )
                             # without an entropy bonus the entropy is only reported: made
                             # outside the graph, its (B, T, V) temporaries are not kept
-                            with torch.set_grad_enabled(rl.entropy_coef > 0 and torch.is_grad_enabled()):
+                            with torch.set_grad_enabled(
+                                rl.entropy_coef > 0 and torch.is_grad_enabled()
+                            ):
                                 entropy = token_mean(
                                     entropy_from_logits(logits, temperature), mask, tokens
                                 )
