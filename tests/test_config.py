@@ -120,3 +120,15 @@ def test_a_gguf_file_is_accepted_as_the_model_path_or_as_a_full_gguf_path(tmp_pa
     assert (named.path, named.gguf_file) == (str(tmp_path), "m.gguf")
     with pytest.raises(ConfigError, match="outside 'model.path'"):
         ModelSection(path="elsewhere", gguf_file=str(tmp_path / "m.gguf")).check()
+
+
+def test_a_config_written_by_an_earlier_version_still_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run folder's config.yaml from before `log.wandb_project` became `log.project` is read,
+    with a note naming both keys (so that run can be resumed or repeated)."""
+    f = tmp_path / "config.yaml"
+    f.write_text("out: x\nmodel: {path: m}\ndata: {path: d.jsonl}\nlog: {wandb_project: mine}\n")
+    cfg = core.build(SFTConfig, file_values=core.load_yaml(f), file_name=str(f), cli_values={})
+    assert cfg.log.project == "mine"
+    assert "'log.wandb_project'" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -193,6 +194,11 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
 # ----------------------------------------------------------------------------- build / merge
 
 
+# Keys an earlier version wrote into config.yaml under another name: still read (so a run folder
+# made by that version resumes, and its config.yaml runs again), with a note to use the new name.
+RENAMED = {"log.wandb_project": "log.project"}
+
+
 def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -219,6 +225,13 @@ def apply(
             continue
         dotted = prefix + key
         f = by_name.get(key)
+        if f is None and dotted in RENAMED:
+            new_key = RENAMED[dotted]
+            print(f"[rto] config key '{dotted}'{where} is now '{new_key}'; read as that",
+                  file=sys.stderr)  # fmt: skip
+            apply(cfg, {new_key.rsplit(".", 1)[-1]: value}, prefix=prefix, from_text=from_text,
+                  where=where)  # fmt: skip
+            continue
         if f is None:
             raise _unknown_key(dotted, list(by_name), where)
         if f.metadata.get("section"):
