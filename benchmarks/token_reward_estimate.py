@@ -16,8 +16,8 @@ while timing are recorded next to the numbers.)
 
 RL stages are timed on their first iterations; responses get longer as RL goes on (short reviews:
 15 to 24 tokens in the paper miniature), so the RL part may take up to about a third longer: the
-upper end of the range printed. The study records every unit's own CPU time (time_UNIT.json in
-its folder) to check this estimate against.
+upper end of the range printed. The study records every unit's own CPU time (time_UNIT.jsonl in
+its folder, a line per invocation) to check this estimate against.
 """
 
 from __future__ import annotations

@@ -324,17 +324,19 @@ def jobs(seeds: list[int], units: list[str]) -> list[list[tuple[int, str]]]:
 def run_chain(
     chain: list[tuple[int, str]], runs: Path, size: Size
 ) -> list[tuple[int, str, int, float]]:
-    """Run a chain's units in order; each unit's wall and CPU seconds go to time_UNIT.json in its
-    folder (phase 2 checks the estimate against them)."""
+    """Run a chain's units in order; each invocation's wall and CPU seconds are added as a line
+    to time_UNIT.jsonl in its folder (a resumed or extended unit has several; their sum is the
+    unit's cost, to check the estimate against)."""
     done = []
     for seed, unit in chain:
         folder = unit_folder(runs, seed, unit)
         load = os.getloadavg()[0]
         code, secs, cpu = pm.run_pipeline_timed(recipe_for(unit, seed, folder, size),
                                                 folder / f"recipe_{unit}.yaml", folder / f"log_{unit}.txt")  # fmt: skip
-        (folder / f"time_{unit}.json").write_text(json.dumps(
-            {"exit": code, "wall_s": round(secs, 1), "cpu_s": round(cpu, 1),
-             "load_average_before": load, "load_average_after": os.getloadavg()[0]}) + "\n")  # fmt: skip
+        with open(folder / f"time_{unit}.jsonl", "a") as times:
+            times.write(json.dumps({"exit": code, "wall_s": round(secs, 1), "cpu_s": round(cpu, 1),
+                                    "load_average_before": load, "load_average_after": os.getloadavg()[0],
+                                    "ended": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")  # fmt: skip
         done.append((seed, unit, code, secs))
         print(f"seed {seed} {unit}: exit {code} after {secs / 60:.1f} min, {cpu / 60:.1f} min of "
               f"CPU (log: {folder / f'log_{unit}.txt'})", flush=True)  # fmt: skip
