@@ -194,8 +194,8 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
 # ----------------------------------------------------------------------------- build / merge
 
 
-# Keys an earlier version wrote into config.yaml under another name: still read (so a run folder
-# made by that version resumes, and its config.yaml runs again), with a note to use the new name.
+# Keys an earlier version wrote into config.yaml under another name: still read (so a config.yaml
+# that version wrote runs again), with a note to use the new name.
 RENAMED = {"log.wandb_project": "log.project"}
 
 
