@@ -229,7 +229,7 @@ def apply(
             new_key = RENAMED[dotted]
             print(f"[rto] config key '{dotted}'{where} is now '{new_key}'; read as that",
                   file=sys.stderr)  # fmt: skip
-            apply(cfg, {new_key.rsplit(".", 1)[-1]: value}, prefix=prefix, from_text=from_text,
+            apply(cfg, {new_key.removeprefix(prefix): value}, prefix=prefix, from_text=from_text,
                   where=where)  # fmt: skip
             continue
         if f is None:

@@ -284,7 +284,8 @@ class Engine:
         return {"weights_identical_across_processes": bool((everyone == everyone[0]).all())}
 
     def clip_gradients(self, models: Sequence[Any], whole: Any = None) -> list[float | None]:
-        """Clip each model's (or list of parameters') gradient norm to train.grad_clip; return the norms before clipping.
+        """Clip each model's (or list of parameters') gradient norm to train.grad_clip; return
+        the norms before clipping.
 
         Under FSDP the norm of a sharded gradient is the prepared model's (`whole`) business, so
         parts are clipped together; DeepSpeed clips inside its own step (gradient_clipping in its

@@ -53,11 +53,11 @@ def causal_logits(
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids(attention_mask), use_cache=False)  # fmt: skip
     if last > 0:
+        # the slice also covers a forward that takes **kwargs and ignores logits_to_keep; a forward
+        # without it raises TypeError where it binds its arguments, before its layers run
         try:
             return model(**kwargs, logits_to_keep=last).logits[:, -last:]
-        except (
-            TypeError
-        ) as e:  # raised where the forward binds its arguments, before its layers run
+        except TypeError as e:
             if "logits_to_keep" not in str(e):
                 raise
     logits = model(**kwargs).logits
@@ -81,8 +81,8 @@ def response_logits(
 ) -> torch.Tensor:
     """(B, T, V) logits predicting each response token, for the RL layout: prompts left-padded
     to P columns, responses right-padded to T columns. Only the T + 1 last positions go through
-    the output layer: with a 49k-128k vocabulary the prompt's logits would be most of a scoring
-    pass's memory (and of the update's, with their gradients)."""
+    the output layer: with a 49k-128k vocabulary, logits of the prompt's positions (and, in the
+    update, their gradients) would be memory spent on nothing."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask, response_mask], dim=1)
     t = response_ids.shape[1]
