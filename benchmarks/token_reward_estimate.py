@@ -120,8 +120,9 @@ def length_costs(root: Path, times: dict[str, dict], length: str) -> dict:
         return f[0] + f[1] * n
 
     k = len(study.PPO_KL_COEFS)
+    k_own = k + len(study.EXTRA_KL_COEFS.get(length, ()))  # this length's own frontier
 
-    def rl_runs(growth: float) -> float:  # PPO at every KL coefficient, and RTO
+    def rl_runs(growth: float, k: int = k) -> float:  # PPO at every KL coefficient, and RTO
         return growth * (k * cost(ppo, rl_steps) + cost(rto, rl_steps))
 
     def evaluation(policies: int) -> float:
@@ -143,7 +144,8 @@ def length_costs(root: Path, times: dict[str, dict], length: str) -> dict:
         "rl_rto": cost(rto, rl_steps), "eval_per_policy": ev[1] * n_eval}}  # fmt: skip
     n_rm = len(study.RM_SHARES)
     for growth, tag in ((1.0, "low"), (RL_GROWTH, "high")):
-        out[f"unit_cpu_s_{tag}"] = {length: base + rl_runs(growth) + evaluation(k + 3)}  # sft, dpo
+        own = base + rl_runs(growth, k_own) + evaluation(k_own + 3)  # + sft, dpo, rto
+        out[f"unit_cpu_s_{tag}"] = {length: own}
         if length == "short":  # these units reuse short's task, SFT, pairs, reward model and DPO
             out[f"unit_cpu_s_{tag}"]["rm_data"] = (
                 overhead + rms + n_rm * rl_runs(growth) + evaluation(n_rm * (k + 1) + 1)

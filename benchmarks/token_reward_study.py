@@ -13,7 +13,8 @@ each derived from the built-in recipe (src/rto/recipes/sentiment_quick.yaml, its
 unchanged except the response budget of the longer reviews):
 
   short    the built-in task: SFT, pairs, reward model, DPO; PPO at every KL coefficient of
-           PPO_KL_COEFS and RTO (at the recipe's); one `rto eval` of them all
+           PPO_KL_COEFS (and the length's EXTRA_KL_COEFS) and RTO (at the recipe's); one
+           `rto eval` of them all
   medium   the same on reviews of 3-6 sentences (responses of about 37 tokens, not 14)
   long     the same on reviews of 8-12 sentences (about 90 tokens)
   rm_data  in short's folder: reward models on 1/8, 1/4 and 1/2 of short's pairs (all of them is
@@ -66,6 +67,13 @@ RM_SHARES = {"f8": 1 / 8, "f4": 1 / 4, "f2": 1 / 2}  # all of the pairs: short's
 # rule reads nothing. It extends the frontier in every condition alike and adds about a sixth to
 # the study's time; the rules and everything else are unchanged.
 PPO_KL_COEFS = (0.1, 0.05, 0.025, 0.2)
+# Frontier points one condition adds to PPO_KL_COEFS. KL is summed over a response's tokens, so
+# it grows with length: on long reviews RTO's KL (6.4, seed 0) lay beyond PPO's at 0.025 (5.4),
+# where the reading rule reads nothing. The series continues by halving, in every seed of that
+# condition alike (added after that seed's runs, before any long verdict was read; the rules, the
+# task and the gold reward unchanged). A point outside the bracket of RTO's KL leaves the reading
+# where the frontier already spanned it.
+EXTRA_KL_COEFS = {"long": (0.0125,)}
 UNITS = ("short", "rm_data", "oracle", "medium", "long")
 FOLDER = {
     "short": "short",
@@ -186,6 +194,7 @@ class Size:
     """How big each part is: the study's (FULL) or the smoke test's (SMOKE)."""
 
     kl_coefs: tuple[float, ...] = PPO_KL_COEFS
+    extra_kl_coefs: dict = field(default_factory=lambda: dict(EXTRA_KL_COEFS))  # unit -> coefs
     task: dict = field(default_factory=dict)  # extra `rto task sentiment` options
     train: dict = field(default_factory=dict)  # stage kind -> train overrides
     rl: dict = field(default_factory=dict)  # rl section overrides
@@ -195,6 +204,7 @@ class Size:
 FULL = Size()
 SMOKE = Size(
     kl_coefs=(0.1, 0.02),
+    extra_kl_coefs={"long": (0.01,)},
     task={"num_sft": 400, "num_sft_eval": 40, "num_train_prompts": 160, "num_eval_prompts": 32,
           "hidden_size": 32, "num_layers": 1, "num_heads": 2},
     train={"sft": {"max_steps": 40}, "rm": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
@@ -272,7 +282,7 @@ def recipe_for(unit: str, seed: int, out: Path, size: Size = FULL) -> dict:
     policies = ["sft={sft}"]
     if unit in LENGTHS:
         policies.append("dpo={dpo}")
-        runs = rl_runs("", "{rm}", size)
+        runs = rl_runs("", "{rm}", size, coefs=size.kl_coefs + size.extra_kl_coefs.get(unit, ()))
     elif unit == "rm_data":
         runs = {}
         for tag, share in RM_SHARES.items():
@@ -290,17 +300,23 @@ def recipe_for(unit: str, seed: int, out: Path, size: Size = FULL) -> dict:
             "seed": seed, "defaults": defaults, "stages": new}  # fmt: skip
 
 
-def rl_runs(tag: str, reward_model: str, size: Size, extra: dict | None = None) -> dict:
-    """stage name -> (policy name, stage spec): PPO at every KL coefficient, RTO at the recipe's."""
+def rl_runs(
+    tag: str,
+    reward_model: str,
+    size: Size,
+    extra: dict | None = None,
+    coefs: tuple[float, ...] | None = None,
+) -> dict:
+    """stage name -> (policy name, stage spec): PPO at every KL coefficient (coefs, by default
+    the size's), RTO at the recipe's."""
     extra = extra or {}
+    coefs = size.kl_coefs if coefs is None else coefs
 
     def spec(preset: str, rl: dict) -> dict:
         return {"stage": "rl", "preset": preset, "reward_model": reward_model,
                 **{k: v for k, v in extra.items() if k != "rl"}, "rl": {**rl, **extra.get("rl", {})}}  # fmt: skip
 
-    runs = {
-        ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl_coef": c})) for c in size.kl_coefs
-    }
+    runs = {ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl_coef": c})) for c in coefs}
     runs[rto_stage(tag)] = (rto_policy(tag), spec("rto", {}))
     return runs
 

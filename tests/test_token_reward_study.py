@@ -73,6 +73,14 @@ def test_longer_reviews_get_room_for_their_responses(length: str, tmp_path: Path
         short.train.max_steps,
         short.rl.rollout_batch_size,
     )
+    # PPO's frontier: every study coefficient, plus this length's own points (KL grows with
+    # length), each run evaluated beside RTO
+    coefs = sorted(study.PPO_KL_COEFS + study.EXTRA_KL_COEFS.get(length, ()))
+    assert length == "medium" or len(coefs) > len(study.PPO_KL_COEFS)
+    ppo = {s: p.config.rl.kl_coef for s, p in stages.items() if s.startswith("rl_ppo")}
+    assert sorted(ppo.values()) == coefs
+    policies = dict(e.split("=", 1) for e in stages[f"eval_{length}"].config.policies)
+    assert {p for p in policies if p.startswith("ppo")} == {f"ppo_kl{c}" for c in coefs}
 
 
 def fake_pairs(folder: Path, gold: list[tuple[float, float]]) -> None:
