@@ -205,9 +205,9 @@ FULL = Size()
 SMOKE = Size(
     kl_coefs=(0.1, 0.02),
     extra_kl_coefs={"long": (0.01,)},
-    task={"num_sft": 400, "num_sft_eval": 40, "num_train_prompts": 160, "num_eval_prompts": 32,
+    task={"num_sft": 400, "num_sft_eval": 40, "num_train_prompts": 320, "num_eval_prompts": 32,
           "hidden_size": 32, "num_layers": 1, "num_heads": 2},
-    train={"sft": {"max_steps": 40}, "rm": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
+    train={"sft": {"max_steps": 200}, "rm": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
            "dpo": {"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
            "rl": {"max_steps": 6, "batch_size": 16, "micro_batch_size": 16, "lr": 2.0e-3}},
     rl={"rollout_batch_size": 16},

@@ -111,8 +111,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
 
 def test_token_reward_study_smoke_runs_end_to_end(tmp_path: Path) -> None:
-    """Every unit of the study at toy size (one seed), then its report and plots (about a minute
-    on 2 cores), so the study cannot rot between its full runs."""
+    """Every unit of the study at toy size (one seed), then its report and plots (4 minutes on 2
+    cores beside two other jobs), so the study cannot rot between its full runs."""
     import subprocess
     import sys
 
