@@ -120,7 +120,7 @@ def length_costs(root: Path, times: dict[str, dict], length: str) -> dict:
         return f[0] + f[1] * n
 
     k = len(study.PPO_KL_COEFS)
-    k_own = k + len(study.EXTRA_KL_COEFS.get(length, ()))  # this length's own frontier
+    k_own = len(study.FULL.coefs(length))  # this length's own frontier
 
     def rl_runs(growth: float, k: int = k) -> float:  # PPO at every KL coefficient, and RTO
         return growth * (k * cost(ppo, rl_steps) + cost(rto, rl_steps))

@@ -200,6 +200,10 @@ class Size:
     rl: dict = field(default_factory=dict)  # rl section overrides
     eval_prompts: int | None = None  # held-out prompts of every sampled evaluation
 
+    def coefs(self, unit: str) -> tuple[float, ...]:
+        """PPO's KL coefficients in a unit's frontier: every unit's, then the unit's own."""
+        return self.kl_coefs + self.extra_kl_coefs.get(unit, ())
+
 
 FULL = Size()
 SMOKE = Size(
@@ -282,7 +286,7 @@ def recipe_for(unit: str, seed: int, out: Path, size: Size = FULL) -> dict:
     policies = ["sft={sft}"]
     if unit in LENGTHS:
         policies.append("dpo={dpo}")
-        runs = rl_runs("", "{rm}", size, coefs=size.kl_coefs + size.extra_kl_coefs.get(unit, ()))
+        runs = rl_runs("", "{rm}", size, coefs=size.coefs(unit))
     elif unit == "rm_data":
         runs = {}
         for tag, share in RM_SHARES.items():
