@@ -15,7 +15,6 @@ from rto.config.stages import DPOConfig
 from rto.data.tokenize import collate_pairs, pad
 from rto.errors import ModelError
 from rto.models.forward import TokenScorer, sequence_scores
-from rto.preference import dpo_token_rewards
 from rto.stages.dpo import PreferenceObjective
 
 from conftest import PREF_COMMON, rto, rto_ok
@@ -157,11 +156,21 @@ def test_reward_score_is_read_at_last_real_token_whatever_the_padding() -> None:
 
 
 def test_dpo_token_rewards_match_per_sequence_log_ratios() -> None:
+    from rto.rl.roles import SeparateModels
+    from rto.rl.sources import dpo_log_ratio
+
     dpo, ref = tiny_lm(0), tiny_lm(1)
     prompts, responses = [[3, 4, 5], [6]], [[7, 8, 2], [9, 10, 11, 12]]
     p_ids, p_mask = pad(prompts, 0, side="left")
     r_ids, r_mask = pad(responses, 0, side="right")
-    got = dpo_token_rewards(dpo, ref, p_ids, p_mask, r_ids, r_mask, beta=0.1)
+    roles = SeparateModels(policy=ref, ref=ref, dpo=dpo)
+    batch = {
+        "prompt_ids": p_ids,
+        "prompt_mask": p_mask,
+        "response_ids": r_ids,
+        "response_mask": r_mask,
+    }
+    got = 0.1 * dpo_log_ratio(roles, batch)  # RTO's token reward with beta1 = 0.1
     assert got.shape == r_ids.shape
     for b, (p, r) in enumerate(zip(prompts, responses)):
         for h in range(len(r)):

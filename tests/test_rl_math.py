@@ -4,6 +4,7 @@ properties, GAE, REINFORCE++ returns, whitening and the clipped losses."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,6 +18,34 @@ from rto.rl.rewards import (
     reward_breakdown,
     token_rewards,
 )
+
+
+@dataclass
+class Variant:
+    """A variant of the paper's reward as the RL config sets it: the DPO source's settings
+    (beta1, clip, granularity, shaping), beta2 and beta3."""
+
+    dpo_reward_scale: float = 0.05
+    dpo_reward_clip: float | None = None
+    granularity: str = "token"
+    shaping: bool = False
+    kl_coef: float = 0.01
+    score_coef: float = 1.0
+
+    def dpo(self) -> SourceSettings:
+        return SourceSettings(
+            self.dpo_reward_scale, self.dpo_reward_clip, self.granularity, self.shaping
+        )
+
+
+def rewards_of(mask, lp, lr, score, v: Variant, ratio=None, *, segment_end=None, sources=None,
+               sentence=None):  # fmt: skip
+    """token_rewards with the DPO log-ratio as the source 'dpo' (first, as the trainer adds it)."""
+    dense = {"dpo": (ratio, v.dpo())} if ratio is not None else {}
+    dense.update(sources or {})
+    return token_rewards(mask, lp, lr, score, RewardSettings(v.kl_coef, v.score_coef),
+                         segment_end=segment_end, sources=dense, sentence=sentence)  # fmt: skip
+
 
 LENGTHS = [5, 2, 7, 1]  # ragged; row 2 fills all T = 7 columns (truncated without EOS)
 T = 7
@@ -38,7 +67,7 @@ def make_batch(seed: int = 0):
     return mask, lp, lr, ratio, score
 
 
-def slow_rewards(mask, lp, lr, ratio, score, s: RewardSettings, segment_end=None):
+def slow_rewards(mask, lp, lr, ratio, score, s: Variant, segment_end=None):
     B = mask.shape[0]
     out = [[0.0] * T for _ in range(B)]
     for b in range(B):
@@ -72,12 +101,12 @@ def slow_rewards(mask, lp, lr, ratio, score, s: RewardSettings, segment_end=None
 
 
 VARIANTS = {
-    "ppo": RewardSettings(dpo_reward_scale=0.0),
-    "rto": RewardSettings(dpo_reward_scale=0.05),
-    "rto_clip": RewardSettings(dpo_reward_scale=0.5, dpo_reward_clip=0.05),
-    "rs_ppo": RewardSettings(dpo_reward_scale=0.05, shaping=True),
-    "semi_rto": RewardSettings(dpo_reward_scale=0.05, granularity="segment"),
-    "ddpo": RewardSettings(dpo_reward_scale=0.05, granularity="sequence"),
+    "ppo": Variant(dpo_reward_scale=0.0),
+    "rto": Variant(dpo_reward_scale=0.05),
+    "rto_clip": Variant(dpo_reward_scale=0.5, dpo_reward_clip=0.05),
+    "rs_ppo": Variant(dpo_reward_scale=0.05, shaping=True),
+    "semi_rto": Variant(dpo_reward_scale=0.05, granularity="segment"),
+    "ddpo": Variant(dpo_reward_scale=0.05, granularity="sequence"),
 }
 
 
@@ -87,7 +116,7 @@ def test_token_rewards_match_slow_loop(name: str) -> None:
     seg = torch.zeros(mask.shape, dtype=torch.bool)
     seg[0, 1] = seg[2, 2] = seg[2, 4] = True  # sentence delimiters inside responses
     s = VARIANTS[name]
-    got, _ = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg)
+    got, _ = rewards_of(mask, lp, lr, score, s, ratio, segment_end=seg)
     want = slow_rewards(mask, lp, lr, ratio, score, s, seg)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.isfinite(got).all()
@@ -95,8 +124,8 @@ def test_token_rewards_match_slow_loop(name: str) -> None:
 
 def test_score_lands_on_last_real_token_only() -> None:
     mask, lp, _, _, score = make_batch()
-    s = RewardSettings(dpo_reward_scale=0.0, kl_coef=0.0)
-    got, _ = token_rewards(mask, lp, lp, score, s)
+    s = Variant(dpo_reward_scale=0.0, kl_coef=0.0)
+    got, _ = rewards_of(mask, lp, lp, score, s)
     for b, n in enumerate(LENGTHS):
         assert got[b, n - 1] == pytest.approx(float(score[b]))  # truncated row 2: its last column
         assert torch.count_nonzero(got[b]) == 1  # not on the first pad, not anywhere else
@@ -109,7 +138,7 @@ def test_variant_properties() -> None:
     totals = {}
     dpo_sums = {}
     for name, s in VARIANTS.items():
-        r, parts = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg)
+        r, parts = rewards_of(mask, lp, lr, score, s, ratio, segment_end=seg)
         totals[name] = r.sum(1)
         if "dpo" in parts:
             dpo_sums[name] = parts["dpo"].sum(1)
@@ -125,11 +154,9 @@ def test_variant_properties() -> None:
 
 def test_beta1_zero_ignores_the_dpo_model_entirely() -> None:
     mask, lp, lr, ratio, score = make_batch()
-    s = RewardSettings(dpo_reward_scale=0.0)
-    with_nan, parts = token_rewards(
-        mask, lp, lr, score, s, dpo_log_ratio=torch.full_like(ratio, float("nan"))
-    )
-    without, _ = token_rewards(mask, lp, lr, score, s)
+    s = Variant(dpo_reward_scale=0.0)
+    with_nan, parts = rewards_of(mask, lp, lr, score, s, torch.full_like(ratio, float("nan")))
+    without, _ = rewards_of(mask, lp, lr, score, s)
     assert torch.equal(with_nan, without) and "dpo" not in parts
 
 
@@ -197,7 +224,7 @@ def test_token_sources_and_sentence_rewards_match_slow_loop(fn_settings, dpo) ->
     mask, lp, lr, ratio, score, fn_values, verifiable, seg = two_sources()
     s = VARIANTS[dpo]
     sentence = {"reward_fn": (verifiable, 0.7)}
-    got, parts = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg,
+    got, parts = rewards_of(mask, lp, lr, score, s, ratio, segment_end=seg,
                                sources={"function": (fn_values, fn_settings)}, sentence=sentence)  # fmt: skip
     want = slow_general(mask, lp, lr, score, s.kl_coef, s.score_coef,
                         {"dpo": (ratio, s.dpo()), "function": (fn_values, fn_settings)}, sentence, seg)  # fmt: skip
@@ -211,7 +238,7 @@ def test_sources_add_up_and_a_zero_coefficient_removes_a_source_exactly() -> Non
     fn = SourceSettings(scale=0.5, granularity="segment")
 
     def rewards(settings, sources=None, sentence=None):
-        return token_rewards(mask, lp, lr, score, settings, dpo_log_ratio=ratio, segment_end=seg,
+        return rewards_of(mask, lp, lr, score, settings, ratio, segment_end=seg,
                              sources=sources, sentence=sentence)[0]  # fmt: skip
 
     base = rewards(ppo)
@@ -229,8 +256,8 @@ def test_sources_add_up_and_a_zero_coefficient_removes_a_source_exactly() -> Non
 def test_reward_breakdown_gives_each_sources_sum_and_share() -> None:
     mask, lp, lr, ratio, score, fn_values, verifiable, seg = two_sources(2)
     fn = SourceSettings(scale=0.5, granularity="sequence")
-    s = RewardSettings(dpo_reward_scale=0.05, kl_coef=0.1, score_coef=1.0)
-    _, parts = token_rewards(mask, lp, lr, score, s, dpo_log_ratio=ratio, segment_end=seg,
+    s = Variant(dpo_reward_scale=0.05, kl_coef=0.1, score_coef=1.0)
+    _, parts = rewards_of(mask, lp, lr, score, s, ratio, segment_end=seg,
                              sources={"function": (fn_values, fn)}, sentence={"reward_fn": (verifiable, 2.0)})  # fmt: skip
     got = reward_breakdown(parts, s.kl_coef)
     assert set(got) == {"dpo", "function", "kl", "score", "reward_fn"}
@@ -337,8 +364,8 @@ def test_sentence_delimiters_include_newline_tokens(
     """semi_rto ends a segment at '.', '!', '?' and newlines: newline tokens, which decode to
     whitespace only, are delimiters too."""
     from rto.config.sections import ModelSection
+    from rto.data.spans import delimiter_token_ids
     from rto.models.load import load_tokenizer
-    from rto.rl.trainer import delimiter_token_ids
 
     tok = load_tokenizer(ModelSection(path=str(request.getfixturevalue(task) / "base_model")))
     ids = set(delimiter_token_ids(tok, [".", "!", "?", "\n"]))

@@ -18,7 +18,7 @@ from rto.engine.files import write_json
 from rto.models import lora
 from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
 from rto.models.reward_model import load_reward_model
-from rto.rl.experience import policy_logprobs
+from rto.rl.roles import policy_logprobs
 from rto.rl.shared_base import SharedBase, load_shared_base
 
 from conftest import rl_args, rto, rto_subprocess

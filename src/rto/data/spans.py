@@ -162,3 +162,14 @@ def rewards_on_tokens(value: Any, spans: list[TokenSpan], text: str, where: str)
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def delimiter_token_ids(tokenizer: Any, delimiters: list[str]) -> list[int]:
+    """Ids of tokens whose text ends with a segment delimiter ('.', '!', '?', newline), spaces
+    and tabs after it aside. Newline tokens ("\n", " \n", "\n\n") are delimiters themselves."""
+    ids = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id]).rstrip(" \t")
+        if text and text.endswith(tuple(delimiters)):
+            ids.append(token_id)
+    return ids

@@ -207,12 +207,6 @@ class Engine:
             min_ratio=t.min_lr_ratio,
         )
 
-    def set_lr(self, optimizer: Any, step: int, total_steps: int, peak: float) -> float:
-        lr = self.lr_at(step, total_steps, peak)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     def resume_or_start(self, resume: bool) -> dict[str, Any]:
         """Load the latest complete checkpoint when resuming; return its trainer state."""
         self.checkpoints.clean_partial()
@@ -319,6 +313,24 @@ class Engine:
                 f"so it was not saved. {why}"
             )
 
+    def end_step(self, done: int, total: int, row: dict[str, Any], *,
+                 evaluate: Callable[[], dict[str, float]] | None = None,
+                 state: Callable[[], dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """After step `done` of `total` (counted from 1), in every training loop: held-out
+        metrics every train.eval_every steps (added to `row`; the last step's are the caller's),
+        the row logged every train.log_every steps and at the end, a checkpoint every
+        train.save_every steps (with the loop's own `state()`), then the fault hook the kill
+        tests use."""
+        t = self.train
+        if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < total:
+            row.update(evaluate())
+        if done % t.log_every == 0 or done == total:
+            self.logger.log(done, row)
+        self.logger.advance()
+        if t.save_every and done % t.save_every == 0 and done < total:
+            self.save_checkpoint(done, state() if state is not None else None)
+        maybe_fault("kill_after_step", done)
+
     def any_true(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
@@ -405,6 +417,7 @@ class Engine:
         total = self.total_steps(len(examples))
         optimizer = self.optimizer(model)
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        step_taker = OptimizerStep(self, optimizer, [(model, t.lr)])
         state = self.resume_or_start(resume)
         start = state["step"]
         logger = self.start_logging(total)
@@ -413,9 +426,8 @@ class Engine:
         began = time.time()
         trained_tokens = 0.0
         for step in range(start, total):
-            lr = self.set_lr(optimizer, step, total, t.lr)
+            lr = step_taker.start(step, total)
             sums: dict[str, float] = defaultdict(float)
-            finite = True
             micro = [
                 collate([examples[i] for i in ids])
                 for ids in self.micro_batches(self.batch_indices(step, len(examples)))
@@ -429,25 +441,13 @@ class Engine:
                 with self.accelerator.accumulate(model):
                     with self.accelerator.autocast():
                         loss_sum, metric_sums = objective(model, batch)
-                    loss = loss_sum * scale
-                    if not torch.isfinite(loss.detach()).all():
-                        finite = False
-                        loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        (grad_norm,) = self.clip_gradients([model])
-                        finite = not self.any_true(not finite) and (
-                            grad_norm is None or math.isfinite(grad_norm)
-                        )
-                        if finite:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    step_taker.backward(loss_sum * scale)
                 sums["loss"] += float(loss_sum.detach())  # a skipped step logs its NaN, never 0
                 for k, v in metric_sums.items():
                     sums[k] += float(v)
                 if "attention_mask" in batch:
                     sums["_tokens"] += float(batch["attention_mask"].sum())
-            self.record_step_health(finite, step + 1)  # counted from 1, as metrics.jsonl's steps
+            finite = step_taker.finish(step + 1)  # counted from 1, as metrics.jsonl's steps
             sums = sum_over_processes(sums)
             trained_tokens += sums.pop("_tokens")
             row: dict[str, Any] = {k: v / items for k, v in sums.items()}
@@ -455,6 +455,7 @@ class Engine:
                 row["tokens"] = items
             if not finite:
                 row["skipped"] = True
+            grad_norm = step_taker.grad_norm
             row.update(
                 {
                     "lr": lr,
@@ -462,17 +463,14 @@ class Engine:
                     "epoch": (step + 1) / self.steps_per_epoch(len(examples)),
                 }
             )
-            done = step + 1
-            if evaluate is not None and t.eval_every and done % t.eval_every == 0 and done < total:
-                row.update({f"eval/{k}": v for k, v in evaluate(model).items()})
+
+            def held_out(model: Any = model) -> dict[str, float]:
+                metrics = {f"eval/{k}": v for k, v in evaluate(model).items()}
                 model.train()
-            if done % t.log_every == 0 or done == total:
-                logger.log(done, row)
+                return metrics
+
+            self.end_step(step + 1, total, row, evaluate=held_out if evaluate else None)
             last_metrics = row
-            logger.advance()
-            if t.save_every and done % t.save_every == 0 and done < total:
-                self.save_checkpoint(done)
-            maybe_fault("kill_after_step", done)
         seconds = time.time() - began
         self.check_finite_weights(model, total)
         final: dict[str, Any] = {f"train/{k}": v for k, v in last_metrics.items()}
@@ -490,6 +488,60 @@ class Engine:
             }
         )
         return model, final
+
+
+class OptimizerStep:
+    """One optimiser step, as every training loop takes it (the supervised loop of sft, rm and
+    dpo, and each minibatch of the RL update):
+
+        start(index, total)   each parameter group's learning rate from its peak, by the schedule
+        backward(loss)        per micro-batch, inside accelerator.accumulate: the loss (already
+                              its share of the step's mean) backpropagated; a non-finite loss is
+                              zeroed and marks the step; at the synchronising micro-batch the
+                              gradient norms are clipped, the step is taken unless any process
+                              saw a non-finite loss or norm, and the gradients are cleared
+        finish(label)         the step counted as taken or skipped (`Engine.record_step_health`)
+
+    `groups` are (model or parameters, peak learning rate) in the optimiser's group order;
+    `whole` is the prepared module when the groups are parts of it (FSDP clips it whole)."""
+
+    def __init__(self, engine: Engine, optimizer: Any, groups: list[tuple[Any, float]],
+                 whole: Any = None):  # fmt: skip
+        self.engine, self.optimizer, self.whole = engine, optimizer, whole
+        self.parts = [part for part, _ in groups]
+        self.peaks = [peak for _, peak in groups]
+        self.finite = True
+        self.grad_norm: float | None = None  # the first group's norm before clipping, if synced
+
+    def start(self, index: int, total: int) -> float:
+        """Set the learning rates for step `index` of `total`; return the first group's."""
+        rates = [self.engine.lr_at(index, total, peak) for peak in self.peaks]
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
+        self.finite, self.grad_norm = True, None
+        return rates[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        eng = self.engine
+        if not torch.isfinite(loss.detach()).all():
+            self.finite = False
+            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+        eng.accelerator.backward(loss)
+        if not eng.accelerator.sync_gradients:
+            return
+        norms = eng.clip_gradients(self.parts, whole=self.whole)
+        self.finite = not eng.any_true(not self.finite) and all(
+            n is None or math.isfinite(n) for n in norms
+        )
+        if self.finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_norm = norms[0]
+
+    def finish(self, label: int) -> bool:
+        """Count the step (`label`: the step number the logs show); True when it was taken."""
+        self.engine.record_step_health(self.finite, label)
+        return self.finite
 
 
 def _parameters(model_or_parameters: Any) -> Any:

@@ -49,17 +49,17 @@ ALL_LINEAR = "all-linear"
 _SAMPLES_PER_TENSOR = 1024
 # What the other kind of output leaves in a folder (a full model, an adapter): a stage that
 # writes one removes the other, so that nobody loads a stale model from an overwritten run.
-_FULL_MODEL_FILES = (
+FULL_MODEL_FILES = (
     "config.json",
     "generation_config.json",
     "model.safetensors*",
     "model-*.safetensors",
 )
-_ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE)
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE)
 
 
 @contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
+def quiet_peft() -> Iterator[None]:
     """peft's notes that say nothing to an rto user: GPT-2's Conv1D layers get fan_in_fan_out
     set; its check of gradient checkpointing reads a property transformers renamed; saving an
     adapter whose base is itself an adapter folder finds no config.json there."""
@@ -93,18 +93,6 @@ def is_peft_model(model: Any) -> bool:
 def hf_model(model: Any) -> Any:
     """The Hugging Face model inside a peft model (its adapters injected), or `model` itself."""
     return model.get_base_model() if is_peft_model(model) else model
-
-
-def frozen_base(section: Any, lora: Any) -> Any:
-    """The model section to load a base with: under LoRA the base is frozen, so `auto` picks the
-    dtype of a frozen model (bfloat16 on GPUs that support it); adapters and heads train in
-    float32 all the same."""
-    if not lora.enabled or section.dtype != "auto":
-        return section
-    from rto.models.load import resolve_dtype
-
-    dtype = resolve_dtype("auto", trainable=False)
-    return dataclasses.replace(section, dtype=str(dtype).removeprefix("torch."))
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -260,23 +248,20 @@ def _linear_layer_names(model: Any) -> list[str]:
 
 def add_adapter(
     model: Any, section: Any, lora: Any, *, score_head: bool = False, source: str | None = None
-) -> Any:
-    """`model` (loaded from `source`, default section.path) frozen, with new LoRA adapters to
-    train; unchanged when lora.r is 0. The adapters start at zero (peft's B = 0), so the new
-    model computes exactly what the base did."""
-    if not lora.enabled:
-        return model
+) -> tuple[Any, AdapterBase]:
+    """(`model` (loaded from `source`, default section.path) frozen, with new LoRA adapters to
+    train; the record of its base). The adapters start at zero (peft's B = 0), so the new model
+    computes exactly what the base did."""
     peft = import_peft()
     base = describe_base(section, source or section.path, model, score_head=score_head)
     config = lora_config(lora, score_head=score_head)
-    with _quiet_peft():
+    with quiet_peft():
         wrapped = _wrap(model, config, lora, base, peft.get_peft_model)
     if score_head:  # trained whole: keep it in float32 even on a bfloat16 base
         head = wrapped.get_base_model().score
         for p in head.parameters():
             p.data = p.data.float()
-    wrapped.rto_base = base
-    return wrapped
+    return wrapped, base
 
 
 def _wrap(model: Any, config: Any, lora: Any, base: AdapterBase, get_peft_model: Callable) -> Any:
@@ -290,72 +275,14 @@ def _wrap(model: Any, config: Any, lora: Any, base: AdapterBase, get_peft_model:
         ) from None
 
 
-def save_trained(
-    model: Any,
-    tokenizer: Any,
-    out: str | Path,
-    accelerator: Any,
-    lora: Any,
-    part: str | None = None,
-) -> None:
-    """A stage's trained model into `out`: a plain Hugging Face folder (full fine-tuning, or
-    lora.merge), else the adapter folder with lora_base.json. `part` saves one role of a
-    prepared wrapper (the policy or the critic of the RL stage's actor-critic)."""
-    from rto.engine.files import write_json
-    from rto.models.load import save_pretrained
-
-    out = Path(out)
-    unwrapped = accelerator.unwrap_model(model)
-    if part:
-        unwrapped = getattr(unwrapped, part)
-    shared: SharedAdapters | None = getattr(unwrapped, "rto_shared", None)
-    if shared is not None:  # one adapter of the RL stage's shared base (and a head)
-        head = None if is_peft_model(unwrapped) else unwrapped.head
-        if lora.merge and head is None:
-            shared.save_merged(unwrapped.rto_adapter, out, tokenizer, accelerator)
-        else:
-            if lora.merge:
-                accelerator.print(f"[rto] lora.merge: the critic is saved as an adapter folder with its "
-                                  f"value head ({out}); merge it with peft's merge_and_unload")  # fmt: skip
-            shared.save(unwrapped.rto_adapter, out, tokenizer, accelerator, head=head)
-        return
-    peft_model = getattr(unwrapped, "hf", unwrapped)
-    base: AdapterBase | None = getattr(peft_model, "rto_base", None)
-    if base is None or not is_peft_model(peft_model):
-        _remove(out, _ADAPTER_FILES, accelerator)
-        save_pretrained(model, tokenizer, out, accelerator, part=part)
-        return
-    if lora.merge:
-        if _sharded(accelerator):
-            accelerator.print(
-                "[rto] lora.merge is not supported under ZeRO-3 / FSDP (sharded weights); "
-                f"saved the adapter folder instead: merge it with peft's merge_and_unload ({out})"
-            )
-        else:
-            merged = peft_model.merge_and_unload()
-            _remove(out, _ADAPTER_FILES, accelerator)
-            if accelerator.is_main_process:
-                save_pretrained(merged, tokenizer, out)
-            accelerator.wait_for_everyone()
-            return
-    _remove(out, _FULL_MODEL_FILES, accelerator)
-    config = peft_model.peft_config["default"]
-    config.base_model_name_or_path = base.peft_path
-    config.revision = base.revision
-    with _quiet_peft():
-        save_pretrained(model, tokenizer, out, accelerator, part=part)
-    if accelerator.is_main_process:
-        write_json(out / BASE_FILE, base.record(out))
-
-
-def _remove(out: Path, patterns: tuple[str, ...], accelerator: Any) -> None:
+def remove_files(out: Path, patterns: tuple[str, ...], accelerator: Any) -> None:
     if accelerator.is_main_process and out.is_dir():
         for pattern in patterns:
             for stale in out.glob(pattern):
                 stale.unlink()
 
 
-def _sharded(accelerator: Any) -> bool:
+def sharded(accelerator: Any) -> bool:
     state = accelerator.state
     if str(state.distributed_type).endswith("FSDP"):
         return True
@@ -393,7 +320,7 @@ def load_adapter_folder(section: Any, folder: str | Path, load_base: Callable[[A
     config.task_type = None  # any model class: a causal LM's adapter also fits its reward model
     config.inference_mode = True
     try:
-        with _quiet_peft():
+        with quiet_peft():
             wrapped = peft.PeftModel.from_pretrained(model, str(folder), config=config)
     except Exception as exc:
         raise ModelError(
@@ -439,12 +366,9 @@ class SharedAdapters:
     def __init__(self, base: Any, section: Any, lora: Any, default: str = "policy"):
         peft = import_peft()
         self.record = describe_base(section, section.path, base, score_head=False)
-        with _quiet_peft():
+        with quiet_peft():
             self.model = _wrap(base, lora_config(lora, score_head=False), lora, self.record,
                                lambda m, c: peft.get_peft_model(m, c, adapter_name=default))  # fmt: skip
-        self.model.rto_base = self.record
-        self.model.rto_shared = self
-        self.model.rto_adapter = default
         self.trains: dict[str, bool] = {default: True}
         self.active: str | None = default
         self._layers = [m for m in self.model.modules() if _is_tuner_layer(m)]
@@ -462,7 +386,7 @@ class SharedAdapters:
         """A new adapter (B = 0: it starts as the base)."""
         config = dataclasses.replace(config, task_type="CAUSAL_LM", modules_to_save=None,
                                      inference_mode=not trainable)  # fmt: skip
-        with _quiet_peft():
+        with quiet_peft():
             self.model.add_adapter(name, config)
         self.trains[name] = trainable
         self._layers = [m for m in self.model.modules() if _is_tuner_layer(m)]
@@ -551,7 +475,7 @@ class SharedAdapters:
 
         peft = import_peft()
         out = Path(out)
-        _remove(out, _FULL_MODEL_FILES, accelerator)
+        remove_files(out, FULL_MODEL_FILES, accelerator)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             state = peft.get_peft_model_state_dict(self.model, adapter_name=name)
@@ -577,7 +501,7 @@ class SharedAdapters:
         """The base with adapter `name` merged in, as a plain Hugging Face folder: the merged
         weights are computed beside the shared base, which stays as it is (merging in place and
         unmerging would not give back the same bits)."""
-        _remove(out, _ADAPTER_FILES, accelerator)
+        remove_files(out, ADAPTER_FILES, accelerator)
         if accelerator.is_main_process:
             deltas = {f"{module_name}.base_layer.weight": module.get_delta_weight(name)
                       for module_name, module in self.hf.named_modules()

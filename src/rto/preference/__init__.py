@@ -1,5 +1,2 @@
-"""Direct preference methods (DPO, IPO, R-DPO, SimPO, TDPO) and the DPO token reward."""
-
-from rto.preference.token_reward import dpo_token_rewards
-
-__all__ = ["dpo_token_rewards"]
+"""The DPO family's losses (DPO, IPO, R-DPO, SimPO, TDPO). RTO's token reward from a DPO model is
+a reward source of the RL stage: `rto.rl.sources.dpo_log_ratio`."""

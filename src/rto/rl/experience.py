@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from rto.data.tokenize import pad
-from rto.models.forward import gather_logprobs, response_logits
 from rto.models.generate import Samples
 
 
@@ -26,14 +25,9 @@ class Rollout:
     truncated: torch.Tensor  # (B,) no EOS generated
     logp_old: torch.Tensor | None = None  # (B, T) log pi_theta_old(y_h | ...)
     logp_ref: torch.Tensor | None = None  # (B, T) log pi_ref
-    dpo_log_ratio: torch.Tensor | None = (
-        None  # (B, T) log pi_dpo - log pi_ref at temperature 1 (RTO only)
-    )
     values: torch.Tensor | None = None  # (B, T) critic V(s_h) (GAE only)
     score: torch.Tensor | None = None  # (B,) reward model score (raw)
-    token_sources: dict[str, torch.Tensor] = field(
-        default_factory=dict
-    )  # name -> (B, T) raw values
+    token_sources: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, T) raw
     sentence: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) sentence rewards
     rewards: torch.Tensor | None = None  # (B, T) assembled token rewards
     advantages: torch.Tensor | None = None  # (B, T)
@@ -78,37 +72,6 @@ def to_device(r: Rollout, device: torch.device) -> Rollout:
         if isinstance(v, torch.Tensor):
             setattr(r, f.name, v.to(device))
     return r
-
-
-def critic_values(
-    critic: Any,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
-    """(B, T) V(s_h): the critic's output at the position that predicts response token h."""
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    mask = torch.cat([prompt_mask, response_mask], dim=1)
-    out = critic(ids, mask)
-    p = prompt_ids.shape[1]
-    return out[:, p - 1 : -1] * response_mask
-
-
-def policy_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log-probs of the sampled tokens and the (B, T, V) logits they came from."""
-    logits = response_logits(
-        model,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        batch["response_ids"],
-        batch["response_mask"],
-    )
-    return gather_logprobs(logits, batch["response_ids"], temperature) * batch[
-        "response_mask"
-    ], logits
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ whatever they are (NaN included).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,17 +56,35 @@ class SourceSettings:
 
 @dataclass
 class RewardSettings:
-    dpo_reward_scale: float = 0.05  # beta1
-    dpo_reward_clip: float | None = None  # c (None = no clip)
-    granularity: str = "token"  # token | segment | sequence
-    shaping: bool = False  # rs_ppo
+    """The terms every run has: the KL penalty and the sentence score."""
+
     kl_coef: float = 0.01  # beta2
     score_coef: float = 1.0  # beta3
 
-    def dpo(self) -> SourceSettings:
-        return SourceSettings(
-            self.dpo_reward_scale, self.dpo_reward_clip, self.granularity, self.shaping
-        )
+
+@dataclass
+class RunningMoments:
+    """Running mean / std of reward-model scores (rl.score_normalization running)."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = float(x.numel())
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1)) or 1.0
 
 
 def normalize_score(
@@ -139,16 +158,6 @@ def source_term(
     return placed, per_token
 
 
-def dpo_term(
-    dpo_log_ratio: torch.Tensor,
-    mask: torch.Tensor,
-    settings: RewardSettings,
-    segment_end: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(DPO reward as placed by the granularity, per-token DPO reward before placing)."""
-    return source_term(dpo_log_ratio, mask, settings.dpo(), segment_end)
-
-
 RESERVED = ("kl", "score")
 
 
@@ -159,16 +168,15 @@ def token_rewards(
     score: torch.Tensor,
     settings: RewardSettings,
     *,
-    dpo_log_ratio: torch.Tensor | None = None,
     segment_end: torch.Tensor | None = None,
     sources: Mapping[str, tuple[torch.Tensor, SourceSettings]] | None = None,
     sentence: Mapping[str, tuple[torch.Tensor, float]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(rewards (B, T), parts).
 
-    dpo_log_ratio = log pi_dpo - log pi_ref per token (at temperature 1), needed when beta1 != 0;
-    it is the source 'dpo' with settings.dpo(). `sources` maps other source names to their
-    (B, T) values and settings, `sentence` maps sentence-reward names to their (B,) values and
+    `sources` maps token-reward source names to their (B, T) values and settings, in the order
+    they are added (RTO's: {"dpo": (log pi_dpo - log pi_ref, SourceSettings(beta1, ...))}),
+    `sentence` maps sentence-reward names to their (B,) values and
     weight. parts holds, per source, its placed reward NAME and NAME_per_token (B, T); 'kl' (the
     per-token log-ratio of policy to reference, (B, T)); 'score' ((B,), after beta3) and each
     sentence reward ((B,), after its weight)."""
@@ -183,12 +191,6 @@ def token_rewards(
         raise ValueError(
             f"reward names must be unique and not {RESERVED}: {clash or sorted(set(sentence) & set(dense))}"
         )
-    if settings.dpo_reward_scale != 0.0:
-        if dpo_log_ratio is None:
-            raise ValueError("dpo_reward_scale != 0 needs dpo_log_ratio")
-        if "dpo" in dense:
-            raise ValueError("the DPO source is given twice (dpo_log_ratio and sources['dpo'])")
-        dense = {"dpo": (dpo_log_ratio, settings.dpo()), **dense}
     for name, (values, source_settings) in dense.items():
         if source_settings.scale == 0.0:  # removed exactly, whatever its values
             continue

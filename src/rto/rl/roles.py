@@ -1,50 +1,154 @@
 """The five RL roles behind one object: policy, reference, DPO model, reward model, critic.
 
-The scorer and the update never hold models; they ask by role: "log-probs of these tokens
-under `ref`", "values", "score". How the roles are laid out in memory is the layout's business,
-so reward maths and the loop do not change with it. `SeparateModels` holds one model per role;
-`rl.shared_base.SharedBase` (LoRA) one frozen base with named adapters (policy, dpo, reward,
-critic; ref = adapters off) and answers the same questions.
+The scorer, the reward sources and the update never hold models; they ask by role: "log-probs
+of these tokens under `ref`", "values", "score". How the roles are laid out in memory is the
+layout's business, so reward maths and the loop do not change with it:
+
+    SeparateModels          one model per role (this file)
+    rl.shared_base.SharedBase   one frozen base with named LoRA adapters (policy, dpo, reward,
+                            critic; ref = adapters off)
+
+A layout also owns its models' lifecycle: `prepare` hands the trainable roles (policy, critic)
+to accelerate as one module with one optimiser and from then on runs them through it;
+`generation_weights` gives the policy as generation needs it; `save` writes a trained role
+(full model, adapter folder, or an adapter of the shared base) as that layout stores it.
 
 A batch is a dict of the RL layout's tensors (`Rollout.take`): prompt_ids / prompt_mask (B, P)
-left-padded, response_ids / response_mask (B, T) right-padded. Only the trainable roles
-(`policy`, `critic`) are handed to accelerate and get optimisers.
+left-padded, response_ids / response_mask (B, T) right-padded.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from rto.rl.experience import critic_values, policy_logprobs
+from rto.engine.distributed import GenerationWeights
+from rto.models.forward import gather_logprobs, response_logits
+from rto.models.trainable import Trainable
 
 LOGPROB_ROLES = ("policy", "ref", "dpo")
+TRAINED_ROLES = ("policy", "critic")
 
 
-class SeparateModels:
-    """One model per role (the reward model wrapped in `models.reward_model.RewardModel`)."""
+class ActorCritic(torch.nn.Module):
+    """The trained roles (policy, and the critic when there is one) as one module with one
+    optimiser (a parameter group each, with its own learning rate): DeepSpeed runs one model per
+    engine, and DDP / FSDP then wrap both at once. `model("policy", ...)` runs one role through
+    the wrapper, as the gradient synchronisation and the sharding need."""
 
-    layout = "separate models"
+    def __init__(self, policy: Any, critic: Any | None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
 
-    def __init__(self, *, policy: Any, ref: Any, dpo: Any | None = None, critic: Any | None = None,
-                 reward_model: Any | None = None):  # fmt: skip
-        self.policy, self.ref, self.dpo = policy, ref, dpo
-        self.critic, self.reward_model = critic, reward_model
+    @property
+    def _no_split_modules(self) -> list[str]:  # FSDP's transformer-layer auto-wrap reads it
+        parts = [m for m in (self.policy, self.critic) if m is not None]
+        names = [
+            n
+            for m in parts
+            for n in (getattr(getattr(m, "hf", m), "_no_split_modules", None) or [])
+        ]
+        return sorted(set(names))
+
+    def forward(self, role: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, role)(*args, **kwargs)
+
+
+def policy_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) log-probs of the sampled tokens and the (B, T, V) logits they came from."""
+    logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"],
+                             batch["response_ids"], batch["response_mask"])  # fmt: skip
+    logp = gather_logprobs(logits, batch["response_ids"], temperature) * batch["response_mask"]
+    return logp, logits
+
+
+def critic_values(
+    critic: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """(B, T) V(s_h): the critic's output at the position that predicts response token h."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    out = critic(ids, mask)
+    p = prompt_ids.shape[1]
+    return out[:, p - 1 : -1] * response_mask
+
+
+class Roles:
+    """What every layout answers. A layout gives the role modules (policy and critic trainable,
+    ref and dpo frozen causal LMs or callables like them, a `RewardModel`), which parameters
+    train, and how a trained role is saved."""
+
+    layout = ""
+
+    def __init__(self, *, policy: Any, ref: Any, dpo: Any | None, critic: Any | None,
+                 reward_model: Any | None):  # fmt: skip
+        self._modules = {"policy": policy, "ref": ref, "dpo": dpo, "critic": critic}
+        self._calls = dict(self._modules)  # how each role runs: through `prepared` once prepared
+        self.reward_model = reward_model
+        self.prepared: Any = None  # ActorCritic(policy, critic) as accelerate prepared it
+        self.trained_groups: list[list[Any]] = []  # per optimiser group: its parameters
+        self.generation_weights: GenerationWeights | None = None
+
+    # the role modules as loaded (before `prepare` wraps the trained ones)
+    policy = property(lambda self: self._modules["policy"])
+    ref = property(lambda self: self._modules["ref"])
+    dpo = property(lambda self: self._modules["dpo"])
+    critic = property(lambda self: self._modules["critic"])
 
     def describe(self) -> str:
-        return "separate models, one per role"
+        raise NotImplementedError
 
     def trained_parameters(self) -> tuple[list[Any], list[Any]]:
         """(the policy's, the critic's) parameters that train (one optimiser group each)."""
-        return tuple(  # type: ignore[return-value]
-            [] if m is None else [p for p in m.parameters() if p.requires_grad]
-            for m in (self.policy, self.critic)
-        )
+        raise NotImplementedError
+
+    def save(self, role: str, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
+        """The trained `role` (policy or critic) into `out`, as this layout stores it."""
+        raise NotImplementedError
 
     def has(self, role: str) -> bool:
         """Whether `role` (policy, ref, dpo, reward, critic) is there."""
-        return getattr(self, "reward_model" if role == "reward" else role) is not None
+        if role == "reward":
+            return self.reward_model is not None
+        return self._modules[role] is not None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def prepare(self, engine: Any, policy_lr: float, critic_lr: float) -> Any:
+        """Wrap policy and critic into one module, prepared by accelerate with one optimiser (a
+        parameter group each, as the layout says which parameters train); from then on the
+        trained roles run through it. Returns the prepared optimiser."""
+        policy_params, critic_params = self.trained_parameters()
+        groups = [(policy_params, policy_lr)]
+        if self.has("critic"):
+            groups.append((critic_params, critic_lr))
+        self.trained_groups = [params for params, _ in groups]
+        optimizer = engine.optimizer_for_groups(groups)
+        wrapper = ActorCritic(self._modules["policy"], self._modules["critic"])
+        self.prepared, optimizer = engine.accelerator.prepare(wrapper, optimizer)
+        for role in TRAINED_ROLES:
+            if self.has(role):
+                self._calls[role] = partial(self.prepared, role)
+        self.generation_weights = GenerationWeights(
+            engine.accelerator, self.prepared, part="policy"
+        )
+        return optimizer
+
+    def trained_module(self, role: str, accelerator: Any) -> Any:
+        """The module behind the prepared wrapper that trains `role` (policy or critic)."""
+        return getattr(accelerator.unwrap_model(self.prepared), role)
+
+    # ------------------------------------------------------------------ asked by role
 
     def logprobs(
         self, role: str, batch: dict[str, torch.Tensor], temperature: float = 1.0
@@ -58,11 +162,11 @@ class SeparateModels:
         """(B, T) log-probs and the (B, T, V) logits they came from (the update's entropy)."""
         if role not in LOGPROB_ROLES or not self.has(role):
             raise ValueError(f"no log-probs for role {role!r} in this run")
-        return policy_logprobs(getattr(self, role), batch, temperature)
+        return policy_logprobs(self._calls[role], batch, temperature)
 
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) critic values V(s_h), read at the position that predicts response token h."""
-        return critic_values(self.critic, batch["prompt_ids"], batch["prompt_mask"],
+        return critic_values(self._calls["critic"], batch["prompt_ids"], batch["prompt_mask"],
                              batch["response_ids"], batch["response_mask"])  # fmt: skip
 
     def score(self, batch: dict[str, torch.Tensor], prompts: list[Any] | None = None,
@@ -71,3 +175,34 @@ class SeparateModels:
         (decoded) are read when the reward model has its own tokenizer."""
         return self.reward_model.score(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                                        batch["response_mask"], prompts, responses)  # fmt: skip
+
+
+class SeparateModels(Roles):
+    """One model per role (the reward model wrapped in `models.reward_model.RewardModel`). The
+    policy and the critic are `Trainable`s (full models, or adapters on their own copies of
+    their bases), saved as such; a plain model given for either is trained whole."""
+
+    layout = "separate models"
+
+    def __init__(self, *, policy: Trainable | Any, ref: Any, dpo: Any | None = None,
+                 critic: Trainable | Any | None = None, reward_model: Any | None = None):  # fmt: skip
+        self._trainables = {
+            role: model if isinstance(model, Trainable) else Trainable(model)
+            for role, model in (("policy", policy), ("critic", critic))
+            if model is not None
+        }
+        modules = {role: t.model for role, t in self._trainables.items()}
+        super().__init__(policy=modules["policy"], ref=ref, dpo=dpo,
+                         critic=modules.get("critic"), reward_model=reward_model)  # fmt: skip
+
+    def describe(self) -> str:
+        return "separate models, one per role"
+
+    def trained_parameters(self) -> tuple[list[Any], list[Any]]:
+        return tuple(  # type: ignore[return-value]
+            [] if m is None else [p for p in m.parameters() if p.requires_grad]
+            for m in (self.policy, self.critic)
+        )
+
+    def save(self, role: str, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
+        self._trainables[role].save(self.prepared, tokenizer, out, accelerator, lora, part=role)

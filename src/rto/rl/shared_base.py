@@ -8,8 +8,9 @@
 
 The adapters take turns on the base (`models.lora.SharedAdapters`); the heads are small
 separate modules reading the backbone's last hidden state. `SharedBase` answers the same
-questions as `roles.SeparateModels` (it is one, with callables standing in for the frozen
-models), so rewards, scoring and the update do not change with the layout.
+questions as `roles.SeparateModels` (callables stand in for the frozen models), so rewards,
+scoring and the update do not change with the layout, and saves a trained role as an adapter
+folder on the shared base.
 
 Prepared by accelerate as `ActorCritic(policy, critic)`: the policy module holds the base and
 every adapter, the critic module only its value head (it borrows the policy's base without
@@ -19,14 +20,21 @@ the value head require gradients, and the frozen ones stay out of checkpoints.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from rto.errors import ModelError
+from rto.models import lora
 from rto.models.forward import backbone_of, head_scores
+from rto.models.load import load_causal_lm
 from rto.models.lora import SharedAdapters
-from rto.rl.roles import SeparateModels
+from rto.models.reward_model import RewardModel
+from rto.models.trainable import frozen_base
+from rto.rl.roles import Roles
 
 
 class AdapterRole:
@@ -43,23 +51,22 @@ class AdapterRole:
 
 class HeadScorer(nn.Module):
     """A role of the shared base read through a score head (reward model, critic): (B, L)
-    head(last hidden state with `adapter` active), like `models.forward.TokenScorer`."""
+    head(last hidden state with `adapter` active), like `models.forward.TokenScorer`. Only the
+    head is a submodule: the base is the policy's."""
 
     def __init__(self, adapters: SharedAdapters, adapter: str, head: nn.Linear):
         super().__init__()
         self.head = head
-        self.rto_adapter = adapter
-        self.__dict__["rto_shared"] = adapters  # not a submodule: the base is the policy's
+        self.adapter = adapter
+        self.adapters = adapters  # a plain object, not a submodule
 
     @property
     def config(self) -> Any:
-        return self.rto_shared.hf.config
+        return self.adapters.hf.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with self.rto_shared.using(self.rto_adapter):
-            return head_scores(
-                backbone_of(self.rto_shared.hf), self.head, input_ids, attention_mask
-            )
+        with self.adapters.using(self.adapter):
+            return head_scores(backbone_of(self.adapters.hf), self.head, input_ids, attention_mask)
 
 
 def new_value_head(adapters: SharedAdapters) -> nn.Linear:
@@ -71,7 +78,7 @@ def new_value_head(adapters: SharedAdapters) -> nn.Linear:
     return head
 
 
-class SharedBase(SeparateModels):
+class SharedBase(Roles):
     layout = "one shared base"
 
     def __init__(self, adapters: SharedAdapters, *, reward_model: Any | None = None,
@@ -81,13 +88,12 @@ class SharedBase(SeparateModels):
                          dpo=AdapterRole(adapters, "dpo") if has_dpo else None, critic=critic,
                          reward_model=reward_model)  # fmt: skip
         self.adapters = adapters
-        self._critic_head = critic.head if critic is not None else None
 
     def trained_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(the policy's, the critic's) trained parameters: its adapter, and the value head."""
         critic = []
-        if self._critic_head is not None:
-            critic = self.adapters.parameters("critic") + list(self._critic_head.parameters())
+        if self.critic is not None:
+            critic = self.adapters.parameters("critic") + list(self.critic.head.parameters())
         return self.adapters.parameters("policy"), critic
 
     def describe(self) -> str:
@@ -96,6 +102,21 @@ class SharedBase(SeparateModels):
         return (f"one shared base ({self.adapters.record.base_model}) with adapters "
                 f"{', '.join(trained)} (trained), {', '.join(frozen) or 'none'} (frozen); "
                 "reference = adapters off")  # fmt: skip
+
+    def save(self, role: str, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
+        """The policy's adapter (merged into the base with lora.merge), or the critic's adapter
+        with its value head, as an adapter folder on the shared base."""
+        if role == "policy":
+            if lora.merge:
+                self.adapters.save_merged("policy", out, tokenizer, accelerator)
+            else:
+                self.adapters.save("policy", out, tokenizer, accelerator)
+            return
+        if lora.merge:
+            accelerator.print(f"[rto] lora.merge: the critic is saved as an adapter folder with its "
+                              f"value head ({out}); merge it with peft's merge_and_unload")  # fmt: skip
+        head = self.trained_module("critic", accelerator).head
+        self.adapters.save("critic", out, tokenizer, accelerator, head=head)
 
 
 def adapter_roles(
@@ -114,8 +135,6 @@ def why_not_shared(cfg: Any, frozen: dict[str, str], *, sharded: bool) -> str | 
     and the `frozen` roles (`adapter_roles`) given as adapter folders (whether they sit on the
     policy's base is checked when it is loaded); else why not ('' when nothing would be
     shared)."""
-    from rto.models import lora
-
     if not cfg.lora.enabled or not frozen:
         return ""
     full = [f"the {role} {path} is a full model" for role, path in frozen.items()
@@ -133,11 +152,6 @@ def why_not_shared(cfg: Any, frozen: dict[str, str], *, sharded: bool) -> str | 
 
 def check_on_base(role: str, folder: str, found: str | None, base_path: str) -> None:
     """The adapter in `folder` was trained on the policy's base (weights fingerprint `found`)."""
-    import os
-
-    from rto.errors import ModelError
-    from rto.models import lora
-
     record = lora.locate_base(folder)
     if record.fingerprint and found:
         if record.fingerprint == found:
@@ -160,12 +174,7 @@ def load_shared_base(cfg: Any, tokenizer: Any, *, use_dpo: bool, use_rm: bool,
     model's and the reward model's adapters (frozen), and the critic's adapter: a trainable copy
     of the reward model's (adapter and head) when `critic_from` is the reward model, new with
     cfg.lora and a new value head when it is the policy, none when None (no critic)."""
-    from rto.errors import ModelError
-    from rto.models import lora
-    from rto.models.load import load_causal_lm
-    from rto.models.reward_model import RewardModel
-
-    base = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora), role="policy")
+    base = load_causal_lm(frozen_base(cfg.model, cfg.lora), role="policy")
     found = lora.fingerprint(base)
     for role, folder in adapter_roles(cfg, use_dpo=use_dpo, use_rm=use_rm, critic_from=critic_from).items():  # fmt: skip
         check_on_base(role, folder, found, cfg.model.path)

@@ -15,9 +15,15 @@ source's own settings (coefficient, clip, granularity, shaping) and adds it to t
 A sentence reward function (config key reward_fn) is `f(prompts, responses) -> list[float]`,
 like a gold reward, added to the score on the last token with weight rl.reward_fn_coef.
 
-More sources: `register(name, builder)`, where `builder(cfg, ctx)` returns the source (an
-object with `name`, `settings` and `__call__(rollout) -> (B, T)`) or None when the run's
-config switches it off. A source switched off is never computed.
+More sources: `register(name, builder)`, where `builder(cfg, ctx)` returns the source or None
+when the run's config switches it off (a source switched off is never computed). A source is
+an object with
+    name          its key in Rollout.token_sources, the reward parts and the logs
+    settings      a `SourceSettings`: coefficient, clip, granularity, shaping
+    model         (what, path) of the model its values come from, or None: NaN or inf in its
+                  values then stops the run naming that model
+    __call__(r)   the (B, T) values for a scored rollout `r` (the roles' passes are in it)
+The trainer only calls sources through this; the DPO source has no other door.
 """
 
 from __future__ import annotations
@@ -71,17 +77,28 @@ def response_token_ids(r: Rollout) -> list[list[int]]:
 # --------------------------------------------------------------------------- dpo
 
 
+@torch.no_grad()
+def dpo_log_ratio(roles: Any, batch: dict[str, torch.Tensor],
+                  logp_ref: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(B, T) x_h = log pi_dpo(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h) at temperature 1, asked of
+    `roles` (rl/roles.py) for a batch in the RL layout; 0 outside the response mask. RTO's token
+    reward is beta1 * x_h: under a token-level Bradley-Terry model it is the reward the DPO
+    policy is optimal for (the value terms cancel between two responses to the same prompt).
+    `logp_ref`: the reference's log-probs at temperature 1, when already computed."""
+    ref = logp_ref if logp_ref is not None else roles.logprobs("ref", batch, 1.0)
+    return roles.logprobs("dpo", batch, 1.0) - ref
+
+
 class DPOSource:
     """RTO's dense reward: the DPO model's log-ratio to the reference at temperature 1."""
 
     name = "dpo"
 
-    def __init__(self, settings: SourceSettings, ctx: SourceContext):
+    def __init__(self, settings: SourceSettings, ctx: SourceContext, path: str | None = None):
         self.settings, self.ctx = settings, ctx
+        self.model = ("DPO model", path)
 
-    @torch.no_grad()
     def __call__(self, r: Rollout) -> torch.Tensor:
-        roles, temperature = self.ctx.roles, self.ctx.temperature
         out = []
         for start in range(0, len(r), self.ctx.batch_size):
             idx = torch.arange(
@@ -89,12 +106,8 @@ class DPOSource:
             )
             b = r.take(idx)
             # the KL pass scored the reference at the sampling temperature: reuse it at 1 only
-            ref = (
-                b["logp_ref"]
-                if temperature == 1.0 and "logp_ref" in b
-                else roles.logprobs("ref", b, 1.0)
-            )
-            out.append(roles.logprobs("dpo", b, 1.0) - ref)
+            reuse = self.ctx.temperature == 1.0 and "logp_ref" in b
+            out.append(dpo_log_ratio(self.ctx.roles, b, b["logp_ref"] if reuse else None))
         return torch.cat(out).float()
 
 
@@ -104,7 +117,7 @@ def _dpo_builder(cfg: Any, ctx: SourceContext) -> DPOSource | None:
         return None
     settings = SourceSettings(rl.dpo_reward_scale, rl.dpo_reward_clip, rl.dpo_reward_granularity,
                               rl.dpo_reward_shaping)  # fmt: skip
-    return DPOSource(settings, ctx)
+    return DPOSource(settings, ctx, cfg.dpo_model)
 
 
 # --------------------------------------------------------------------------- function
@@ -114,6 +127,7 @@ class FunctionSource:
     """Per-token rewards from the user's function of the decoded responses."""
 
     name = "function"
+    model = None
 
     def __init__(
         self, fn: Callable[..., Any], spec: str, settings: SourceSettings, ctx: SourceContext
@@ -181,10 +195,9 @@ def sentence_rewards(cfg: Any) -> list[SentenceRewardFunction]:
 
 
 def score_sources(r: Rollout, sources: list[Any], sentence: list[SentenceRewardFunction]) -> None:
-    """Fill r.token_sources (raw (B, T) values, r.dpo_log_ratio for the DPO source) and
-    r.sentence ((B,) values) after the roles' scoring pass."""
+    """Fill r.token_sources (raw (B, T) values) and r.sentence ((B,) values) after the roles'
+    scoring pass."""
     for source in sources:
         r.token_sources[source.name] = source(r)
-    r.dpo_log_ratio = r.token_sources.get("dpo")
     for reward in sentence:
         r.sentence[reward.name] = reward(r)

@@ -23,6 +23,7 @@ from rto.evaluation.sampled import load_eval_inputs, report_samples
 from rto.models import lora
 from rto.models.forward import causal_logits, gather_logprobs
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
+from rto.models.trainable import load_trainable_lm
 from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
 
 INFO_FILE = "dpo.json"
@@ -174,8 +175,8 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
     if cfg.loss not in REFERENCE_FREE and not ref_is_base:
         ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
         ref = ready_reference(cfg, ref.to(engine.device), train + evals, pad_id, bs, engine)
-    policy = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora), role="policy")
-    policy = lora.add_adapter(policy, cfg.model, cfg.lora)
+    trainable = load_trainable_lm(cfg.model, cfg.lora, role="policy")
+    policy = trainable.model
     if cfg.loss not in REFERENCE_FREE and ref_is_base:
         ref = lora.AdapterOff(policy.to(engine.device))
         ref = ready_reference(cfg, ref, train + evals, pad_id, bs, engine)
@@ -189,7 +190,7 @@ def run(cfg: DPOConfig) -> dict[str, Any]:
         policy, train, lambda ex: collate_pairs(ex, pad_id), objective, resume=cfg.resume,
         evaluate=evaluate if evals else None,
     )  # fmt: skip
-    lora.save_trained(policy, tokenizer, out, engine.accelerator, cfg.lora)
+    trainable.save(policy, tokenizer, out, engine.accelerator, cfg.lora)
     info = {
         "loss": cfg.loss,
         "beta": objective.beta,

@@ -23,16 +23,14 @@ from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_inputs
-from rto.models import lora
-from rto.models.forward import TokenScorer
 from rto.models.load import (
     check_same_tokenizer,
     load_causal_lm,
-    load_sequence_scorer,
     load_tokenizer,
     tokenizer_fingerprint,
 )
 from rto.models.reward_model import load_reward_model
+from rto.models.trainable import load_trainable_lm, load_trainable_scorer
 from rto.rl.roles import SeparateModels
 from rto.rl.shared_base import adapter_roles, load_shared_base, why_not_shared
 from rto.rl.sources import resolve_function
@@ -140,10 +138,9 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     trainer.plan()  # sizes checked before the run begins
     out = engine.begin()
     summary = trainer.train()
-    lora.save_trained(trainer.model, tokenizer, out, engine.accelerator, cfg.lora, part="policy")
-    if cfg.save_critic and trainer.critic is not None:
-        lora.save_trained(trainer.model, tokenizer, out / "critic", engine.accelerator, cfg.lora,
-                          part="critic")  # fmt: skip
+    roles.save("policy", out, tokenizer, engine.accelerator, cfg.lora)
+    if cfg.save_critic and roles.has("critic"):
+        roles.save("critic", out / "critic", tokenizer, engine.accelerator, cfg.lora)
     summary = {
         "stage": "rl",
         "preset": cfg.preset,
@@ -161,8 +158,7 @@ def separate_models(cfg: RLConfig, engine: Engine, tokenizer: Any, *, use_dpo: b
     """One model per role; with LoRA the policy and the critic are adapters on their own copies
     of their bases, and an adapter-folder DPO or reward model is loaded merged."""
     device, ref_path = engine.device, cfg.ref_model or cfg.model.path
-    trained = lora.frozen_base(cfg.model, cfg.lora)  # how policy and critic load
-    policy = lora.add_adapter(load_causal_lm(trained, role="policy"), cfg.model, cfg.lora)
+    policy = load_trainable_lm(cfg.model, cfg.lora, role="policy")
     ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
     ref = ref.to(device)
     dpo = (
@@ -176,10 +172,6 @@ def separate_models(cfg: RLConfig, engine: Engine, tokenizer: Any, *, use_dpo: b
                                          chat_prompts=cfg.data.chat_prompts, device=device)  # fmt: skip
     critic = None
     if critic_from is not None:
-        hf = load_sequence_scorer(
-            trained, critic_from, trainable=True, require_head=require_head, role="critic"
-        )
-        critic = TokenScorer(
-            lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True, source=critic_from)
-        )
+        critic = load_trainable_scorer(cfg.model, cfg.lora, critic_from, require_head=require_head,
+                                       role="critic")  # fmt: skip
     return SeparateModels(policy=policy, ref=ref, dpo=dpo, critic=critic, reward_model=reward_model)

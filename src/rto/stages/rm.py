@@ -25,9 +25,9 @@ from rto.engine.files import write_json
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
-from rto.models import lora
-from rto.models.forward import TokenScorer, sequence_scores
-from rto.models.load import load_sequence_scorer, load_tokenizer
+from rto.models.forward import sequence_scores
+from rto.models.load import load_tokenizer
+from rto.models.trainable import load_trainable_scorer
 
 STATS_FILE = "reward_stats.json"
 
@@ -113,10 +113,8 @@ def run(cfg: RMConfig) -> dict[str, Any]:
     engine.steps_per_epoch(
         len(train)
     )  # too little data for one batch: say so before loading models
-    hf = load_sequence_scorer(lora.frozen_base(cfg.model, cfg.lora), cfg.model.path,
-                              trainable=True, require_head=False, role="reward model")  # fmt: skip
-    hf.config.pad_token_id = tokenizer.pad_token_id
-    model = TokenScorer(lora.add_adapter(hf, cfg.model, cfg.lora, score_head=True))
+    trainable = load_trainable_scorer(cfg.model, cfg.lora, cfg.model.path, require_head=False,
+                                      role="reward model", pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     pad_id = tokenizer.pad_token_id
     eval_bs = cfg.train.micro_batch_size * 4
 
@@ -127,7 +125,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
 
     out = engine.begin()
     model, final = engine.fit(
-        model, train, lambda ex: collate(ex, pad_id, cfg.margin_column), BradleyTerryObjective(),
+        trainable.model, train, lambda ex: collate(ex, pad_id, cfg.margin_column), BradleyTerryObjective(),
         resume=cfg.resume, evaluate=evaluate if held_out else None,
     )  # fmt: skip
     c, r = score_pairs(model, train, pad_id, eval_bs, engine.device)
@@ -137,7 +135,7 @@ def run(cfg: RMConfig) -> dict[str, Any]:
         "std": statistics.pstdev(scores) or 1.0,
         "n": len(scores),
     }
-    lora.save_trained(model, tokenizer, out, engine.accelerator, cfg.lora)
+    trainable.save(model, tokenizer, out, engine.accelerator, cfg.lora)
     summary: dict[str, Any] = {
         "stage": "rm",
         **final,

@@ -23,9 +23,9 @@ from rto.data.tokenize import IGNORE, build_sft, collate_sft
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.sampled import load_eval_inputs, report_samples
-from rto.models import lora
 from rto.models.forward import causal_logits
-from rto.models.load import load_causal_lm, load_tokenizer
+from rto.models.load import load_tokenizer
+from rto.models.trainable import load_trainable_lm
 
 
 def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +116,7 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     engine.steps_per_epoch(
         len(train)
     )  # too little data for one batch: say so before loading models
-    model = load_causal_lm(lora.frozen_base(cfg.model, cfg.lora), keep_dropout=cfg.keep_dropout)
-    model = lora.add_adapter(model, cfg.model, cfg.lora)
+    trainable = load_trainable_lm(cfg.model, cfg.lora, keep_dropout=cfg.keep_dropout)
     pad_id = tokenizer.pad_token_id
     evaluate = None
     if held_out:
@@ -129,14 +128,14 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
 
     out = engine.begin()
     model, final = engine.fit(
-        model,
+        trainable.model,
         train,
         lambda ex: collate_sft(ex, pad_id),
         SFTObjective(),
         resume=cfg.resume,
         evaluate=evaluate,
     )
-    lora.save_trained(model, tokenizer, out, engine.accelerator, cfg.lora)
+    trainable.save(model, tokenizer, out, engine.accelerator, cfg.lora)
 
     summary: dict[str, Any] = {"stage": "sft", **final, "data": {"train": train_report.to_dict()}}
     if eval_report is not None:
