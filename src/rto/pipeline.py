@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 
 from rto.config import core
-from rto.engine.files import read_json, write_atomic, write_json
 from rto.engine.run import resolved_config, when_begun
 from rto.errors import ConfigError
+from rto.files import read_json, write_atomic, write_json
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "pipeline.json"

@@ -28,8 +28,8 @@ import yaml
 
 from rto.config.core import to_dict
 from rto.engine.card import CARD_FILE, written_by_rto
-from rto.engine.files import read_json, write_atomic
 from rto.errors import RtoError
+from rto.files import read_json, write_atomic
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"

@@ -301,7 +301,7 @@ def save_trained(
     """A stage's trained model into `out`: a plain Hugging Face folder (full fine-tuning, or
     lora.merge), else the adapter folder with lora_base.json. `part` saves one role of a
     prepared wrapper (the policy or the critic of the RL stage's actor-critic)."""
-    from rto.engine.files import write_json
+    from rto.files import write_json
     from rto.models.load import save_pretrained
 
     out = Path(out)
@@ -547,7 +547,7 @@ class SharedAdapters:
         base, as `save_trained` writes one: peft + transformers load it alone."""
         from safetensors.torch import save_file
 
-        from rto.engine.files import write_json
+        from rto.files import write_json
 
         peft = import_peft()
         out = Path(out)
