@@ -90,7 +90,7 @@ def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
     for it), a reward model with a new score head on it, a DPO model and a reward model as
     adapter folders on it, and RL prompts."""
     from rto.config.sections import ModelSection
-    from rto.engine.files import write_json
+    from rto.files import write_json
     from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from rto.config.sections import LoraSection, ModelSection
 from rto.config.stages import RLConfig
-from rto.engine.files import write_json
+from rto.files import write_json
 from rto.models import lora
 from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
 from rto.models.reward_model import load_reward_model

@@ -10,54 +10,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
-import importlib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rto import __version__
+from rto.commands import STAGES, TASK_STAGES, Stage, find_stage, run_stage
 from rto.config import core
 from rto.errors import ConfigError, RtoError
-
-
-@dataclass
-class Stage:
-    name: str
-    config: str  # "module:Class"
-    runner: str  # "module:function"
-    help: str
-
-    def config_class(self) -> type:
-        module, cls = self.config.split(":")
-        return getattr(importlib.import_module(module), cls)
-
-    def run_function(self) -> Callable[..., Any]:
-        module, fn = self.runner.split(":")
-        return getattr(importlib.import_module(module), fn)
-
-
-STAGES = [
-    Stage("sft", "rto.config.stages:SFTConfig", "rto.stages.sft:run", "Supervised fine-tuning of a causal LM."),
-    Stage("pairs", "rto.config.stages:PairsConfig", "rto.stages.pairs:run",
-          "Preference pairs: sample k responses per prompt, judge with a gold reward, label with a simulated annotator."),
-    Stage("rm", "rto.config.stages:RMConfig", "rto.stages.rm:run", "Train a Bradley-Terry reward model (sequence classifier)."),
-    Stage("dpo", "rto.config.stages:DPOConfig", "rto.stages.dpo:run", "Train the DPO family: dpo, ipo, rdpo, simpo, tdpo."),
-    Stage("rl", "rto.config.stages:RLConfig", "rto.stages.rl:run",
-          "Online RL with token-level rewards: RTO, PPO and the paper's variants (--preset)."),
-    Stage("eval", "rto.config.stages:EvalConfig", "rto.stages.eval:run",
-          "Compare policies: gold reward, RM score, KL, fluency, length, distinct-n, win rates; exports."),
-    Stage("report", "rto.config.stages:ReportConfig", "rto.stages.report:run",
-          "results.json, results.md and plots from an eval run and RL curves."),
-]  # fmt: skip
-TASK_STAGES = {
-    "sentiment": Stage(
-        "sentiment",
-        "rto.config.stages:SentimentTaskConfig",
-        "rto.stages.task:run",
-        "Short reviews from a grammar; gold reward = VADER compound score; tiny Llama base model.",
-    )
-}
 
 
 def _help_text(tp: Any, default: Any, meta: dict[str, Any]) -> str:
@@ -202,28 +161,6 @@ def load_config(stage: Stage, args: argparse.Namespace, unknown: list[str]) -> A
     return core.build(cls, file_values=file_values, file_name=args.config, cli_values=cli_values)
 
 
-def quiet_loading(cfg: Any) -> None:
-    """Model loading draws progress bars (GGUF de-quantisation) only when log.progress is on."""
-    log = getattr(cfg, "log", None)
-    if log is not None:
-        from rto.models.load import show_load_progress
-
-        show_load_progress(log.progress)
-
-
-def publish(cfg: Any) -> None:
-    """--push_to_hub: upload the finished output folder (main process only)."""
-    repo = getattr(cfg, "push_to_hub", None)
-    if not repo:
-        return
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        from rto.engine.card import push_to_hub
-
-        print(f"[rto] uploaded {cfg.out} to {push_to_hub(cfg.out, repo)}", flush=True)
-
-
 # What the file system refuses (not a bug in rto): said in one line, without a traceback.
 FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -245,29 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if args.stage == "task":
-            if not args.task_name:
-                parser.parse_args(["task", "--help"])
-            stage = TASK_STAGES[args.task_name]
-            cfg = load_config(stage, args, unknown)
-            from rto.engine.distributed import on_main_process
-
-            on_main_process(stage.run_function(), cfg, args.task_name)
-            return 0
         if args.stage in ("pipeline", "demo"):
             if unknown:
                 raise ConfigError(f"unknown option {unknown[0]}; see rto {args.stage} --help")
             return run_pipeline(args)
-        stage = next(s for s in STAGES if s.name == args.stage)
-        cfg = load_config(stage, args, unknown)
-        quiet_loading(cfg)
-        if stage.name == "report":  # reads files, draws plots: one process is enough
-            from rto.engine.distributed import on_main_process
-
-            on_main_process(stage.run_function(), cfg)
-        else:
-            stage.run_function()(cfg)
-        publish(cfg)
+        if args.stage == "task" and not args.task_name:
+            parser.parse_args(["task", "--help"])
+        task = args.task_name if args.stage == "task" else None
+        cfg = load_config(find_stage(args.stage, task), args, unknown)
+        run_stage(args.stage, cfg, task)
         return 0
     except RtoError as exc:
         print(f"rto {args.stage}: error: {exc}", file=sys.stderr)

@@ -32,14 +32,14 @@ from typing import Any
 
 import yaml
 
+from rto.commands import STAGES, TASK_STAGES, run_stage
 from rto.config import core
-from rto.engine.files import read_json, write_atomic, write_json
 from rto.engine.run import resolved_config, when_begun
 from rto.errors import ConfigError
+from rto.files import read_json, write_atomic, write_json
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "pipeline.json"
-MAIN_PROCESS_ONLY = {"report"}  # reads files and draws plots; every other stage splits its work
 _REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
 
 
@@ -129,8 +129,6 @@ def plan(
     recipe_file: str, *, out: str | None = None, overrides: list[str] | None = None
 ) -> tuple[list[PlannedStage], dict[str, Any]]:
     """Validate every stage's config before any work; return them in order with fingerprints."""
-    from rto.cli import STAGES, TASK_STAGES
-
     path = recipe_path(recipe_file)
     recipe = core.load_yaml(path)
     for a in overrides or []:
@@ -211,7 +209,6 @@ def run(
     force: list[str] | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    from rto.cli import STAGES, TASK_STAGES, publish, quiet_loading
     from rto.engine.distributed import init_distributed
 
     dist = init_distributed()  # under torchrun / accelerate launch: one job over every process;
@@ -234,7 +231,6 @@ def run(
             write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
         recipe_written = True
 
-    runners = {s.name: s for s in STAGES}
     rerun: set[str] = set()
     report: dict[str, Any] = {}
     for i, p in enumerate(planned):
@@ -286,7 +282,6 @@ def run(
             )
         dist.wait_for_everyone()
         began = time.time()
-        quiet_loading(p.config)
 
         def mark_started(folder: Path = folder, fingerprint: str = p.fingerprint) -> None:
             write_recipe()
@@ -295,16 +290,8 @@ def run(
         # the stage's folder (this file included) changes only once its inputs are all loaded
         # (RunFolder.begin calls mark_started on the main process)
         with when_begun(folder, mark_started):
-            if p.kind == "task":
-                if main:
-                    TASK_STAGES[p.task].run_function()(p.config, p.task)
-            elif p.kind in MAIN_PROCESS_ONLY:
-                if main:
-                    runners[p.kind].run_function()(p.config)
-            else:
-                runners[p.kind].run_function()(p.config)
+            run_stage(p.kind, p.config, p.task)
         dist.wait_for_everyone()
-        publish(p.config)
         seconds = round(time.time() - began, 1)
         if main:
             write_json(folder / STATE_FILE,

@@ -271,6 +271,10 @@ class RMConfig:
 
 # --------------------------------------------------------------------------- DPO family
 
+# Paper settings (RTO paper, Table of hyperparameters): beta, alpha / gamma, per loss.
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "rdpo": 0.1, "simpo": 2.5, "tdpo": 0.1}
+DEFAULT_ALPHA = {"rdpo": 0.001, "tdpo": 0.2}
+
 
 @dataclass
 class DPOConfig:
@@ -340,8 +344,6 @@ class DPOConfig:
 
     @property
     def resolved_beta(self) -> float:
-        from rto.preference.losses import DEFAULT_BETA
-
         return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
 
     @property
@@ -353,8 +355,6 @@ class DPOConfig:
 
     @property
     def resolved_alpha(self) -> float:
-        from rto.preference.losses import DEFAULT_ALPHA
-
         return self.alpha if self.alpha is not None else DEFAULT_ALPHA.get(self.loss, 0.0)
 
 

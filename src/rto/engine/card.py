@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from rto.engine.files import read_json, write_atomic
+from rto.files import read_json, write_atomic
 
 CARD_FILE = "README.md"
 WHAT = {

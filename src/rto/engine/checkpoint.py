@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rto.engine.faults import maybe_fault
-from rto.engine.files import read_json, write_json
 from rto.errors import TrainingError
+from rto.files import read_json, write_json
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -14,7 +14,7 @@ from typing import Any
 from rto.engine import trackers
 from rto.engine.card import write_card
 from rto.engine.environment import environment
-from rto.engine.files import write_atomic, write_json
+from rto.files import write_atomic, write_json
 
 
 def _clean(value: Any) -> Any:

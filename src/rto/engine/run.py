@@ -20,16 +20,15 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rto.config.core import to_dict
 from rto.engine.card import CARD_FILE, written_by_rto
-from rto.engine.files import read_json, write_atomic
 from rto.errors import RtoError
+from rto.files import read_json, write_atomic
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -50,7 +49,7 @@ NOT_COMPARED = ("out", "log")
 def resolved_config(cfg: Any) -> dict[str, Any]:
     """The config as it should be written: everything resolved, run-control flags reset, so that
     `rto <stage> --config OUT/config.yaml` repeats the run."""
-    data = to_dict(cfg)
+    data = asdict(cfg)
     for flag in ("resume", "overwrite"):
         if flag in data:
             data[flag] = False

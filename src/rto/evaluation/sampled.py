@@ -14,7 +14,7 @@ import torch
 
 from rto.data.tokenize import load_prompts
 from rto.engine.distributed import gather_ordered, rank_and_world, share
-from rto.engine.files import write_jsonl
+from rto.files import write_jsonl
 from rto.models.forward import response_logprobs
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.seeded import row_seed

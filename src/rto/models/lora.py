@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from rto.errors import ConfigError, ModelError
+from rto.files import write_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -468,10 +469,8 @@ class SharedAdapters:
     def save(self, name: str, out: str | Path, tokenizer: Any, accelerator: Any,
              head: torch.nn.Module | None = None) -> None:  # fmt: skip
         """Adapter `name` (with `head` as its score head) as an adapter folder on the shared
-        base, as `save_trained` writes one: peft + transformers load it alone."""
+        base, as `models.trainable.Trainable.save` writes one: peft + transformers load it alone."""
         from safetensors.torch import save_file
-
-        from rto.engine.files import write_json
 
         peft = import_peft()
         out = Path(out)

@@ -17,7 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from rto.engine.files import write_json
+from rto.files import write_json
 from rto.models import lora as peft_lora
 from rto.models.forward import TokenScorer
 from rto.models.load import (

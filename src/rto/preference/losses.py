@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 LOSSES = ("dpo", "ipo", "rdpo", "simpo", "tdpo")
-# Paper settings (RTO paper, Table of hyperparameters): beta, alpha / gamma.
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "rdpo": 0.1, "simpo": 2.5, "tdpo": 0.1}
-DEFAULT_ALPHA = {"rdpo": 0.001, "tdpo": 0.2}
+# The paper's default beta and alpha per loss are config defaults: rto.config.stages.DEFAULT_BETA,
+# DEFAULT_ALPHA (DPOConfig.resolved_beta, resolved_alpha).
 REFERENCE_FREE = {"simpo"}
 
 

@@ -15,11 +15,11 @@ import torch
 from rto.config.stages import DPOConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
-from rto.engine.files import write_json
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
 from rto.evaluation.sampled import load_eval_inputs, report_samples
+from rto.files import write_json
 from rto.models import lora
 from rto.models.forward import causal_logits, gather_logprobs
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer

@@ -19,10 +19,10 @@ from typing import Any
 
 from rto.config.stages import EvalConfig
 from rto.engine.distributed import init_distributed
-from rto.engine.files import write_atomic, write_json, write_jsonl
 from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
 from rto.evaluation.sampled import load_eval_prompts, resolve_judges, sampled_metrics
+from rto.files import write_atomic, write_json, write_jsonl
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rto.models.reward_model import load_reward_model
 

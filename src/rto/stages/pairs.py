@@ -21,9 +21,9 @@ from typing import Any
 from rto.config.stages import PairsConfig
 from rto.data.tokenize import load_prompts
 from rto.engine.distributed import gather_ordered, init_distributed, share
-from rto.engine.files import write_jsonl
 from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
+from rto.files import write_jsonl
 from rto.models.generate import decode_responses, sample, stop_ids
 from rto.models.load import load_causal_lm, load_tokenizer
 from rto.models.seeded import row_seed

@@ -16,10 +16,10 @@ from typing import Any
 from rto.config import core
 from rto.config.stages import ReportConfig
 from rto.engine.environment import environment
-from rto.engine.files import read_json, write_atomic, write_json
 from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
 from rto.errors import DataError
+from rto.files import read_json, write_atomic, write_json
 from rto.stages.eval import format_table
 
 KEYS = ("gold_reward_mean", "gold_reward_sem", "kl", "fluency_rate", "length_mean")

@@ -18,11 +18,11 @@ from typing import Any
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
 from rto.engine.distributed import shards_weights
-from rto.engine.files import read_json
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_inputs
+from rto.files import read_json
 from rto.models.load import (
     check_same_tokenizer,
     load_causal_lm,

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from rto.config.stages import RMConfig
 from rto.data.sources import load_train_eval
 from rto.data.tokenize import build_pairs, collate_pairs
-from rto.engine.files import write_json
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.preference import add_held_out_accuracy
+from rto.files import write_json
 from rto.models.forward import sequence_scores
 from rto.models.load import load_tokenizer
 from rto.models.trainable import load_trainable_scorer

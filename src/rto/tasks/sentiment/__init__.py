@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rto.engine.files import write_json, write_jsonl
+from rto.files import write_json, write_jsonl
 from rto.tasks.sentiment.grammar import (
     REVIEW_LENGTHS,
     generate_text,
