@@ -14,16 +14,28 @@ import yaml
 from rto.pipeline import plan
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load_script(name: str):
+    """benchmarks/NAME.py as a module, with benchmarks/ on sys.path while it loads, as it is when
+    the script runs as `python benchmarks/NAME.py` (it imports its siblings by name)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "paper_miniature", ROOT / "benchmarks" / "paper_miniature.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paper_miniature")
+
+
+@pytest.fixture(scope="module")
+def common():
+    return load_script("bench_common")  # the helpers the benchmarks share
 
 
 def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> None:
@@ -48,20 +60,20 @@ def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> 
     assert policies["dpo_lr2e-4"].endswith("dpo_lr2e-4") and "rto_dpo_lr2e-4" in policies
 
 
-def test_interpolation_and_sample_efficiency(bench) -> None:
-    assert bench.interpolate([(0.0, 0.0), (2.0, 1.0)], 1.0) == 0.5
-    assert bench.interpolate([(0.0, 0.0), (2.0, 1.0)], 3.0) is None
+def test_interpolation_and_sample_efficiency(common) -> None:
+    assert common.interpolate([(0.0, 0.0), (2.0, 1.0)], 1.0) == 0.5
+    assert common.interpolate([(0.0, 0.0), (2.0, 1.0)], 3.0) is None
     curve = {1 / 8: 0.1, 1 / 4: 0.2, 1 / 2: 0.4, 1.0: 0.6}
-    assert bench.efficiency(curve, 0.3) == pytest.approx(0.375)
-    assert bench.efficiency(curve, 0.05) == 1 / 8
-    assert bench.efficiency(curve, 0.7) is None
+    assert common.efficiency(curve, 0.3) == pytest.approx(0.375)
+    assert common.efficiency(curve, 0.05) == 1 / 8
+    assert common.efficiency(curve, 0.7) is None
 
 
-def test_verdicts_account_for_seed_noise(bench) -> None:
-    assert bench.verdict(bench.mean_sd([0.10, 0.11, 0.12])) == "yes"
-    assert bench.verdict(bench.mean_sd([0.20, -0.05, 0.01])) == "weak"
-    assert bench.verdict(bench.mean_sd([-0.1, -0.2, 0.0])) == "no"
-    assert bench.weakest("yes", "weak") == "weak"
+def test_verdicts_account_for_seed_noise(common) -> None:
+    assert common.verdict(common.mean_sd([0.10, 0.11, 0.12])) == "yes"
+    assert common.verdict(common.mean_sd([0.20, -0.05, 0.01])) == "weak"
+    assert common.verdict(common.mean_sd([-0.1, -0.2, 0.0])) == "no"
+    assert common.weakest("yes", "weak") == "weak"
 
 
 def fake_seed(bench, runs: Path, seed: int, rto_gain: float, earlier_layout: bool = True) -> None:
