@@ -1,8 +1,10 @@
 """The paper-in-miniature benchmark's bookkeeping: its recipe is a valid pipeline, and the report
-reads per-seed results into the right verdicts (checked on made-up eval files, no training)."""
+reads per-seed results into the right verdicts (checked on made-up eval files, no training); the
+benchmarks import one another one way only, and none patches sys.path."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -36,6 +38,74 @@ def bench():
 @pytest.fixture(scope="module")
 def common():
     return load_script("bench_common")  # the helpers the benchmarks share
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    """Top-level names of every module `tree` imports, at any depth (inside functions too),
+    including importlib.import_module("x") and __import__("x") with a literal name."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value.split(".")[0])
+    return names
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of imports in `graph` (module -> the modules it imports) as [a, b, ..., a], or
+    None when the imports point one way."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_benchmark_imports_form_no_circle_and_never_patch_sys_path() -> None:
+    """The scripts in benchmarks/ import their siblings by name (Python puts a script's folder
+    first on sys.path), downward only: shared helpers below the scripts that use them."""
+    trees = {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(BENCHMARKS.glob("*.py"))}
+    graph = {name: imported_modules(tree) & set(trees) - {name} for name, tree in trees.items()}
+    assert graph["token_reward_study"], "no sibling import found: the parser misses imports"
+    assert find_cycle(graph) is None, f"benchmarks import in a circle: {find_cycle(graph)}"
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+
+    patches = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            sys_path = (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+            )
+            from_sys = isinstance(node, ast.ImportFrom) and node.module == "sys"
+            from_sys = from_sys and any(a.name == "path" for a in node.names)
+            site = getattr(node, "attr", getattr(node, "id", None)) == "addsitedir"
+            if sys_path or from_sys or site:
+                patches.append(f"benchmarks/{name}.py:{node.lineno}")
+    assert not patches, f"sys.path touched in {patches}: import siblings by name instead"
 
 
 def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> None:
