@@ -19,9 +19,9 @@ import gc
 import sys
 from pathlib import Path
 
+import memory  # inputs, configurations and the RL settings of the memory benchmark (beside it)
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-import memory  # noqa: E402  (inputs, configurations and the RL settings of the memory benchmark)
 
 
 def main() -> int:

@@ -27,19 +27,26 @@ import argparse
 import copy
 import json
 import math
-import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from bench_common import (
+    BASE_RECIPE,
+    VERDICT_TEXT,
+    above_ppo_frontier,
+    efficiency,
+    made_on,
+    mean_sd,
+    run_pipeline,
+    verdict,
+    weakest,
+)
 
 ROOT = Path(__file__).resolve().parent
-BASE_RECIPE = ROOT.parent / "src" / "rto" / "recipes" / "sentiment_quick.yaml"
 BUDGETS = {"b8": 8, "b4": 4, "b2": 2}
 BETAS = [0.01, 0.02, 0.1, 0.2]
 PPO_KL_COEFS = [0.05, 0.07]  # the recipe's kl_coef is 0.1; smaller ones let PPO drift as far as RTO
@@ -120,71 +127,12 @@ def run_seed(seed: int, runs: Path) -> tuple[int, float]:
     return run_pipeline(recipe_for(seed, out), out / "recipe.yaml", out / "log.txt")
 
 
-def run_pipeline(recipe: dict, recipe_file: Path, log_file: Path) -> tuple[int, float]:
-    """`rto pipeline` on `recipe` in its own process with one thread (so that runs side by side
-    do not slow each other down and reruns repeat the numbers); (exit code, seconds)."""
-    code, seconds, _ = run_pipeline_timed(recipe, recipe_file, log_file)
-    return code, seconds
-
-
-def run_pipeline_timed(recipe: dict, recipe_file: Path, log_file: Path) -> tuple[int, float, float]:
-    """As run_pipeline, also giving the CPU seconds (user + sys) the pipeline used: what it costs
-    on an idle core whatever else ran beside it, where wall time under load is not."""
-    recipe_file.parent.mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    began = time.time()
-    with open(log_file, "a") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rto", "pipeline", "--config", str(recipe_file)],
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.time() - began, usage.ru_utime + usage.ru_stime
-
-
 # --------------------------------------------------------------------------- aggregation
-
-
-def mean_sd(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "sd": None, "n": 0}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}  # fmt: skip
-
-
-def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at x on the piecewise-linear curve through (x, y) points; None outside their range."""
-    points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
-    return None
 
 
 def ppo_names() -> list[str]:
     """Every PPO run of a seed: the budgets and the KL-coefficient sweep."""
     return ["ppo", *[f"ppo_{t}" for t in BUDGETS], *[f"ppo_kl{c}" for c in PPO_KL_COEFS]]
-
-
-def efficiency(gold_by_budget: dict[float, float], target: float) -> float | None:
-    """Smallest budget fraction where the curve (linear between measured budgets) reaches target."""
-    points = sorted(gold_by_budget.items())
-    if points[0][1] >= target:
-        return points[0][0]
-    for (f0, g0), (f1, g1) in zip(points, points[1:]):
-        if g0 < target <= g1:
-            return f0 + (target - g0) / (g1 - g0) * (f1 - f0)
-    return None  # never reached within the budget
 
 
 def finished_seeds(runs: Path, seeds: list[int]) -> dict[int, dict]:
@@ -228,8 +176,9 @@ def aggregate(runs: Path, seeds: list[int]) -> dict:
         curve[1.0] = res["rto"]["gold_reward_mean"]
         eff.append(efficiency(curve, target))
     rto_runs = ["rto", *[f"rto_{d}" for d in ("dpo_fit", DPO_EARLIER) if f"rto_{d}" in names]]
+    ppo = ppo_names()  # PPO's frontier: every PPO run of the seed
     return {"seeds": list(per_seed), "methods": methods, "sample_efficiency_rto_vs_ppo": eff,
-            **{f"{n}_minus_ppo_at_equal_kl": [above_ppo_frontier(r, n) for r in per_seed.values()]
+            **{f"{n}_minus_ppo_at_equal_kl": [above_ppo_frontier(r, n, ppo) for r in per_seed.values()]
                for n in rto_runs},
             "dpo_learning_rates": dpo_learning_rates(runs, list(per_seed)),
             "heldout_accuracy": heldout_accuracy(runs, list(per_seed)),
@@ -258,18 +207,6 @@ def dpo_learning_rates(runs: Path, seeds: list[int]) -> dict:
         if f.is_file():
             out[stage] = (yaml.safe_load(f.read_text()).get("train") or {}).get("lr")
     return out
-
-
-def above_ppo_frontier(res: dict, name: str, ppo: list[str] | None = None) -> float | None:
-    """Gold reward of `name` minus PPO's reward-KL frontier of the same seed (the PPO runs `ppo`,
-    by default every PPO run of this benchmark), read at `name`'s KL; None when that KL is outside
-    the frontier or `name` was not run."""
-    if name not in res:
-        return None
-    ppo = ppo_names() if ppo is None else ppo
-    frontier = [(res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in ppo if n in res]
-    ppo_at = interpolate(frontier, res[name]["kl_mean"])
-    return None if ppo_at is None else res[name]["gold_reward_mean"] - ppo_at
 
 
 def heldout_accuracy(runs: Path, seeds: list[int]) -> dict:
@@ -306,19 +243,6 @@ def diff(res: dict, a: str, b: str) -> dict:
     """Paired difference a - b over seeds."""
     va, vb = g(res, a)["values"], g(res, b)["values"]
     return mean_sd([x - y for x, y in zip(va, vb)])
-
-
-def verdict(d: dict) -> str:
-    """'yes' when a paired difference is positive by more than two standard errors over seeds,
-    'weak' when it is positive but within that noise, 'no' otherwise."""
-    if d["mean"] is None:
-        return "no"
-    se = d["sd"] / math.sqrt(d["n"]) if d["n"] > 1 else 0.0
-    return "yes" if d["mean"] - 2 * se > 0 else "weak" if d["mean"] > 0 else "no"
-
-
-def weakest(*verdicts: str) -> str:
-    return min(verdicts, key=["no", "weak", "yes"].index)
 
 
 def claims(res: dict) -> list[dict]:
@@ -473,20 +397,6 @@ def plots(res: dict, out: Path) -> list[str]:
     plt.close(fig)
     files.append("paper_miniature_scaling_beta.png")
     return files
-
-
-VERDICT_TEXT = {"yes": "**yes**", "weak": "*weak*", "no": "**no**", "n/a": "cannot tell"}
-
-
-def made_on(env: dict | None) -> str:
-    if not env:
-        return "Made on: not recorded."
-    p = env.get("packages", {})
-    where = ", ".join(env.get("gpus") or [f"{env.get('cpu')} ({env.get('cpu_capability')})"])
-    return (f"Made on: {where}; Python {env.get('python')}, torch {p.get('torch')}, transformers "
-            f"{p.get('transformers')}. The same command on the same CPU kind and package versions "
-            "gives the same numbers; elsewhere float rounding differs and the numbers move within "
-            "their spread.")  # fmt: skip
 
 
 def accuracy_text(acc: dict) -> str:

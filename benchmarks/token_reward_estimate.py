@@ -29,8 +29,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import paper_miniature as pm
-import token_reward_study as study
+import bench_common as common
+import token_reward_design as design
 import yaml
 
 SMALL, LARGE = {"steps": 10, "rl_steps": 3, "prompts": 100, "eval": 50}, {
@@ -41,7 +41,7 @@ SKIP_ALL = "(a run that skips every stage)"
 
 def probe_recipe(length: str, out: Path) -> dict:
     """The study's recipe for this length with every stage after SFT shortened, at both sizes."""
-    full = study.recipe_for(length, 0, out)
+    full = design.recipe_for(length, 0, out)
     stages = full["stages"]
     probe = {k: stages[k] for k in ("task", "sft")}
     sizes = (("small", SMALL), ("large", LARGE))
@@ -74,7 +74,7 @@ def measure(root: Path, recipe: dict) -> dict[str, dict]:
     for i, name in enumerate([*names, SKIP_ALL]):
         prefix = {**recipe, "stages": {n: recipe["stages"][n] for n in names[: i + 1]}}
         before = os.getloadavg()[0]
-        code, wall, cpu = pm.run_pipeline_timed(prefix, root / "recipe.yaml", root / "log.txt")
+        code, wall, cpu = common.run_pipeline_timed(prefix, root / "recipe.yaml", root / "log.txt")
         if code:
             raise SystemExit(f"timing probe failed at {name} (exit {code}); see {root / 'log.txt'}")
         ran = json.loads((root / "pipeline_run.json").read_text())
@@ -101,7 +101,7 @@ def fit(times: dict[str, dict], name: str, small: float, large: float) -> tuple[
 
 def length_costs(root: Path, times: dict[str, dict], length: str) -> dict:
     """CPU seconds of each unit's work at this length, at the study's sizes."""
-    recipe = yaml.safe_load(study.BASE_RECIPE.read_text())
+    recipe = yaml.safe_load(common.BASE_RECIPE.read_text())
     rl_steps = recipe["defaults"]["rl"]["train"]["max_steps"]
     pairs_summary = json.loads((root / "pairs_large" / "summary.json").read_text())
     prompts = len((root / "task" / "prompts_train.jsonl").read_text().splitlines())
@@ -119,8 +119,8 @@ def length_costs(root: Path, times: dict[str, dict], length: str) -> dict:
     def cost(f: tuple[float, float], n: float) -> float:
         return f[0] + f[1] * n
 
-    k = len(study.PPO_KL_COEFS)
-    k_own = len(study.FULL.coefs(length))  # this length's own frontier
+    k = len(design.PPO_KL_COEFS)
+    k_own = len(design.FULL.coefs(length))  # this length's own frontier
 
     def rl_runs(growth: float, k: int = k) -> float:  # PPO at every KL coefficient, and RTO
         return growth * (k * cost(ppo, rl_steps) + cost(rto, rl_steps))
@@ -137,12 +137,12 @@ def length_costs(root: Path, times: dict[str, dict], length: str) -> dict:
         + cost(rm, steps["rm"])
         + cost(dpo, steps["dpo"])
     )
-    rms = sum(cost(rm, steps["rm"] * s) for s in study.RM_SHARES.values())
+    rms = sum(cost(rm, steps["rm"] * s) for s in design.RM_SHARES.values())
     out = {"pairs": round(n_pairs), "per_stage_cpu_s": {
         "pipeline_start": overhead, "task": task, "sft": sft, "pairs": cost(pairs, prompts),
         "rm": cost(rm, steps["rm"]), "dpo": cost(dpo, steps["dpo"]), "rl_ppo": cost(ppo, rl_steps),
         "rl_rto": cost(rto, rl_steps), "eval_per_policy": ev[1] * n_eval}}  # fmt: skip
-    n_rm = len(study.RM_SHARES)
+    n_rm = len(design.RM_SHARES)
     for growth, tag in ((1.0, "low"), (RL_GROWTH, "high")):
         own = base + rl_runs(growth, k_own) + evaluation(k_own + 3)  # + sft, dpo, rto
         out[f"unit_cpu_s_{tag}"] = {length: own}
@@ -168,7 +168,7 @@ def predict(costs: dict[str, dict], seeds: list[int], workers: int) -> dict:
     out = {}
     for tag in ("low", "high"):
         units = {u: s for c in costs.values() for u, s in c[f"unit_cpu_s_{tag}"].items()}
-        chains = [[units[u] for _, u in chain] for chain in study.jobs(seeds, list(units))]
+        chains = [[units[u] for _, u in chain] for chain in design.jobs(seeds, list(units))]
         out[f"minutes_{tag}"] = {
             "cpu_minutes": round(sum(map(sum, chains)) / 60, 1),
             f"wall_minutes_{workers}_workers": round(makespan(chains, workers) / 60, 1),
@@ -185,7 +185,7 @@ def main(runs: Path, seeds: list[int], workers: int, results: Path) -> None:
         return times, length_costs(root, times, length)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        measured = dict(zip(study.LENGTHS, pool.map(probe, study.LENGTHS)))
+        measured = dict(zip(design.LENGTHS, pool.map(probe, design.LENGTHS)))
     costs = {length: c for length, (_, c) in measured.items()}
     summary = runs / "short" / "eval_large" / "summary.json"
     times = {length: t for length, (t, _) in measured.items()}

@@ -4,7 +4,7 @@ condition, the verdicts of the claims written down in CLAIMS before the runs, ta
 Every difference is paired by seed (same SFT, pairs, reward model and DPO model). The equal-KL
 difference is RTO's held-out gold reward minus PPO's reward-KL frontier of the same seed and
 condition (PPO at every KL coefficient, linear between them) read at RTO's KL, as in the paper
-miniature (`paper_miniature.above_ppo_frontier`); it is not read where RTO's KL lies outside
+miniature (`bench_common.above_ppo_frontier`); it is not read where RTO's KL lies outside
 that frontier.
 """
 
@@ -16,13 +16,13 @@ import re
 import statistics
 from pathlib import Path
 
-import paper_miniature as pm
-import token_reward_study as study
+import bench_common as common
+import token_reward_design as design
 import yaml
 
 METRICS = ("gold_reward_mean", "kl_mean", "fluency_rate", "length_mean")
 LENGTH_POINTS = ("short", "medium", "long")
-VERDICT_TEXT = {**pm.VERDICT_TEXT, "partly": "*partly*"}
+VERDICT_TEXT = {**common.VERDICT_TEXT, "partly": "*partly*"}
 # the oracle claim's guard: a gain in gold reward bought with malformed text (fluency, RTO minus
 # PPO's frontier at RTO's KL, below -FLUENCY_DROP) is read as weak at best (CLAIMS)
 FLUENCY_DROP = 0.05
@@ -54,41 +54,41 @@ def sample_efficiency(ppo: list[tuple[float, float]], rto: list[tuple[float, flo
     window = max(1, round(len(ppo) / 10))
     ppo_s, rto_s = smooth(ppo, window), smooth(rto, window)
     target, total = ppo_s[-1][1], ppo_s[-1][0]
-    share = pm.efficiency({x / total: y for x, y in rto_s}, target)
+    share = common.efficiency({x / total: y for x, y in rto_s}, target)
     return {"share": share, "ppo_final": target, "curves": {"ppo": ppo_s, "rto": rto_s}}
 
 
 def point_result(runs: Path, seed: int, point: str) -> dict | None:
     """One seed's results in one condition, or None when its evaluation has not finished."""
-    unit, tag = study.POINTS[point]
-    folder = study.unit_folder(runs, seed, unit)
+    unit, tag = design.POINTS[point]
+    folder = design.unit_folder(runs, seed, unit)
     f = folder / f"eval_{unit}" / "eval.json"
     if not f.is_file():
         return None
     methods = json.loads(f.read_text())["methods"]
-    pattern = re.compile(rf"^ppo{re.escape(study._sfx(tag))}_kl([0-9.e-]+)$")
+    pattern = re.compile(rf"^ppo{re.escape(design._sfx(tag))}_kl([0-9.e-]+)$")
     ppo = {float(m.group(1)): n for n in methods if (m := pattern.match(n))}
-    rto = study.rto_policy(tag)
+    rto = design.rto_policy(tag)
     if rto not in methods or not ppo:
         return None
 
     def row(name: str) -> dict:
         return {k: methods[name].get(k) for k in METRICS}
 
-    coef = study.recipe_kl_coef()
+    coef = design.recipe_kl_coef()
     out = {
         "ppo": {str(c): row(ppo[c]) for c in sorted(ppo)},
         "rto": row(rto),
         "sft": row("sft") if "sft" in methods else None,
-        "equal_kl": pm.above_ppo_frontier(methods, rto, list(ppo.values())),
+        "equal_kl": common.above_ppo_frontier(methods, rto, list(ppo.values())),
         "equal_kl_fluency": fluency_above_frontier(methods, rto, list(ppo.values())),
         "same_coef": methods[rto]["gold_reward_mean"] - methods[ppo[coef]]["gold_reward_mean"]
         if coef in ppo
         else None,
     }
     curves = (
-        read_curve(folder / study.ppo_stage(tag, coef)),
-        read_curve(folder / study.rto_stage(tag)),
+        read_curve(folder / design.ppo_stage(tag, coef)),
+        read_curve(folder / design.rto_stage(tag)),
     )
     if all(curves):
         out["efficiency"] = sample_efficiency(*curves)
@@ -101,7 +101,9 @@ def fluency_above_frontier(methods: dict, name: str, ppo: list[str]) -> float | 
     runs = [methods[n] for n in ppo if n in methods]
     if name not in methods or any(m.get("fluency_rate") is None for m in [methods[name], *runs]):
         return None
-    at = pm.interpolate([(m["kl_mean"], m["fluency_rate"]) for m in runs], methods[name]["kl_mean"])
+    at = common.interpolate(
+        [(m["kl_mean"], m["fluency_rate"]) for m in runs], methods[name]["kl_mean"]
+    )
     return None if at is None else methods[name]["fluency_rate"] - at
 
 
@@ -112,7 +114,7 @@ def oracle_check(runs: Path, seeds: list[int]) -> dict | None:
     reward (None: no oracle run has logged both)."""
     diffs, with_score, weights = [], 0, set()
     for seed in seeds:
-        folder = study.unit_folder(runs, seed, "oracle")
+        folder = design.unit_folder(runs, seed, "oracle")
         for stage in sorted(folder.glob("rl_*_oracle*")):
             f, cfg = stage / "metrics.jsonl", stage / "config.yaml"
             if not (f.is_file() and cfg.is_file()):
@@ -130,7 +132,7 @@ def oracle_check(runs: Path, seeds: list[int]) -> dict | None:
 
 
 def stage_summary(runs: Path, seed: int, unit: str, stage: str) -> dict:
-    f = study.unit_folder(runs, seed, unit) / stage / "summary.json"
+    f = design.unit_folder(runs, seed, unit) / stage / "summary.json"
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
@@ -138,16 +140,16 @@ def reward_models(runs: Path, seeds: list[int]) -> dict:
     """Per share of the pairs: training pairs and held-out accuracy of the reward model, and the
     gold reward's accuracy on the same held-out pairs (the ceiling)."""
     out = {}
-    for point, share in study.RM_POINTS.items():
-        stage = "rm" if share == 1.0 else f"rm_{study.POINTS[point][1]}"
+    for point, share in design.RM_POINTS.items():
+        stage = "rm" if share == 1.0 else f"rm_{design.POINTS[point][1]}"
         summaries = [stage_summary(runs, s, "short", stage) for s in seeds]
         out[point] = {
             "share": share,
-            "pairs": pm.mean_sd(
+            "pairs": common.mean_sd(
                 [(s.get("data") or {}).get("train", {}).get("rows") for s in summaries]
             ),
-            "accuracy": pm.mean_sd([s.get("eval/accuracy") for s in summaries]),
-            "gold_accuracy": pm.mean_sd([s.get("eval/gold_accuracy") for s in summaries]),
+            "accuracy": common.mean_sd([s.get("eval/accuracy") for s in summaries]),
+            "gold_accuracy": common.mean_sd([s.get("eval/gold_accuracy") for s in summaries]),
         }
     return out
 
@@ -156,12 +158,12 @@ def reward_models(runs: Path, seeds: list[int]) -> dict:
 
 
 def build(runs: Path, seeds: list[int], command: str, minutes: float | None) -> dict:
-    per_seed = {s: {p: r for p in study.POINTS if (r := point_result(runs, s, p))} for s in seeds}
+    per_seed = {s: {p: r for p in design.POINTS if (r := point_result(runs, s, p))} for s in seeds}
     per_seed = {s: pts for s, pts in per_seed.items() if pts}
     if not per_seed:
         raise SystemExit(f"no finished condition under {runs}")
     points = {}
-    for p in study.POINTS:
+    for p in design.POINTS:
         done = {s: pts[p] for s, pts in per_seed.items() if p in pts}
         if done:
             points[p] = summarise(done)
@@ -184,7 +186,7 @@ def summarise(done: dict[int, dict]) -> dict:
     first = next(iter(done.values()))
 
     def over_seeds(get) -> dict:
-        return {k: pm.mean_sd([get(r).get(k) for r in done.values()]) for k in METRICS}
+        return {k: common.mean_sd([get(r).get(k) for r in done.values()]) for k in METRICS}
 
     out = {
         "seeds": list(done),
@@ -226,7 +228,7 @@ def fmt(d: dict) -> str:
 
 def fmt_seeds(values: list) -> str:
     """Mean ± sd over the seeds where a value was read, and every seed's value."""
-    d = pm.mean_sd([v for v in values if v is not None])
+    d = common.mean_sd([v for v in values if v is not None])
     return (
         "not read"
         if not d["n"]
@@ -239,8 +241,8 @@ def values_text(values: list) -> str:
 
 
 def seed_verdict(values: list[float], sign: int = 1) -> str:
-    """pm.verdict on `sign` * values; 'n/a' (cannot tell) with fewer than two seeds."""
-    return pm.verdict(pm.mean_sd([sign * v for v in values])) if len(values) >= 2 else "n/a"
+    """common.verdict on `sign` * values; 'n/a' (cannot tell) with fewer than two seeds."""
+    return common.verdict(common.mean_sd([sign * v for v in values])) if len(values) >= 2 else "n/a"
 
 
 def per_seed_slopes(res: dict, xs: dict[str, object]) -> list[float]:
@@ -284,17 +286,19 @@ def judge(res: dict) -> list[dict]:
     out = []
 
     def add(claim_id: str, holds: str, evidence: str) -> None:
-        claim = next(c for c in study.CLAIMS if c["id"] == claim_id)
+        claim = next(c for c in design.CLAIMS if c["id"] == claim_id)
         out.append(
             {"id": claim_id, "claim": claim["claim"], "verdict": holds, "evidence": evidence}
         )
 
     s = per_seed_slopes(res, {p: sft_log2_length for p in LENGTH_POINTS})
-    add("length", seed_verdict(s), f"slope per doubling of length {fmt(pm.mean_sd(s))}; RTO - PPO "
+    add("length", seed_verdict(s), f"slope per doubling of length {fmt(common.mean_sd(s))}; RTO - PPO "
         "at equal KL: " + delta_text(res, {p: p for p in LENGTH_POINTS}))  # fmt: skip
-    s = per_seed_slopes(res, {p: math.log2(share) for p, share in study.RM_POINTS.items()})
-    labels = {p: f"{'all' if sh == 1 else p[3:]} of the pairs" for p, sh in study.RM_POINTS.items()}
-    add("rm_noise", seed_verdict(s, -1), f"slope per doubling of the pairs {fmt(pm.mean_sd(s))}; "
+    s = per_seed_slopes(res, {p: math.log2(share) for p, share in design.RM_POINTS.items()})
+    labels = {
+        p: f"{'all' if sh == 1 else p[3:]} of the pairs" for p, sh in design.RM_POINTS.items()
+    }
+    add("rm_noise", seed_verdict(s, -1), f"slope per doubling of the pairs {fmt(common.mean_sd(s))}; "
         "RTO - PPO at equal KL: " + delta_text(res, labels))  # fmt: skip
     check = res.get("oracle_check")
     if "oracle" in points and (why := oracle_refusal(check)):
@@ -316,7 +320,7 @@ def judge(res: dict) -> list[dict]:
             + (" (more than a drop of 0.05: a yes is read as weak)" if fluency_drop else ""))  # fmt: skip
         paired = paired_differences(points.get("short"), points["oracle"])
         add("oracle_judge", seed_verdict(paired),
-            f"(RTO - PPO, reward model) - (RTO - PPO, oracle) {fmt(pm.mean_sd(paired))}")  # fmt: skip
+            f"(RTO - PPO, reward model) - (RTO - PPO, oracle) {fmt(common.mean_sd(paired))}")  # fmt: skip
     add("efficiency", *efficiency_verdict(points))
     return out
 
@@ -330,7 +334,7 @@ def oracle_refusal(check: dict | None) -> str | None:
                 "reward; the oracle's sentence reward must be the gold reward alone")  # fmt: skip
     if check["max_abs_difference"] > 1e-4:
         return ("the oracle runs' reward_fn reward is not the gold reward (largest difference "
-                f"{check['max_abs_difference']:.3g}); check token_reward_study.oracle_spec")  # fmt: skip
+                f"{check['max_abs_difference']:.3g}); check token_reward_design.oracle_spec")  # fmt: skip
     return None
 
 
@@ -386,7 +390,7 @@ def markdown(res: dict, files: list[str]) -> str:
         "kept, so a rerun skips every finished stage and rebuilds this report).",
         f"Seeds: {res['seeds']}. Every number is the mean ± sd over seeds of a held-out evaluation "
         "(one sampled response per prompt); gold reward = VADER compound score in [-1, 1].",
-        pm.made_on(res.get("environment")),
+        common.made_on(res.get("environment")),
         "",
         "## Claims, written down before the study was run, and what the runs say",
         "",
@@ -399,7 +403,7 @@ def markdown(res: dict, files: list[str]) -> str:
         "",
         "How each claim is measured and decided (fixed in `CLAIMS` before any run):",
         "",
-        *[f"- **{c['id']}**: {c['measure']} *Rule:* {c['rule']}" for c in study.CLAIMS],
+        *[f"- **{c['id']}**: {c['measure']} *Rule:* {c['rule']}" for c in design.CLAIMS],
         "",
         *oracle_note(res.get("oracle_check")),
         "## RTO against PPO in every condition",
@@ -408,7 +412,7 @@ def markdown(res: dict, files: list[str]) -> str:
         "at equal KL | RTO - PPO, same KL coefficient | fluency, RTO - PPO at equal KL |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    coef = str(study.recipe_kl_coef())
+    coef = str(design.recipe_kl_coef())
     for p, pt in pts.items():
         lines.append(
             f"| {p} | {cell(pt['sft']['gold_reward_mean'])} | "
@@ -435,7 +439,7 @@ def markdown(res: dict, files: list[str]) -> str:
               "|---|---|---|"]  # fmt: skip
     for p, pt in pts.items():
         shares = [s for s, k in zip(pt["efficiency"], pt["reached_known"]) if k]
-        finals = pm.mean_sd([v for v in pt["ppo_final_rollout"] if v is not None])
+        finals = common.mean_sd([v for v in pt["ppo_final_rollout"] if v is not None])
         lines.append(f"| {p} | {cell(finals)} | "
                      f"{', '.join('never' if s is None else f'{s:.2f}' for s in shares)} |")  # fmt: skip
     lines += ["", *[f"![{f}]({f})\n" for f in files]]
@@ -545,7 +549,7 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
     delta_panel(
         axes[1],
         res,
-        {p: sh for p, sh in study.RM_POINTS.items()},
+        {p: sh for p, sh in design.RM_POINTS.items()},
         "share of the pairs the reward model saw",
     )
     if "oracle" in pts:

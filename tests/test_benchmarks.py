@@ -1,8 +1,10 @@
 """The paper-in-miniature benchmark's bookkeeping: its recipe is a valid pipeline, and the report
-reads per-seed results into the right verdicts (checked on made-up eval files, no training)."""
+reads per-seed results into the right verdicts (checked on made-up eval files, no training); the
+benchmarks import one another one way only, and none patches sys.path."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -14,16 +16,96 @@ import yaml
 from rto.pipeline import plan
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load_script(name: str):
+    """benchmarks/NAME.py as a module, with benchmarks/ on sys.path while it loads, as it is when
+    the script runs as `python benchmarks/NAME.py` (it imports its siblings by name)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "paper_miniature", ROOT / "benchmarks" / "paper_miniature.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paper_miniature")
+
+
+@pytest.fixture(scope="module")
+def common():
+    return load_script("bench_common")  # the helpers the benchmarks share
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    """Top-level names of every module `tree` imports, at any depth (inside functions too),
+    including importlib.import_module("x") and __import__("x") with a literal name."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.add(node.args[0].value.split(".")[0])
+    return names
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of imports in `graph` (module -> the modules it imports) as [a, b, ..., a], or
+    None when the imports point one way."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_benchmark_imports_form_no_circle_and_never_patch_sys_path() -> None:
+    """The scripts in benchmarks/ import their siblings by name (Python puts a script's folder
+    first on sys.path), downward only: shared helpers below the scripts that use them."""
+    trees = {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(BENCHMARKS.glob("*.py"))}
+    graph = {name: imported_modules(tree) & set(trees) - {name} for name, tree in trees.items()}
+    assert graph["token_reward_study"], "no sibling import found: the parser misses imports"
+    assert find_cycle(graph) is None, f"benchmarks import in a circle: {find_cycle(graph)}"
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+
+    patches = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            sys_path = (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+            )
+            from_sys = isinstance(node, ast.ImportFrom) and node.module == "sys"
+            from_sys = from_sys and any(a.name == "path" for a in node.names)
+            site = getattr(node, "attr", getattr(node, "id", None)) == "addsitedir"
+            if sys_path or from_sys or site:
+                patches.append(f"benchmarks/{name}.py:{node.lineno}")
+    assert not patches, f"sys.path touched in {patches}: import siblings by name instead"
 
 
 def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> None:
@@ -48,20 +130,20 @@ def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> 
     assert policies["dpo_lr2e-4"].endswith("dpo_lr2e-4") and "rto_dpo_lr2e-4" in policies
 
 
-def test_interpolation_and_sample_efficiency(bench) -> None:
-    assert bench.interpolate([(0.0, 0.0), (2.0, 1.0)], 1.0) == 0.5
-    assert bench.interpolate([(0.0, 0.0), (2.0, 1.0)], 3.0) is None
+def test_interpolation_and_sample_efficiency(common) -> None:
+    assert common.interpolate([(0.0, 0.0), (2.0, 1.0)], 1.0) == 0.5
+    assert common.interpolate([(0.0, 0.0), (2.0, 1.0)], 3.0) is None
     curve = {1 / 8: 0.1, 1 / 4: 0.2, 1 / 2: 0.4, 1.0: 0.6}
-    assert bench.efficiency(curve, 0.3) == pytest.approx(0.375)
-    assert bench.efficiency(curve, 0.05) == 1 / 8
-    assert bench.efficiency(curve, 0.7) is None
+    assert common.efficiency(curve, 0.3) == pytest.approx(0.375)
+    assert common.efficiency(curve, 0.05) == 1 / 8
+    assert common.efficiency(curve, 0.7) is None
 
 
-def test_verdicts_account_for_seed_noise(bench) -> None:
-    assert bench.verdict(bench.mean_sd([0.10, 0.11, 0.12])) == "yes"
-    assert bench.verdict(bench.mean_sd([0.20, -0.05, 0.01])) == "weak"
-    assert bench.verdict(bench.mean_sd([-0.1, -0.2, 0.0])) == "no"
-    assert bench.weakest("yes", "weak") == "weak"
+def test_verdicts_account_for_seed_noise(common) -> None:
+    assert common.verdict(common.mean_sd([0.10, 0.11, 0.12])) == "yes"
+    assert common.verdict(common.mean_sd([0.20, -0.05, 0.01])) == "weak"
+    assert common.verdict(common.mean_sd([-0.1, -0.2, 0.0])) == "no"
+    assert common.weakest("yes", "weak") == "weak"
 
 
 def fake_seed(bench, runs: Path, seed: int, rto_gain: float, earlier_layout: bool = True) -> None:

@@ -17,14 +17,15 @@ from rto.pipeline import plan
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import token_reward_design as design  # noqa: E402
 import token_reward_report as report  # noqa: E402
 import token_reward_study as study  # noqa: E402
 
 
-def planned(unit: str, tmp_path: Path, size=study.FULL) -> dict:
+def planned(unit: str, tmp_path: Path, size=design.FULL) -> dict:
     recipe = tmp_path / f"{unit}.yaml"
-    folder = study.unit_folder(tmp_path / "runs", 0, unit)
-    recipe.write_text(yaml.safe_dump(study.recipe_for(unit, 0, folder, size), sort_keys=False))
+    folder = design.unit_folder(tmp_path / "runs", 0, unit)
+    recipe.write_text(yaml.safe_dump(design.recipe_for(unit, 0, folder, size), sort_keys=False))
     return {p.name: p for p in plan(str(recipe))[0]}
 
 
@@ -37,15 +38,15 @@ def test_units_are_valid_pipelines_that_reuse_shared_stages(tmp_path: Path) -> N
     assert short["dpo"].config.train.lr == 1e-3 and short["rm"].config.train.epochs == 8
     assert short["task"].config.seed == 0 and short["sft"].config.seed == 0
     coefs = {s: p.config.rl.kl_coef for s, p in short.items() if s.startswith("rl_ppo")}
-    assert sorted(coefs.values()) == sorted(study.PPO_KL_COEFS)
-    assert short["rl_rto"].config.rl.kl_coef == study.recipe_kl_coef() == 0.1
+    assert sorted(coefs.values()) == sorted(design.PPO_KL_COEFS)
+    assert short["rl_rto"].config.rl.kl_coef == design.recipe_kl_coef() == 0.1
     assert short["rl_rto"].config.rl.dpo_reward_scale == 0.05
     policies = dict(e.split("=", 1) for e in short["eval_short"].config.policies)
-    assert set(policies) == {"sft", "dpo", "rto", *(f"ppo_kl{c}" for c in study.PPO_KL_COEFS)}
+    assert set(policies) == {"sft", "dpo", "rto", *(f"ppo_kl{c}" for c in design.PPO_KL_COEFS)}
     # each share of the pairs: its own reward model, the sentence reward and critic start of its runs
-    for tag, share in study.RM_SHARES.items():
+    for tag, share in design.RM_SHARES.items():
         assert rm_data[f"rm_{tag}"].config.data.train_fraction == share
-        for name in (study.rto_stage(tag), study.ppo_stage(tag, 0.05)):
+        for name in (design.rto_stage(tag), design.ppo_stage(tag, 0.05)):
             assert rm_data[name].config.reward_model.endswith(f"rm_{tag}")
             assert rm_data[name].config.rl.critic_init == "reward_model"
     policies = dict(e.split("=", 1) for e in rm_data["eval_rm_data"].config.policies)
@@ -60,7 +61,7 @@ def test_longer_reviews_get_room_for_their_responses(length: str, tmp_path: Path
 
     task = stages["task"].config
     assert task.review_length == length
-    budget = study.LENGTHS[length]
+    budget = design.LENGTHS[length]
     rl = stages["rl_rto"].config
     assert rl.generate.max_new_tokens == budget["max_new_tokens"] > 48
     assert rl.data.max_prompt_length + rl.generate.max_new_tokens <= task.max_positions
@@ -75,8 +76,8 @@ def test_longer_reviews_get_room_for_their_responses(length: str, tmp_path: Path
     )
     # PPO's frontier: every study coefficient, plus this length's own points (KL grows with
     # length), each run evaluated beside RTO
-    coefs = sorted(study.PPO_KL_COEFS + study.EXTRA_KL_COEFS.get(length, ()))
-    assert length == "medium" or len(coefs) > len(study.PPO_KL_COEFS)
+    coefs = sorted(design.PPO_KL_COEFS + design.EXTRA_KL_COEFS.get(length, ()))
+    assert length == "medium" or len(coefs) > len(design.PPO_KL_COEFS)
     ppo = {s: p.config.rl.kl_coef for s, p in stages.items() if s.startswith("rl_ppo")}
     assert sorted(ppo.values()) == coefs
     policies = dict(e.split("=", 1) for e in stages[f"eval_{length}"].config.policies)
@@ -91,16 +92,16 @@ def fake_pairs(folder: Path, gold: list[tuple[float, float]]) -> None:
 
 
 def test_oracle_unit_uses_the_gold_reward_alone_as_sentence_reward(tmp_path: Path) -> None:
-    folder = study.unit_folder(tmp_path / "runs", 0, "oracle")
-    assert folder == study.unit_folder(tmp_path / "runs", 0, "short")  # short's pairs and models
+    folder = design.unit_folder(tmp_path / "runs", 0, "oracle")
+    assert folder == design.unit_folder(tmp_path / "runs", 0, "short")  # short's pairs and models
     with pytest.raises(SystemExit, match="run the short unit first"):
-        study.recipe_for("oracle", 0, folder)
+        design.recipe_for("oracle", 0, folder)
     # gold rewards of the pair responses: 0.5, -0.5, 0.3, -0.3 -> sd 0.4123 -> weight 2.425
     fake_pairs(folder, [(0.5, -0.5), (0.3, -0.3)])
     stages = planned("oracle", tmp_path)
     runs = {k: p.config for k, p in stages.items() if k.startswith("rl_")}
-    assert set(runs) == {study.rto_stage("oracle")} | {
-        study.ppo_stage("oracle", c) for c in study.PPO_KL_COEFS
+    assert set(runs) == {design.rto_stage("oracle")} | {
+        design.ppo_stage("oracle", c) for c in design.PPO_KL_COEFS
     }
     for cfg in runs.values():
         # the gold reward in place of the reward model's score, weighted as the score is
@@ -111,8 +112,8 @@ def test_oracle_unit_uses_the_gold_reward_alone_as_sentence_reward(tmp_path: Pat
         assert cfg.reward_model.endswith("/rm") and cfg.rl.critic_init == "reward_model"
     from rto.stages.rl import critic_source
 
-    assert critic_source(runs[study.rto_stage("oracle")], True)[0].endswith("/rm")
-    assert runs[study.rto_stage("oracle")].reward_sources() == ["dpo", "reward_fn"]
+    assert critic_source(runs[design.rto_stage("oracle")], True)[0].endswith("/rm")
+    assert runs[design.rto_stage("oracle")].reward_sources() == ["dpo", "reward_fn"]
     # everything upstream is short's, so the oracle unit reuses short's finished stages
     short = planned("short", tmp_path)
     assert [short[s].fingerprint for s in ("sft", "rm", "dpo")] == [
@@ -121,11 +122,11 @@ def test_oracle_unit_uses_the_gold_reward_alone_as_sentence_reward(tmp_path: Pat
 
 
 def test_schedule_keeps_the_units_of_one_folder_in_order() -> None:
-    chains = study.jobs([0, 1], list(study.UNITS))
+    chains = design.jobs([0, 1], list(design.UNITS))
     assert chains[0] == [(0, "long")] and chains[1] == [(1, "long")]
     assert [(0, "short"), (0, "rm_data"), (0, "oracle")] in chains
     assert sorted(u for c in chains for u in c) == sorted(
-        (s, u) for s in (0, 1) for u in study.UNITS
+        (s, u) for s in (0, 1) for u in design.UNITS
     )
 
 
@@ -133,7 +134,7 @@ def test_readme_states_every_claim_before_the_results() -> None:
     readme = (ROOT / "README.md").read_text()
     start = readme.index("## Where does the token reward pay?")
     section = " ".join(readme[start:].split())
-    for claim in study.CLAIMS:
+    for claim in design.CLAIMS:
         assert claim["claim"] in section and claim["rule"] in section, claim["id"]
 
 
@@ -151,22 +152,22 @@ def fake_study(runs: Path, seeds: list[int]) -> None:
     for seed in seeds:
         noise = 0.004 * (seed - 1)
         evals: dict[str, dict] = {}
-        for point, (unit, tag) in study.POINTS.items():
+        for point, (unit, tag) in design.POINTS.items():
             methods = evals.setdefault(unit, {})
             methods["sft"] = {"gold_reward_mean": 0.05, "kl_mean": 0.0, "fluency_rate": 0.95,
                               "length_mean": SFT_LENGTH.get(point, 14.0)}  # fmt: skip
             for coef, (kl, gold) in FRONTIER.items():
-                methods[study.ppo_policy(tag, coef)] = {"gold_reward_mean": gold, "kl_mean": kl,
+                methods[design.ppo_policy(tag, coef)] = {"gold_reward_mean": gold, "kl_mean": kl,
                                                         "fluency_rate": 0.9, "length_mean": 20.0}  # fmt: skip
             rto_kl = 5.0 if (point, seed) == ("long", 2) else 2.5  # beyond PPO's frontier: not read
-            methods[study.rto_policy(tag)] = {"gold_reward_mean": 0.55 + ADVANTAGE[point] + noise,
+            methods[design.rto_policy(tag)] = {"gold_reward_mean": 0.55 + ADVANTAGE[point] + noise,
                                               "kl_mean": rto_kl, "fluency_rate": 0.9, "length_mean": 21.0}  # fmt: skip
-            folder = study.unit_folder(runs, seed, unit)
+            folder = design.unit_folder(runs, seed, unit)
             # rollout curves: PPO flat at 0.5; RTO 0 for 4 iterations, then 1 (reaches PPO's
             # final value after a quarter of the samples), except with the oracle: never
             ppo = [0.5] * 20
             rto = [0.0] * 4 + [1.0 if point != "oracle" else 0.2] * 16
-            for stage, curve in ((study.ppo_stage(tag, 0.1), ppo), (study.rto_stage(tag), rto)):
+            for stage, curve in ((design.ppo_stage(tag, 0.1), ppo), (design.rto_stage(tag), rto)):
                 (folder / stage).mkdir(parents=True, exist_ok=True)
                 # the oracle runs' sentence reward is the gold reward alone, weighted 2.5 (the
                 # report checks it); the others' is the reward model's score
@@ -180,13 +181,13 @@ def fake_study(runs: Path, seeds: list[int]) -> None:
                 rl = {"reward_fn_coef": 2.5, "score_coef": 0.0} if tag == "oracle" else {}
                 (folder / stage / "config.yaml").write_text(yaml.safe_dump({"rl": rl}))
         for unit, methods in evals.items():
-            out = study.unit_folder(runs, seed, unit) / f"eval_{unit}"
+            out = design.unit_folder(runs, seed, unit) / f"eval_{unit}"
             out.mkdir(parents=True, exist_ok=True)
             (out / "eval.json").write_text(json.dumps({"methods": methods}))
             env = {"cpu": "Test CPU", "cpu_capability": "AVX2", "packages": {"torch": "2.13.0"}}
             (out / "summary.json").write_text(json.dumps({"environment": env}))
         for stage, share in (("rm", 1.0), ("rm_f8", 1 / 8), ("rm_f4", 1 / 4), ("rm_f2", 1 / 2)):
-            folder = study.unit_folder(runs, seed, "short") / stage
+            folder = design.unit_folder(runs, seed, "short") / stage
             folder.mkdir(parents=True, exist_ok=True)
             summary = {"eval/accuracy": 0.7 + 0.1 * share, "eval/gold_accuracy": 0.95,
                        "data": {"train": {"rows": round(3000 * share)}}}  # fmt: skip
@@ -219,7 +220,7 @@ def test_report_turns_seed_results_into_the_written_verdicts(tmp_path: Path) -> 
     assert "short yes (0.25, 0.25, 0.25)" in evidence["efficiency"]
     md = (tmp_path / "out" / "token_reward_study.md").read_text()
     assert "Made on: Test CPU (AVX2)" in md
-    for claim in study.CLAIMS:  # the rules are echoed beside the verdicts
+    for claim in design.CLAIMS:  # the rules are echoed beside the verdicts
         assert claim["rule"] in md
     assert "| 0.25 | 750 ± 0 | 0.725 ± 0.000 | 0.950 ± 0.000 |" in md
     assert "| long | " in md and "(per seed +0.096, +0.100, not read) |" in md
@@ -243,7 +244,7 @@ def test_no_oracle_verdict_unless_its_sentence_reward_was_the_gold_reward_alone(
 ) -> None:
     runs = tmp_path / "runs"
     fake_study(runs, [0, 1, 2])
-    stage = study.unit_folder(runs, 1, "oracle") / study.rto_stage("oracle") / "metrics.jsonl"
+    stage = design.unit_folder(runs, 1, "oracle") / design.rto_stage("oracle") / "metrics.jsonl"
     rows = [json.loads(line) for line in stage.read_text().splitlines()]
     if spoil == "off_gold":
         rows[3]["reward/reward_fn_sum"] += 1.25  # not the gold reward times its weight
@@ -263,7 +264,7 @@ def test_an_oracle_gain_bought_with_malformed_text_is_weak_at_best(tmp_path: Pat
     runs = tmp_path / "runs"
     fake_study(runs, [0, 1, 2])
     for seed in (0, 1, 2):  # RTO beats PPO by 0.1 with the oracle, at 0.1 less fluency
-        f = study.unit_folder(runs, seed, "oracle") / "eval_oracle" / "eval.json"
+        f = design.unit_folder(runs, seed, "oracle") / "eval_oracle" / "eval.json"
         res = json.loads(f.read_text())
         res["methods"]["rto_oracle"].update(gold_reward_mean=0.65 + seed / 100, fluency_rate=0.8)
         f.write_text(json.dumps(res))

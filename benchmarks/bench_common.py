@@ -1,0 +1,132 @@
+"""What the benchmarks share: the runner (`rto pipeline` in a process of its own), statistics over
+seeds, PPO's reward-KL frontier and the verdicts that read them.
+
+Used by paper_miniature.py and the token-reward study (token_reward_design.py, _report.py,
+_estimate.py, _study.py). A script run as `python benchmarks/X.py` finds this module beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+BASE_RECIPE = ROOT.parent / "src" / "rto" / "recipes" / "sentiment_quick.yaml"  # every benchmark's
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def run_pipeline(recipe: dict, recipe_file: Path, log_file: Path) -> tuple[int, float]:
+    """`rto pipeline` on `recipe` in its own process with one thread (so that runs side by side
+    do not slow each other down and reruns repeat the numbers); (exit code, seconds)."""
+    code, seconds, _ = run_pipeline_timed(recipe, recipe_file, log_file)
+    return code, seconds
+
+
+def run_pipeline_timed(recipe: dict, recipe_file: Path, log_file: Path) -> tuple[int, float, float]:
+    """As run_pipeline, also giving the CPU seconds (user + sys) the pipeline used: what it costs
+    on an idle core whatever else ran beside it, where wall time under load is not."""
+    recipe_file.parent.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    began = time.time()
+    with open(log_file, "a") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rto", "pipeline", "--config", str(recipe_file)],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.time() - began, usage.ru_utime + usage.ru_stime
+
+
+# --------------------------------------------------------------------------- statistics over seeds
+
+
+def mean_sd(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}  # fmt: skip
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the piecewise-linear curve through (x, y) points; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    return None
+
+
+def efficiency(gold_by_budget: dict[float, float], target: float) -> float | None:
+    """Smallest budget fraction where the curve (linear between measured budgets) reaches target."""
+    points = sorted(gold_by_budget.items())
+    if points[0][1] >= target:
+        return points[0][0]
+    for (f0, g0), (f1, g1) in zip(points, points[1:]):
+        if g0 < target <= g1:
+            return f0 + (target - g0) / (g1 - g0) * (f1 - f0)
+    return None  # never reached within the budget
+
+
+# --------------------------------------------------------------------------- frontier
+
+
+def above_ppo_frontier(res: dict, name: str, ppo: list[str]) -> float | None:
+    """Gold reward of `name` minus PPO's reward-KL frontier of the same seed (the PPO runs `ppo`,
+    linear in KL between them), read at `name`'s KL; None when that KL is outside the frontier or
+    `name` was not run. `res`: one seed's evaluation, policy name -> its metrics."""
+    if name not in res:
+        return None
+    frontier = [(res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in ppo if n in res]
+    ppo_at = interpolate(frontier, res[name]["kl_mean"])
+    return None if ppo_at is None else res[name]["gold_reward_mean"] - ppo_at
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def verdict(d: dict) -> str:
+    """'yes' when a paired difference is positive by more than two standard errors over seeds,
+    'weak' when it is positive but within that noise, 'no' otherwise."""
+    if d["mean"] is None:
+        return "no"
+    se = d["sd"] / math.sqrt(d["n"]) if d["n"] > 1 else 0.0
+    return "yes" if d["mean"] - 2 * se > 0 else "weak" if d["mean"] > 0 else "no"
+
+
+def weakest(*verdicts: str) -> str:
+    return min(verdicts, key=["no", "weak", "yes"].index)
+
+
+VERDICT_TEXT = {"yes": "**yes**", "weak": "*weak*", "no": "**no**", "n/a": "cannot tell"}
+
+# --------------------------------------------------------------------------- reports
+
+
+def made_on(env: dict | None) -> str:
+    if not env:
+        return "Made on: not recorded."
+    p = env.get("packages", {})
+    where = ", ".join(env.get("gpus") or [f"{env.get('cpu')} ({env.get('cpu_capability')})"])
+    return (f"Made on: {where}; Python {env.get('python')}, torch {p.get('torch')}, transformers "
+            f"{p.get('transformers')}. The same command on the same CPU kind and package versions "
+            "gives the same numbers; elsewhere float rounding differs and the numbers move within "
+            "their spread.")  # fmt: skip
