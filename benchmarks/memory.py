@@ -135,8 +135,8 @@ def make_adapter(section, out: Path, *, score_head: bool) -> None:  # type: igno
     from accelerate import Accelerator
 
     from rto.config.sections import LoraSection
-    from rto.models import lora
     from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
+    from rto.models.trainable import make_trainable
 
     settings = LoraSection(r=int(LORA_RANK))
     if score_head:
@@ -144,12 +144,13 @@ def make_adapter(section, out: Path, *, score_head: bool) -> None:  # type: igno
                                      role="reward model")  # fmt: skip
     else:
         model = load_causal_lm(section)
-    model = lora.add_adapter(model, section, settings, score_head=score_head)
+    trainable = make_trainable(model, section, settings, score_head=score_head)
+    model = trainable.model
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=1e-3)
-    lora.save_trained(model, load_tokenizer(section), out, Accelerator(cpu=True), settings)
+    trainable.save(model, load_tokenizer(section), out, Accelerator(cpu=True), settings)
 
 
 def rl_command(name: str, cfg: Config, inputs: dict[str, Path], work: Path) -> list[str]:

@@ -37,6 +37,7 @@ def main() -> int:
     import torch
 
     from rto.cli import main as rto_main
+    from rto.rl import roles as rl_roles
     from rto.rl import trainer as rl_trainer
 
     def rss(key: str) -> float:
@@ -56,12 +57,12 @@ def main() -> int:
 
         setattr(rl_trainer.PPOTrainer, name, measured)
 
-    for name in ("rollout", "score", "update"):
+    for name in ("rollout", "score", "update"):  # the phases of PPOTrainer.train
         phase(name)
 
     saved: collections.Counter = collections.Counter()
     passes: collections.Counter = collections.Counter()
-    forward = rl_trainer.ActorCritic.forward
+    forward = rl_roles.ActorCritic.forward
 
     def counted_forward(self, role, *a, **k):  # type: ignore[no-untyped-def]
         seen: set[int] = set()
@@ -78,7 +79,7 @@ def main() -> int:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             return forward(self, role, *a, **k)
 
-    rl_trainer.ActorCritic.forward = counted_forward
+    rl_roles.ActorCritic.forward = counted_forward
     code = rto_main(["rl", *rl_args])
     for role, nbytes in saved.items():
         n = max(passes[role], 1)

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     from rto.engine.environment import environment
     from rto.models.generate import sample, stop_ids
     from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
-    from rto.preference import dpo_token_rewards
+    from rto.rl.roles import SeparateModels
+    from rto.rl.sources import dpo_log_ratio
     from rto.tasks.sentiment import word_valence
 
     torch.set_num_threads(2)
@@ -91,14 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
     prompts, _ = build_prompts(rows, tok, max_prompt_length=32, source=str(sft))
     gen = GenerateSection(max_new_tokens=48, batch_size=200)
     eos = stop_ids(tok, ref)
+    roles = SeparateModels(policy=ref, ref=ref, dpo=pi_dpo)
     torch.manual_seed(args.seed)
     pairs: list[tuple[str, float, float]] = []  # word, reward, contextual valence
     for i in range(0, len(prompts), gen.batch_size):
         s = sample(ref, [p["prompt_ids"] for p in prompts[i : i + gen.batch_size]], pad_id=tok.pad_token_id, eos=eos,
                    max_new_tokens=gen.max_new_tokens)  # fmt: skip
-        r = dpo_token_rewards(
-            pi_dpo, ref, s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask, beta
-        )
+        batch = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask,
+                 "response_ids": s.response_ids, "response_mask": s.response_mask}  # fmt: skip
+        r = beta * dpo_log_ratio(roles, batch)  # RTO's token reward, as the RL stage computes it
         for ids, rew in zip(s.response_ids.tolist(), r.tolist()):
             words = words_and_rewards(tok, ids, rew, set(eos))
             for j, (w, reward) in enumerate(words):

@@ -241,7 +241,7 @@ def test_dpo_reference_with_the_adapter_off_equals_a_separate_reference() -> Non
 
     sft = tiny_lm(0)
     section = ModelSection(path="sft")
-    policy = lora.add_adapter(copy.deepcopy(sft), section, LoraSection(r=4))
+    policy, _ = lora.add_adapter(copy.deepcopy(sft), section, LoraSection(r=4))
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:  # a trained adapter: the policy differs from the reference

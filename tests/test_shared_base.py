@@ -18,6 +18,7 @@ from rto.files import write_json
 from rto.models import lora
 from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
 from rto.models.reward_model import load_reward_model
+from rto.models.trainable import make_trainable
 from rto.rl.roles import policy_logprobs
 from rto.rl.shared_base import SharedBase, load_shared_base
 
@@ -39,13 +40,14 @@ def make_adapter(base: Path, out: Path, *, score_head: bool, seed: int) -> Path:
                                   role="reward model")  # fmt: skip
     else:
         hf = load_causal_lm(section)
-    model = lora.add_adapter(hf, section, settings, score_head=score_head)
+    trainable = make_trainable(hf, section, settings, score_head=score_head)
+    model = trainable.model
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or ".score." in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    lora.save_trained(model, load_tokenizer(section), out, Accelerator(cpu=True), settings)
+    trainable.save(model, load_tokenizer(section), out, Accelerator(cpu=True), settings)
     if score_head:
         write_json(out / "reward_stats.json", {"mean": 0.0, "std": 1.0, "n": 0})
     return out
