@@ -229,3 +229,60 @@ def test_a_token_function_that_cannot_be_imported_is_refused_before_loading(
                         "--token_reward_fn", "no_such_module_here:f"))  # fmt: skip
     assert code == 2
     assert "token_reward_fn" in capsys.readouterr().err
+
+
+class LearningSource:
+    """A token-reward source that keeps learning, registered from outside rto: every token gets
+    the number of rollouts it has learned from (times its scale); that count is its state."""
+
+    name = "learning"
+    model = None
+
+    def __init__(self) -> None:
+        from rto.rl.rewards import SourceSettings
+
+        self.settings = SourceSettings(scale=0.01)
+        self.seen = 0
+
+    def __call__(self, r) -> torch.Tensor:
+        return torch.full(r.response_ids.shape, float(self.seen), device=r.response_ids.device)
+
+    def learn(self, r) -> dict[str, float]:
+        self.seen += 1
+        return {"seen": self.seen, "responses": len(r)}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seen = state["seen"]
+
+
+def test_a_learning_token_reward_source_slots_in_without_touching_the_trainer(
+    tiny_task: Path, sft_model: Path, reward_model: Path, dpo_model: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A source registered with rl.sources.register is computed, placed, logged, taught every
+    rollout and checkpointed: a run stopped by a failed checkpoint and resumed ends as the
+    uninterrupted run does."""
+    from rto.rl import sources
+
+    monkeypatch.setitem(sources.REGISTRY, "learning", lambda cfg, ctx: LearningSource())
+    extra = ("--preset", "ppo", "--train.max_steps", "3", "--train.save_every", "1")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, whole, *extra))
+    logged = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in logged if "source/learning/seen" in row]
+    assert [row["source/learning/seen"] for row in steps] == [1.0, 2.0, 3.0]
+    # the first rollout's values are 0 (nothing learned yet); later ones add 0.01 * seen a token
+    assert steps[0]["reward/learning_sum"] == 0.0
+    length = steps[1]["rollout/response_length"]
+    assert steps[1]["reward/learning_sum"] == pytest.approx(0.01 * length, rel=1e-5)
+
+    monkeypatch.setenv("RTO_FAULT", "disk_full_during_save:2")
+    assert rto(*rl_args(tiny_task, sft_model, reward_model, dpo_model, stopped, *extra)) == 2
+    monkeypatch.delenv("RTO_FAULT")
+    rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, stopped, *extra, "--resume"))
+    resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[-1]["source/learning/seen"] == 3.0
+    assert resumed[-1]["reward/learning_sum"] == logged[-1]["reward/learning_sum"]

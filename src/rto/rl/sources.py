@@ -23,6 +23,12 @@ an object with
     model         (what, path) of the model its values come from, or None: NaN or inf in its
                   values then stops the run naming that model
     __call__(r)   the (B, T) values for a scored rollout `r` (the roles' passes are in it)
+and, for a source that keeps learning (an online token-reward model), optionally
+    learn(r)      called once per iteration after the rewards and advantages are made, with
+                  the whole rollout; returns metrics, logged as source/<name>/<key>
+    state_dict() / load_state_dict(state)
+                  its state (weights, optimiser, counters), saved in every checkpoint and
+                  loaded on --resume (accelerate's register_for_checkpointing)
 The trainer only calls sources through this; the DPO source has no other door.
 """
 

@@ -76,6 +76,9 @@ class PPOTrainer:
         self.temperature = cfg.generate.temperature or 1.0
         context = SourceContext(roles, tokenizer, self.eos, self.rl.forward_batch_size, self.temperature)  # fmt: skip
         self.sources = build_sources(cfg, context)  # token-reward sources (rl/sources.py)
+        for source in self.sources:  # a learning source's state goes into every checkpoint
+            if hasattr(source, "state_dict"):
+                self.acc.register_for_checkpointing(source)
         self.sentence = sentence_rewards(cfg)  # sentence reward functions
         self.segment_ids = None
         if any(s.settings.granularity == "segment" for s in self.sources):
@@ -196,6 +199,15 @@ class PPOTrainer:
         if rl.whiten_advantages:
             adv = whiten(adv, r.response_mask, reduce_sum=self._reduce_sum)
         r.advantages, r.returns = adv, ret
+
+    def learn(self, r: Rollout) -> dict[str, float]:
+        """Let the sources that keep learning (`learn`, rl/sources.py) learn from this rollout."""
+        metrics = {}
+        for source in self.sources:
+            if hasattr(source, "learn"):
+                learned = source.learn(r) or {}
+                metrics.update({f"source/{source.name}/{k}": float(v) for k, v in learned.items()})
+        return metrics
 
     def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
@@ -357,8 +369,9 @@ class PPOTrainer:
             self.score(r, it)
             parts = self.rewards(r)
             self.advantages(r)
+            learned = self.learn(r)
             t2 = time.time()
-            rollout_stats = self.rollout_metrics(r, parts)
+            rollout_stats = {**self.rollout_metrics(r, parts), **learned}
             self.kl.update(rollout_stats["rollout/kl"], len(r) * eng.world)
             train_stats = self.update(r, it, step, total_updates, per_iter)
             t3 = time.time()
