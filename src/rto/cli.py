@@ -300,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # torch.save and safetensors report a full disk without OSError
         from rto.engine.checkpoint import disk_full
 
-        out = getattr(cfg, "out", None) or getattr(args, "out", None)
-        if not disk_full(exc, out):
+        if not disk_full(exc):  # by its text only: any other error keeps its traceback
             raise
+        out = getattr(cfg, "out", None) or getattr(args, "out", None)
         where = f" while writing into {out}" if out else ""
         print(f"rto {args.stage}: error: {disk_full_error(where, cfg)}", file=sys.stderr)
         return 2
