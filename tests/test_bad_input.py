@@ -13,6 +13,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +246,24 @@ CASES = [
      ["checkpoint", "step-1 does not fit this run", "--overwrite"]),
     ("interrupted-resume-other-stage", lambda w: w.preference("rm", w.interrupted, "--resume"),
      ["cannot continue", "another stage", "completion_only_loss"]),
+    # an --out that is or holds an input of the run: refused with or without --overwrite
+    ("out-is-model-path", lambda w: w.sft(R(w), "--overwrite", "--model.path", R(w)),
+     ["run/sft is model.path (", "run/sft), an input of this run", "Choose another --out"]),
+    ("out-is-model-path-no-flag", lambda w: w.sft(R(w), "--model.path", R(w)), ["is model.path", "an input"]),
+    ("out-holds-data-path", lambda w: w.sft(R(w), "--overwrite", "--data.path", R(w) / "metrics.jsonl"),
+     ["run/sft holds data.path (", "run/sft/metrics.jsonl), an input of this run", "Choose another --out"]),
+    ("out-holds-model-path", lambda w: w.sft(R(w).parent, "--overwrite", "--model.path", R(w)),
+     ["/run holds model.path (", "run/sft)"]),
+    ("interrupted-resume-holds-data", lambda w: C(w, "--data.path", w.interrupted / "metrics.jsonl"),
+     ["holds data.path", "metrics.jsonl"]),
+    ("dpo-out-is-ref-model", lambda w: w.preference("dpo", R(w), "--overwrite", "--ref_model", R(w)),
+     ["run/sft is ref_model (", "an input"]),
+    ("rl-out-is-dpo-model", lambda w: w.rl(R(w), "--overwrite", "--preset", "rto", "--dpo_model", R(w)),
+     ["run/sft is dpo_model (", "an input"]),
+    ("rl-out-is-reference", lambda w: w.rl(R(w), "--overwrite", "--ref_model", R(w)), ["is ref_model"]),
+    ("eval-out-is-a-policy", lambda w: w.eval(R(w), "--overwrite", "--policies", f"sft={R(w)}"),
+     ["run/sft is policies (", "an input"]),
+    ("report-out-is-eval", lambda w: ["report", "--out", R(w), "--overwrite", "--eval", R(w)], ["is eval"]),
     ("interrupted-overwrite-latin1", lambda w: w.sft(w.interrupted, "--overwrite", "--data.path", w.bad / "latin1.jsonl"),
      ["latin1.jsonl, line 3", "not UTF-8"]),
     # ----------------------------------------------------------------- data files
@@ -333,6 +355,9 @@ CASES = [
      ["/nope/sft.jsonl does not exist"]),
     ("pipeline-nan", lambda w: ["pipeline", "--config", w.recipe, "--set", "sft.train.lr=.nan"],
      ["'train.lr'", "finite", "stage sft"]),
+    ("pipeline-input-in-own-out", lambda w: ["pipeline", "--config", w.recipe, "--set",
+                                             "sft.data.path='{out}/sft/metrics.jsonl'"],
+     ["running sft", "--out", "run/sft holds data.path ("]),
     ("pipeline-set-not-yaml", lambda w: ["pipeline", "--config", w.recipe, "--set", "sft.train.lr=["],
      ["--set 'sft.train.lr=['", "not valid YAML"]),
     ("pipeline-set-into-a-value", lambda w: ["pipeline", "--config", w.recipe, "--set", "sft.train.max_steps.x=1"],
@@ -502,6 +527,58 @@ def test_a_full_disk_during_a_checkpoint_says_where_and_resumes(
     assert rto(*world.sft(out, *steps, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+@contextmanager
+def small_disk(folder: Path, size: int) -> Iterator[Path]:
+    """A real file system of `size` bytes (a tmpfs) at `folder`, for as long as the block runs."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root and mount (for a small tmpfs)")
+    folder.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield folder
+    finally:  # lazily when a failed run still holds a file open there
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("writing", ["checkpoint", "final model"])
+def test_a_real_full_disk_says_where_and_resumes(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture, writing: str
+) -> None:
+    """A real full disk, not the simulated fault: torch's zip writer reports it as a
+    RuntimeError ("unexpected pos") and safetensors as a SafetensorError, neither an OSError; the
+    user still gets the message the fault gives. The disk holds one checkpoint (sized from the
+    interrupted run's, of the same model) and a bit: the checkpoint of step 2, or the final model
+    after the checkpoint of step 1, does not fit."""
+    one = sum(p.stat().st_size for p in (world.interrupted / "checkpoints" / "step-1").iterdir())
+    size = int(one * (1.5 if writing == "checkpoint" else 1.2)) + 64 * 1024
+    steps = ("--train.max_steps", "3" if writing == "checkpoint" else "2", "--train.save_every", "1",
+             "--train.keep_checkpoints", "1")  # fmt: skip
+    with small_disk(tmp_path / "disk", size) as disk:
+        out = disk / "o"
+        capsys.readouterr()
+        assert rto(*world.sft(out, *steps)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "RuntimeError" not in err and "SafetensorError" not in err
+        step1 = out / "checkpoints" / "step-1"
+        if writing == "checkpoint":
+            assert "could not write the checkpoint of step 2: the disk is full" in err
+            assert f"({out / 'checkpoints' / '.partial-step-2'})" in err
+            assert f"the last complete checkpoint, {step1}, is intact" in err
+        else:
+            assert f"the disk is full while writing into {out}; free space there" in err
+            assert f"--resume: it continues from {step1}, the last complete checkpoint" in err
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]  # no partial one
+        moved = tmp_path / "o"  # space freed: the run, moved to a disk with room, resumes
+        shutil.copytree(out, moved)
+    assert rto(*world.sft(moved, *steps, "--resume")) == 0
+    assert f"resumed from {moved / 'checkpoints' / 'step-1'} (step 1)" in capsys.readouterr().err
+    assert json.loads((moved / "summary.json").read_text())["steps"] == int(steps[1])
 
 
 def test_judges_are_named_with_what_they_returned() -> None:

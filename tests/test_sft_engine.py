@@ -59,9 +59,12 @@ def test_rerun_with_saved_config_repeats_the_run(sft_model: Path, tmp_path: Path
     assert code == 2
 
 
-def test_existing_run_is_not_overwritten(sft_model: Path, capsys: pytest.CaptureFixture) -> None:
+def test_existing_run_is_not_overwritten(
+    sft_model: Path, tiny_task: Path, capsys: pytest.CaptureFixture
+) -> None:
     before = (sft_model / "model.safetensors").read_bytes()
-    code = rto("sft", "--out", sft_model, "--model.path", sft_model, "--data.path", "x.jsonl")
+    base = tiny_task / "base_model"  # not sft_model itself: an --out that is model.path is refused
+    code = rto("sft", "--out", sft_model, "--model.path", base, "--data.path", "x.jsonl")
     assert code == 2
     assert "already holds a finished sft run; pass --overwrite" in capsys.readouterr().err
     assert (sft_model / "model.safetensors").read_bytes() == before

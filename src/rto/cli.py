@@ -165,14 +165,33 @@ def load_config(stage: Stage, args: argparse.Namespace, unknown: list[str]) -> A
 FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-def file_system_error(exc: OSError) -> str:
+def file_system_error(exc: OSError, cfg: Any = None) -> str:
     where = f" ({exc.filename})" if exc.filename else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        out = getattr(cfg, "out", None)
+        return disk_full_error(where or (f" while writing into {out}" if out else ""), cfg)
+    return f"{exc.strerror}{where}; check the permissions of that path, or choose another one"
+
+
+def disk_full_error(where: str, cfg: Any = None) -> str:
+    """A full disk while a stage wrote into its --out (`cfg.out`): what to do, and for a training
+    stage the checkpoint that --resume continues from."""
+    if cfg is None or not hasattr(cfg, "resume"):
         return (
             f"the disk is full{where}; free space, then rerun the command (a training stage with "
             "--resume continues from its last complete checkpoint)"
         )
-    return f"{exc.strerror}{where}; check the permissions of that path, or choose another one"
+    from pathlib import Path
+
+    from rto.engine.checkpoint import Checkpoints
+
+    done = Checkpoints(Path(cfg.out), None, 1).complete()
+    start = (
+        f"it continues from {done[-1][1]}, the last complete checkpoint, which is intact"
+        if done
+        else "no checkpoint was written yet, so it starts from the beginning"
+    )
+    return f"the disk is full{where}; free space there, then rerun the same command with --resume: {start}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.stage:
         parser.print_help()
         return 0
+    cfg = None  # the stage's config, once loaded: where a full disk was written to
     try:
         if args.stage in ("pipeline", "demo"):
             if unknown:
@@ -198,7 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in FILE_SYSTEM_ERRORS:
             raise
-        print(f"rto {args.stage}: error: {file_system_error(exc)}", file=sys.stderr)
+        print(f"rto {args.stage}: error: {file_system_error(exc, cfg)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # torch.save and safetensors report a full disk without OSError
+        from rto.engine.checkpoint import disk_full
+
+        if not disk_full(exc):  # by its text only: any other error keeps its traceback
+            raise
+        out = getattr(cfg, "out", None) or getattr(args, "out", None)
+        where = f" while writing into {out}" if out else ""
+        print(f"rto {args.stage}: error: {disk_full_error(where, cfg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -24,6 +24,18 @@ from rto.files import read_json, write_json
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# How writers that do not raise OSError report a full disk: torch's zip writer (torch.save, a
+# RuntimeError "[enforce fail at inline_container.cc] . unexpected pos N vs M" after a short
+# write) and safetensors (SafetensorError "I/O error: No space left on device (os error 28)").
+_DISK_FULL_TEXT = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "os error 28",
+    "os error 122",
+    "StorageFull",
+    "unexpected pos",
+)
+_NEARLY_FULL = 1 << 20  # bytes; a write that failed with less free than this ran out of space
 
 
 class Checkpoints:
@@ -83,25 +95,28 @@ class Checkpoints:
                 _fsync_dir(self.root)
                 for _, old in self.complete()[: -self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
-        except OSError as exc:
-            raise self._write_failed(exc, step, partial) from None
+        except Exception as exc:  # torch and safetensors report a full disk without OSError
+            full = disk_full(exc, partial)  # before the partial checkpoint frees its space
+            if not full and not isinstance(exc, OSError):
+                raise
+            raise self._write_failed(exc, step, partial, full) from None
         acc.wait_for_everyone()
         return final
 
-    def _write_failed(self, exc: OSError, step: int, partial: Path) -> TrainingError:
+    def _write_failed(self, exc: Exception, step: int, partial: Path, full: bool) -> TrainingError:
         """A checkpoint that could not be written (a full disk, a lost mount): drop the partial
         one, and say which complete checkpoint the run resumes from."""
         shutil.rmtree(partial, ignore_errors=True)
         latest = self.latest()
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        what = "the disk is full" if full else f"{exc.strerror or exc}"
-        where = exc.filename or partial
+        what = "the disk is full" if full else f"{getattr(exc, 'strerror', None) or exc}"
+        where = getattr(exc, "filename", None) or partial
         resume = (
             f"the last complete checkpoint, {latest}, is intact and resumes with --resume"
             if latest is not None
             else "no complete checkpoint was written yet, so --resume starts from the beginning"
         )
-        fix = "free space there (or set train.keep_checkpoints 1)" if full else "fix that"
+        fewer = " (or set train.keep_checkpoints 1)" if self.keep > 1 else ""
+        fix = f"free space there{fewer}" if full else "fix that"
         return TrainingError(
             f"could not write the checkpoint of step {step}: {what} ({where}); {resume}. "
             f"{fix[0].upper() + fix[1:]}, then rerun the same command with --resume"
@@ -115,6 +130,29 @@ class Checkpoints:
         if self.accelerator.is_main_process and self.root.is_dir():
             shutil.rmtree(self.root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+
+def disk_full(exc: BaseException, path: str | Path | None = None) -> bool:
+    """Whether `exc`, raised while writing into `path`, came from a full disk (or quota). An
+    OSError says so by its errno; torch's zip writer and safetensors raise other exceptions,
+    recognised by their text or, failing that, by `path`'s file system having (almost) no space
+    left at the moment of the failure."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if any(text in str(exc) for text in _DISK_FULL_TEXT):
+        return True
+    return path is not None and free_space(Path(path)) < _NEARLY_FULL
+
+
+def free_space(path: Path) -> float:
+    """Bytes this user may still write on the file system of `path` (or of its nearest folder
+    that exists); infinite when that cannot be told."""
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return float("inf")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -3,8 +3,8 @@
 A stage opens its folder in two steps:
 
 * `RunFolder.check(cfg, stage)`, before any work: refuses an --out that is a file or cannot be
-  written, refuses to clobber an earlier run without --resume or --overwrite, and decides what
-  this run does there. It writes nothing.
+  written, or that is (or holds) one of the run's own inputs, refuses to clobber an earlier run
+  without --resume or --overwrite, and decides what this run does there. It writes nothing.
 * `folder.begin()`, once every input has been validated and loaded, right before the first
   write: only then is an old run replaced (--overwrite) and config.yaml written.
 
@@ -15,6 +15,7 @@ finished run with the same config does nothing and says so, with another config 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -44,6 +45,33 @@ OWNED = (
 # Config keys that do not change what a run makes: a finished run resumed with other values of
 # these is still the same run.
 NOT_COMPARED = ("out", "log")
+# Config leaves whose values are names, not files or folders (splits, columns, judges, hub ids of
+# uploads, tracker names): a value that happens to name a path there is not an input. Every other
+# string leaf without fixed choices is an input when it names an existing file or folder.
+NOT_PATHS = frozenset(
+    {
+        "out",
+        "split",
+        "eval_split",
+        "prompts_split",
+        "revision",
+        "gguf_file",  # a file name inside model.path, which is checked itself
+        "push_to_hub",
+        "gold_reward",
+        "fluency",
+        "reward_fn",
+        "token_reward_fn",
+        "gold_columns",
+        "margin_column",
+        "segment_delimiters",
+        "target_modules",
+        "report_to",
+        "project",
+        "run_name",
+        "title",
+        "baseline",
+    }
+)
 
 
 def resolved_config(cfg: Any) -> dict[str, Any]:
@@ -90,6 +118,7 @@ class RunFolder:
         """Decide what this run does in cfg.out; refuse what would lose data. Writes nothing."""
         out = Path(cfg.out)
         check_writable(out)
+        check_not_an_input(cfg, out)
         config = resolved_config(cfg)
         resume = getattr(cfg, "resume", False)
         overwrite = getattr(cfg, "overwrite", False)
@@ -201,6 +230,64 @@ def check_writable(out: Path) -> None:
             f"--out {out} cannot be written: {where} read-only for this user; choose another --out "
             "or change the folder's permissions"
         )
+
+
+def input_paths(cfg: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, path) for every file or folder the config names: any string leaf (or list
+    item) without fixed choices that exists as a path, as a whole, as one of its comma-separated
+    parts (data.path) or as the PATH of a NAME=PATH entry (eval's policies, report's curves).
+    Generic on purpose, so that a new key that takes a path is covered without a list to update."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from input_paths(value, key + ".")
+            continue
+        if f.name in NOT_PATHS or f.metadata.get("choices"):
+            continue
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str) or not text.strip():
+                continue
+            if os.path.exists(text):
+                yield key, text
+                continue
+            for part in text.split(","):
+                part = part.strip()
+                for candidate in dict.fromkeys((part, part.split("=", 1)[-1])):
+                    if candidate and os.path.exists(candidate):
+                        yield key, candidate
+                        break
+
+
+def check_not_an_input(cfg: Any, out: Path) -> None:
+    """--out must not be, or hold, a file or folder the run reads: a run writes its model,
+    config.yaml and metrics there, and --overwrite removes what an earlier run left, so the run
+    would replace its own input (`rto sft --out M --model.path M`). Refused with or without
+    --overwrite or --resume. Compared by the files themselves (symlinks and relative paths
+    resolve to the same folder); an --out inside an input's folder is fine (a pipeline's root
+    holds every stage's output)."""
+    try:
+        target = os.stat(out)
+    except OSError:
+        return  # a new --out holds nothing yet
+    same = (target.st_dev, target.st_ino)
+    for key, path in input_paths(cfg):
+        real = Path(os.path.realpath(path))
+        for folder in (real, *real.parents):
+            try:
+                st = os.stat(folder)
+            except OSError:
+                break
+            if (st.st_dev, st.st_ino) != same:
+                continue
+            if folder == real:
+                what, harm = f"is {key} ({path})", "would replace"
+            else:
+                what, harm = f"holds {key} ({path})", "could replace (or --overwrite remove)"
+            raise RtoError(
+                f"--out {out} {what}, an input of this run, which the run's files {harm}. Choose "
+                "another --out, one that neither is nor holds an input of the run"
+            )
 
 
 def _stage_of(out: Path) -> str | None:
