@@ -28,7 +28,7 @@ import torch
 
 from rto.data.spans import delimiter_token_ids
 from rto.engine.distributed import max_over_processes, sum_over_processes
-from rto.engine.trainer import OptimizerStep
+from rto.engine.step import OptimizerStep
 from rto.errors import ConfigError, ModelError, RtoError
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, sample, stop_ids
