@@ -146,7 +146,7 @@ class PPOTrainer:
         reaches the rewards and the update."""
         cfg = self.cfg
         frozen = [("reference model", cfg.ref_model or cfg.model.path, r.logp_ref)]
-        frozen += [(*s.model, r.token_sources[s.name]) for s in self.sources if s.model]
+        frozen += [(*s.model, r.token_sources[s.name]) for s in self.sources if getattr(s, "model", None)]  # fmt: skip
         frozen.append(("reward model", cfg.reward_model, r.score if self.roles.has("reward") else None))  # fmt: skip
         counts = torch.tensor(
             [0.0 if t is None else float((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
