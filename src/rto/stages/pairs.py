@@ -24,7 +24,8 @@ from rto.engine.distributed import gather_ordered, init_distributed, share
 from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
 from rto.files import write_jsonl
-from rto.models.generate import decode_responses, sample, stop_ids
+from rto.models.generate import decode_responses, stop_ids
+from rto.models.generators import make_generator
 from rto.models.load import load_causal_lm, load_tokenizer
 from rto.models.seeded import row_seed
 from rto.tasks import call_judge, resolve
@@ -114,6 +115,9 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     )  # fmt: skip
     model = load_causal_lm(cfg.model, trainable=False).to(device)
     eos = stop_ids(tokenizer, model)
+    generator = make_generator(cfg.generate, tokenizer=tokenizer, eos=eos, device=device, model=model,
+                               model_cfg=cfg.model, model_path=cfg.model.path,
+                               max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
     k = cfg.num_samples
     per_call = max(1, cfg.generate.batch_size // k)
     mine = share(len(prompts), dist.process_index, dist.num_processes)
@@ -125,12 +129,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     for start in range(mine.start, mine.stop, per_call):
         positions = range(start, min(start + per_call, mine.stop))
         chunk = [prompts[i] for i in positions]
-        s = sample(
-            model, [p["prompt_ids"] for p in chunk for _ in range(k)], pad_id=tokenizer.pad_token_id, eos=eos,
-            max_new_tokens=cfg.generate.max_new_tokens, temperature=cfg.generate.temperature,
-            top_p=cfg.generate.top_p, top_k=cfg.generate.top_k, device=device,
-            seeds=[row_seed(cfg.seed, i, j) for i in positions for j in range(k)],
-        )  # fmt: skip
+        s = generator.sample([p["prompt_ids"] for p in chunk for _ in range(k)],
+                             [row_seed(cfg.seed, i, j) for i in positions for j in range(k)])  # fmt: skip
         texts = decode_responses(tokenizer, s, eos)
         prompt_texts = [p["prompt"] for p in chunk for _ in range(k)]
         gold = call_judge(judge, prompt_texts, texts, cfg.gold_reward, "gold")
@@ -144,6 +144,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
             results.append((made, gold[own], skipped))
         bar.update(len(chunk))
     bar.close()
+    generator.close()
     results = gather_ordered(results, list(mine))
     pairs_by_prompt = [made for made, _, _ in results]
     gold_all = [g for _, gold, _ in results for g in gold]
