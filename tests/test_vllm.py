@@ -88,6 +88,7 @@ def test_seeded_pairs_do_not_depend_on_the_batch_size(
 
 
 @vllm_test
+@pytest.mark.slow  # needs the reward and DPO models: with -m vllm, not in CI's vLLM arm
 def test_rl_syncs_the_trained_policy_into_the_engine(
     sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path, tmp_path: Path
 ) -> None:
