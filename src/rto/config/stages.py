@@ -439,8 +439,55 @@ class RLSection:
     )
     advantage_estimator: str = option(
         "gae",
-        "gae (critic) or reinforce_pp (critic-free, REINFORCE++).",
-        choices=["gae", "reinforce_pp"],
+        "gae (critic), reinforce_pp (critic-free, REINFORCE++), or a critic-free group estimator over each "
+        "prompt's rl.samples_per_prompt responses (>= 2): rloo (PRIME's leave-one-out on the sentence and, apart, "
+        "the dense reward), grpo (group-normalised, DeepSeekMath process supervision), reinforce_pp_baseline "
+        "(REINFORCE++ with the group's mean score as baseline).",
+        choices=["gae", "reinforce_pp", "rloo", "grpo", "reinforce_pp_baseline"],
+    )
+    group_std_normalization: bool = option(
+        True,
+        "grpo: divide by the group's standard deviation (GRPO); false = Dr. GRPO, subtract the group mean only.",
+        paper="GRPO std (DeepSeekMath 4.1.2-4.1.3)",
+    )
+    kl_in_loss: bool = option(
+        False,
+        "Put the KL to the reference in the policy loss as GRPO's k3 estimator (exp(l) - l - 1, l = log pi_ref - "
+        "log pi_theta, token mean), weighted by rl.kl_coef, instead of -rl.kl_coef x log-ratio in every token's "
+        "reward (RTO).",
+        paper="beta2 in the loss (DeepSeekMath eq. 4)",
+    )
+    token_reward_update: str = option(
+        "frozen",
+        "frozen: the DPO model stays as trained (RTO); online: it keeps learning on every rollout with PRIME's "
+        "cross-entropy loss -[y log sigmoid(beta1 sum_t x_t) + (1-y) log(1 - sigmoid(...))] (x_t its log-ratio to "
+        "the reference, beta1 = rl.dpo_reward_scale, y the label of rl.token_reward_label), its own AdamW.",
+        choices=["frozen", "online"],
+        paper="PRIME implicit PRM update (arXiv 2502.01456)",
+    )
+    token_reward_lr: float = option(
+        1e-6, "online: learning rate of the DPO model's updates (0 = computed but no change).", min=0.0,
+        paper="PRIME PRM lr 1e-6",
+    )  # fmt: skip
+    token_reward_steps: int = option(
+        1,
+        "online: optimiser steps of the DPO model per rollout, each on the whole rollout.",
+        min=1,
+        max=100,
+    )
+    token_reward_update_order: str = option(
+        "after",
+        "online: the DPO model learns after it scores a rollout (PRIME's single forward: the rewards are the "
+        "model's before it saw them) or before (the rewards come from the updated model; one more forward).",
+        choices=["after", "before"],
+    )
+    token_reward_label: str = option(
+        "group_mean",
+        "online: the label y of a response: group_mean = 1 when its sentence reward (rl.score_coef x the raw "
+        "score + rl.reward_fn_coef x reward_fn) is above its group's mean, else 0 (groups of equal rewards "
+        "are left out; for unbounded reward-model scores; needs rl.samples_per_prompt >= 2); value = the "
+        "sentence reward as it is, which must lie in [0, 1] (a verifiable reward_fn).",
+        choices=["group_mean", "value"],
     )
     gamma: float = option(1.0, "Discount.", min=0.0, max=1.0, paper="gamma 1")
     gae_lambda: float = option(0.95, "GAE lambda.", min=0.0, max=1.0, paper="lambda 0.95")
@@ -456,12 +503,17 @@ class RLSection:
     )
     rollout_batch_size: int = option(
         1024,
-        "Prompts per rollout (per iteration), across all devices.",
+        "Prompts (not responses) per rollout (per iteration), across all devices; the rollout holds "
+        "this x rl.samples_per_prompt responses.",
         min=1,
         paper="rollout batch 1024",
     )
     samples_per_prompt: int = option(
-        1, "Responses sampled per prompt.", min=1, paper="one sample per prompt"
+        1,
+        "Responses sampled per prompt (K), each with its own seed: a group, kept together on one process through "
+        "scoring, rewards and the group estimators.",
+        min=1,
+        paper="one sample per prompt",
     )
     ppo_epochs: int = option(
         1, "Passes over each rollout; each pass makes rollout/train.batch_size updates.", min=1
@@ -477,6 +529,10 @@ class RLSection:
         16, "Sequences per forward pass when scoring a rollout.", min=1
     )
 
+
+_GROUP: dict[str, object] = {"rl.samples_per_prompt": 4}
+_RTO: dict[str, object] = {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token",
+                           "rl.dpo_reward_shaping": False}  # fmt: skip
 
 PRESETS: dict[str, dict[str, object]] = {
     "ppo": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "gae"},
@@ -511,7 +567,15 @@ PRESETS: dict[str, dict[str, object]] = {
         "rl.dpo_reward_shaping": False,
         "rl.advantage_estimator": "reinforce_pp",
     },
-}
+    # critic-free group estimators (K = 4 responses per prompt, as PRIME): without / with the DPO
+    # token reward; GRPO keeps the KL in its loss and its advantages unwhitened, RLOO in the reward
+    "grpo": {**_GROUP, "rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "grpo",
+             "rl.kl_in_loss": True, "rl.whiten_advantages": False},
+    "rto_grpo": {**_GROUP, **_RTO, "rl.advantage_estimator": "grpo", "rl.kl_in_loss": True,
+                 "rl.whiten_advantages": False},
+    "rloo": {**_GROUP, "rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "rloo"},
+    "rto_rloo": {**_GROUP, **_RTO, "rl.advantage_estimator": "rloo"},
+}  # fmt: skip
 
 
 @dataclass
@@ -617,6 +681,25 @@ class RLConfig:
                 "rl.dpo_reward_scale > 0) or token_reward_fn"
             )
         _no_lora_dropout(self.lora, "rl")
+        group = rl.advantage_estimator in ("rloo", "grpo", "reinforce_pp_baseline")
+        if group and rl.samples_per_prompt < 2:
+            raise ConfigError(
+                f"config key 'rl.samples_per_prompt' must be at least 2 for rl.advantage_estimator "
+                f"{rl.advantage_estimator} (a group estimator compares each prompt's responses with each other); "
+                "set rl.samples_per_prompt 4, say, or use gae / reinforce_pp"
+            )
+        if rl.token_reward_update == "online":
+            if rl.dpo_reward_scale == 0:
+                raise ConfigError(
+                    "config key 'rl.token_reward_update' is online but rl.dpo_reward_scale is 0: there is no DPO "
+                    "token reward to keep learning (set rl.dpo_reward_scale > 0 and dpo_model)"
+                )
+            if rl.token_reward_label == "group_mean" and rl.samples_per_prompt < 2:
+                raise ConfigError(
+                    "config key 'rl.samples_per_prompt' must be at least 2 for rl.token_reward_update online with "
+                    "rl.token_reward_label group_mean (the label compares a response with its group); or set "
+                    "rl.token_reward_label value for a sentence reward in [0, 1]"
+                )
         n = rl.rollout_batch_size * rl.samples_per_prompt
         if n % self.train.batch_size:
             raise ConfigError(

@@ -23,6 +23,9 @@ class Rollout:
     response_ids: torch.Tensor  # (B, T) right-padded
     response_mask: torch.Tensor  # (B, T) 1 up to and including EOS
     truncated: torch.Tensor  # (B,) no EOS generated
+    # (B,) the response's group: the position of its prompt in the global rollout batch; the
+    # rl.samples_per_prompt responses of a prompt are adjacent and on one process
+    group: torch.Tensor | None = None
     logp_old: torch.Tensor | None = None  # (B, T) log pi_theta_old(y_h | ...)
     logp_ref: torch.Tensor | None = None  # (B, T) log pi_ref
     values: torch.Tensor | None = None  # (B, T) critic V(s_h) (GAE only)
@@ -30,6 +33,7 @@ class Rollout:
     token_sources: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, T) raw
     sentence: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) sentence rewards
     rewards: torch.Tensor | None = None  # (B, T) assembled token rewards
+    sentence_reward: torch.Tensor | None = None  # (B,) their sentence part s_i (on the last token)
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
     texts: dict[str, list[Any]] = field(default_factory=dict)  # prompts, responses, gold

@@ -2,6 +2,9 @@
 
     policy   L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi/pi_old
     value    L = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - eps_v, V_old + eps_v) - R_t)^2)
+    kl       L = mean_t exp(l_t) - l_t - 1,  l_t = log pi_ref - log pi_theta  (rl.kl_in_loss: GRPO's
+             k3 estimator of KL(pi_theta || pi_ref), Schulman 2020; DeepSeekMath eq. 4), weighted
+             by beta2 = rl.kl_coef in the trainer
 
 The mean is over every real token of one optimiser step's minibatch: a micro-batch's losses are
 summed over its tokens and divided by `num_tokens`, the real tokens of the whole minibatch across
@@ -52,6 +55,14 @@ def policy_loss(
             "approx_kl": token_mean((ratio - 1.0) - log_ratio, mask, num_tokens),
         }
     return loss, stats
+
+
+def kl_loss(
+    logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None
+) -> torch.Tensor:
+    """GRPO's per-token k3 KL to the reference, token mean: unbiased and >= 0 everywhere."""
+    log_ratio = (logp_ref - logp).masked_fill(~mask.bool(), 0.0)
+    return token_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask, num_tokens)
 
 
 def value_loss(

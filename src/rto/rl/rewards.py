@@ -60,6 +60,7 @@ class RewardSettings:
 
     kl_coef: float = 0.01  # beta2
     score_coef: float = 1.0  # beta3
+    kl_in_reward: bool = True  # False (rl.kl_in_loss): the KL is a loss term, not in r_h at all
 
 
 @dataclass
@@ -183,7 +184,9 @@ def token_rewards(
     mask = mask.float()
     kl = (logp_policy - logp_ref).masked_fill(~mask.bool(), 0.0)
     score_part = settings.score_coef * score.float()
-    rewards = -settings.kl_coef * kl + place_at_last(score_part, mask)
+    rewards = place_at_last(score_part, mask)
+    if settings.kl_in_reward:
+        rewards = -settings.kl_coef * kl + rewards
     parts = {"kl": kl, "score": score_part}
     dense = dict(sources or {})
     clash = [n for n in [*dense, *(sentence or {})] if n in RESERVED or n.endswith("_per_token")]
@@ -203,6 +206,13 @@ def token_rewards(
         parts[name] = weight * values.float()
         rewards = rewards + place_at_last(parts[name], mask)
     return rewards.masked_fill(~mask.bool(), 0.0), parts
+
+
+def sentence_part(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) s_i: the sentence rewards of `token_rewards`' parts (the score after beta3, each
+    sentence reward after its weight), summed: what the reward adds on the last token besides
+    the token sources and the KL. The group estimators baseline it apart (rl/advantages.py)."""
+    return sum(v for v in parts.values() if v.dim() == 1)  # type: ignore[return-value]
 
 
 def reward_breakdown(

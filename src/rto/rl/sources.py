@@ -5,7 +5,8 @@ the rollout's response tokens; `rl/rewards.token_rewards` scales, clips and plac
 source's own settings (coefficient, clip, granularity, shaping) and adds it to the reward:
 
     dpo       x_h = log pi_dpo(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h), at temperature 1; beta1 =
-              rl.dpo_reward_scale (RTO's dense reward)
+              rl.dpo_reward_scale (RTO's dense reward); frozen, or with rl.token_reward_update
+              online learning on every rollout (`OnlineDPOSource`, rl/online_reward.py)
     function  the user's `f(prompts, responses, tokens)` (config key token_reward_fn): prompts
               as judges read them, decoded responses, and for each response one TokenSpan
               (text, start, end) per token (`data/spans.py`); it returns, per response, either
@@ -41,8 +42,10 @@ from typing import Any
 import torch
 
 from rto.data.spans import rewards_on_tokens, token_spans
+from rto.engine.distributed import sum_over_processes
 from rto.errors import RtoError
 from rto.rl.experience import Rollout
+from rto.rl.online_reward import OnlineTokenReward
 from rto.rl.rewards import SourceSettings
 from rto.tasks import call_judge, resolve
 
@@ -117,13 +120,77 @@ class DPOSource:
         return torch.cat(out).float()
 
 
+class OnlineDPOSource(DPOSource):
+    """The DPO source whose model keeps learning (rl.token_reward_update online): PRIME's update
+    (rl/online_reward.py) on every rollout, after it scores it (rl.token_reward_update_order
+    after) or before (the rollout is scored by the updated model). Logs source/dpo/loss and
+    accuracy (before the update), labelled_share, updates and reward_drift: the mean over real
+    tokens of |beta1 (x_after - x_before)|, how far this rollout's token rewards moved (one more
+    forward pass of the DPO model)."""
+
+    def __init__(self, settings: SourceSettings, ctx: SourceContext, path: str | None,
+                 learner: OnlineTokenReward, order: str):  # fmt: skip
+        super().__init__(settings, ctx, path)
+        self.learner, self.order = learner, order
+        self.metrics: dict[str, float] = {}
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        if self.order == "after":
+            return super().__call__(r)
+        before = super().__call__(r)
+        self.metrics = self.learner.step(r, self.ref_logprobs(r))
+        after = super().__call__(r)
+        self.metrics["reward_drift"] = self.drift(r, before, after)
+        return after
+
+    def learn(self, r: Rollout) -> dict[str, float]:
+        if self.order == "after":
+            self.metrics = self.learner.step(r, self.ref_logprobs(r))
+            after = super().__call__(r)
+            self.metrics["reward_drift"] = self.drift(r, r.token_sources[self.name], after)
+        return self.metrics
+
+    @torch.no_grad()
+    def ref_logprobs(self, r: Rollout) -> torch.Tensor:
+        if self.ctx.temperature == 1.0 and r.logp_ref is not None:
+            return r.logp_ref
+        out = []
+        for start in range(0, len(r), self.ctx.batch_size):
+            idx = torch.arange(
+                start, min(start + self.ctx.batch_size, len(r)), device=r.response_ids.device
+            )
+            out.append(self.ctx.roles.logprobs("ref", r.take(idx), 1.0))
+        return torch.cat(out).float()
+
+    def drift(self, r: Rollout, before: torch.Tensor, after: torch.Tensor) -> float:
+        mask = r.response_mask.bool()
+        moved = (self.settings.scale * (after - before)).abs().masked_fill(~mask, 0.0)
+        sums = sum_over_processes({"moved": float(moved.sum()), "tokens": float(mask.sum())})
+        return sums["moved"] / max(sums["tokens"], 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
+
+
 def _dpo_builder(cfg: Any, ctx: SourceContext) -> DPOSource | None:
     rl = cfg.rl
     if rl.dpo_reward_scale == 0.0:
         return None
     settings = SourceSettings(rl.dpo_reward_scale, rl.dpo_reward_clip, rl.dpo_reward_granularity,
                               rl.dpo_reward_shaping)  # fmt: skip
-    return DPOSource(settings, ctx, cfg.dpo_model)
+    if rl.token_reward_update == "frozen":
+        return DPOSource(settings, ctx, cfg.dpo_model)
+    weights = {
+        "score": rl.score_coef if ctx.roles.has("reward") else 0.0,
+        "reward_fn": rl.reward_fn_coef,
+    }
+    learner = OnlineTokenReward(ctx.roles.dpo, ctx.roles, beta=rl.dpo_reward_scale, lr=rl.token_reward_lr,
+                                steps=rl.token_reward_steps, label=rl.token_reward_label,
+                                batch_size=ctx.batch_size, sentence_weights=weights)  # fmt: skip
+    return OnlineDPOSource(settings, ctx, cfg.dpo_model, learner, rl.token_reward_update_order)
 
 
 # --------------------------------------------------------------------------- function
@@ -203,7 +270,7 @@ def sentence_rewards(cfg: Any) -> list[SentenceRewardFunction]:
 def score_sources(r: Rollout, sources: list[Any], sentence: list[SentenceRewardFunction]) -> None:
     """Fill r.token_sources (raw (B, T) values) and r.sentence ((B,) values) after the roles'
     scoring pass."""
+    for reward in sentence:  # first: a source that learns before it scores reads them
+        r.sentence[reward.name] = reward(r)
     for source in sources:
         r.token_sources[source.name] = source(r)
-    for reward in sentence:
-        r.sentence[reward.name] = reward(r)

@@ -6,9 +6,12 @@ One iteration (a "step" for logging, checkpoints and --resume):
                  of the roles (rl/roles.py); then the token-reward sources (the DPO log-ratio, a
                  user's function ...) and sentence reward functions (rl/sources.py);
   3. rewards     rl/rewards.token_rewards: the RTO formula, every source with its own settings;
-  4. advantages  GAE with the critic, or REINFORCE++ returns (rl/advantages.py), then whitening;
+  4. advantages  GAE with the critic, REINFORCE++ returns, or a group estimator (RLOO, GRPO,
+                 REINFORCE++-baseline) over each prompt's rl.samples_per_prompt responses
+                 (rl/advantages.py), then whitening;
   5. update      rl.ppo_epochs passes of minibatches of train.batch_size responses, clipped
-                 policy and value losses (rl/losses.py), one engine optimiser step each.
+                 policy and value losses (rl/losses.py; with rl.kl_in_loss the k3 KL to the
+                 reference as a loss term), one engine optimiser step each.
 The maths lives in rto.rl.{rewards, advantages, losses}; this file only moves data between them.
 
 With several processes each one generates, scores and trains on its share of every rollout
@@ -37,12 +40,13 @@ from rto.models.seeded import row_seed
 from rto.rl.advantages import estimate, whiten
 from rto.rl.experience import Rollout, merge_samples, score_rollout, to_device
 from rto.rl.kl import KLController
-from rto.rl.losses import explained_variance, policy_loss, token_mean, value_loss
+from rto.rl.losses import explained_variance, kl_loss, policy_loss, token_mean, value_loss
 from rto.rl.rewards import (
     RewardSettings,
     RunningMoments,
     normalize_score,
     reward_breakdown,
+    sentence_part,
     token_rewards,
 )
 from rto.rl.sources import SourceContext, build_sources, score_sources, sentence_rewards
@@ -134,6 +138,8 @@ class PPOTrainer:
         r.texts["prompts"] = [p["prompt"] for p in chosen]  # as judges read them
         r.texts["prompt_values"] = [p["prompt_value"] for p in chosen]  # as the rows held them
         r.texts["responses"] = decode_responses(self.tokenizer, r, self.eos)
+        # a group per prompt: its K responses, adjacent, on this process (prompts are split)
+        r.group = torch.arange(first, first + len(idx), device=eng.device).repeat_interleave(k)
         return r, seconds
 
     # ------------------------------------------------------------------ 2: score
@@ -188,11 +194,13 @@ class PPOTrainer:
         segment_end = None
         if self.segment_ids is not None:
             segment_end = torch.isin(r.response_ids, self.segment_ids.to(r.response_ids.device))
-        settings = RewardSettings(kl_coef=self.kl.value, score_coef=self.rl.score_coef)
+        settings = RewardSettings(kl_coef=self.kl.value, score_coef=self.rl.score_coef,
+                                  kl_in_reward=not self.rl.kl_in_loss)  # fmt: skip
         sources = {s.name: (r.token_sources[s.name], s.settings) for s in self.sources}
         sentence = {f.name: (r.sentence[f.name], f.weight) for f in self.sentence}
         r.rewards, parts = token_rewards(r.response_mask, r.logp_old, r.logp_ref, self.normalized_score(r), settings,
                                          segment_end=segment_end, sources=sources, sentence=sentence)  # fmt: skip
+        r.sentence_reward = sentence_part(parts)
         return parts
 
     # ------------------------------------------------------------------ 4: advantages
@@ -201,7 +209,8 @@ class PPOTrainer:
         """r.advantages and r.returns, (B, T)."""
         rl = self.rl
         adv, ret = estimate(rl.advantage_estimator, r.rewards, r.values, r.response_mask,
-                            gamma=rl.gamma, lam=rl.gae_lambda)  # fmt: skip
+                            gamma=rl.gamma, lam=rl.gae_lambda, sentence=r.sentence_reward, group=r.group,
+                            std_normalization=rl.group_std_normalization)  # fmt: skip
         if rl.whiten_advantages:
             adv = whiten(adv, r.response_mask, reduce_sum=self._reduce_sum)
         r.advantages, r.returns = adv, ret
@@ -281,6 +290,10 @@ class PPOTrainer:
         loss = pl - rl.entropy_coef * entropy
         stats = {"policy/loss": pl, "policy/entropy": entropy, "policy/clipfrac": pstats["clipfrac"],
                  "policy/approx_kl": pstats["approx_kl"]}  # fmt: skip
+        if rl.kl_in_loss:  # GRPO's k3 KL to the reference, weighted by beta2 (rl.kl_coef)
+            kl = kl_loss(logp, b["logp_ref"], mask, tokens)
+            loss = loss + self.kl.value * kl
+            stats["policy/kl_loss"] = kl
         if self.roles.has("critic"):
             v = self.roles.values(b)
             vl, vstats = value_loss(v, b["values"], b["returns"], mask, rl.value_clip, tokens)
@@ -305,7 +318,10 @@ class PPOTrainer:
             sums["rollout/dpo_reward_sum"] = float(parts["dpo_per_token"].sum())
         # per-response means, weighted by this process's responses (a share is a ratio of sums
         # over this process's tokens: the mean over processes, exact with one process)
-        for name, (total, share) in reward_breakdown(parts, self.kl.value).items():
+        in_reward = (
+            parts if not self.rl.kl_in_loss else {k: v for k, v in parts.items() if k != "kl"}
+        )
+        for name, (total, share) in reward_breakdown(in_reward, self.kl.value).items():
             if name == "score" and not self.roles.has("reward") and not self.rl.missing_eos_penalty:
                 continue  # no reward model: no score to report
             sums[f"reward/{name}_sum"] = total * len(r)

@@ -7,7 +7,8 @@ base, `rl/shared_base.SharedBase`, one frozen base with an adapter per role. The
 model and the critic read the policy's token ids, so they must share its tokenizer (checked
 before loading); a reward model may have its own (it then reads re-rendered text, and the critic
 starts from the policy). Presets name the paper's methods: ppo, rto, rs_ppo, semi_rto, ddpo,
-rpp, rto_rpp (`--preset`).
+rpp, rto_rpp, and the critic-free group estimators grpo, rto_grpo, rloo, rto_rloo (`--preset`);
+every estimator but gae loads no critic.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rto.data.tokenize import load_prompts
 from rto.engine.distributed import shards_weights
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
-from rto.errors import ModelError
+from rto.errors import ConfigError, ModelError
 from rto.evaluation.sampled import load_eval_inputs
 from rto.files import read_json
 from rto.models.load import (
@@ -121,6 +122,13 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     why_not = why_not_shared(cfg, frozen, sharded=shards_weights(engine.accelerator))
     if why_not is None and use_rm and not rm_same:
         why_not = f"the reward model {cfg.reward_model} has its own tokenizer"
+    if why_not is None and rl.token_reward_update == "online":
+        raise ConfigError(
+            "config key 'rl.token_reward_update' online is not available under the shared-base LoRA layout "
+            "(lora.r > 0 with the DPO and reward models as adapters on the policy's base): the DPO adapter would "
+            "have to train beside the policy's; give a merged or full DPO model as dpo_model, or set "
+            "rl.token_reward_update frozen"
+        )
     if why_not is None:
         roles = load_shared_base(cfg, tokenizer, use_dpo=use_dpo, use_rm=use_rm,
                                  critic_from=critic_from, device=device)  # fmt: skip

@@ -1,0 +1,143 @@
+"""An online token-reward model: the DPO model keeps learning on the policy's own samples, by
+PRIME's implicit-PRM update (Cui et al. 2025, arXiv 2502.01456, eq. 3; rl.token_reward_update).
+
+Response y_i's token rewards are beta1 * x_{i,t}, x_{i,t} = log pi_phi(y_t|x,y_<t) - log
+pi_ref(y_t|x,y_<t) (pi_phi the DPO model); its implicit outcome reward is their sum z_i, and
+
+    L(phi) = -1/N sum_i w_i [ y_i log sigmoid(z_i) + (1 - y_i) log(1 - sigmoid(z_i)) ],
+    z_i = beta1 * sum_t x_{i,t},    N = sum_i w_i over the whole rollout (every process).
+
+beta is beta1 = rl.dpo_reward_scale, not the beta the DPO model was trained with: the loss then
+trains exactly the reward the policy is given (its clip, rl.dpo_reward_clip, is left out of z).
+
+The label y_i comes from the sentence reward s_i = beta3 * score_i + w_fn * reward_fn_i (the
+reward model's raw score, rl.reward_fn_coef times the reward function), rl.token_reward_label:
+
+    group_mean  y_i = 1 if s_i is above the mean of its group (the prompt's K responses), else 0;
+                w_i = 0 for a group whose rewards are all equal. A reward model's score is
+                unbounded and only its differences between responses to one prompt mean
+                something (Bradley-Terry), so the label compares within the group, as PRIME's
+                correct / incorrect does; PRIME likewise drops prompts all right or all wrong.
+                The raw score is read: normalising it by one mean and std for the whole rollout
+                would not change any group's order.
+    value       y_i = s_i, which must lie in [0, 1] (a verifiable reward: PRIME's outcome label).
+
+Each of rl.token_reward_steps AdamW steps (its own learning rate rl.token_reward_lr, no weight
+decay) is on the whole rollout: gradients summed over chunks and processes, divided by N.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rto.engine.distributed import sum_over_processes
+from rto.errors import RtoError
+
+
+def sentence_labels(
+    s: torch.Tensor, group: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, w), each (B,), from the sentence rewards `s` (B,) and group ids (B,) (above)."""
+    s = s.double()
+    if kind == "value":
+        if ((s < 0) | (s > 1) | ~torch.isfinite(s)).any():
+            raise RtoError(
+                f"rl.token_reward_label value needs sentence rewards in [0, 1], got {float(s.min()):.4g} .. "
+                f"{float(s.max()):.4g}; use rl.token_reward_label group_mean for a reward model's score"
+            )
+        return s, torch.ones_like(s)
+    if kind != "group_mean":
+        raise ValueError(f"unknown rl.token_reward_label {kind!r}")
+    y, w = torch.zeros_like(s), torch.zeros_like(s)
+    for g in torch.unique(group):
+        rows = group == g
+        members = s[rows]
+        y[rows] = (members > members.mean()).double()
+        w[rows] = float(bool((members != members[0]).any()))
+    return y, w
+
+
+def prime_loss(
+    z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i CE(sigmoid(z_i), y_i) / n, sum_i w_i [the prediction z_i > 0 agrees with y_i])."""
+    ce = F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none")
+    correct = ((z > 0) == (y > 0.5)).to(w.dtype)
+    return (w.to(z.dtype) * ce).sum() / max(n, 1e-12), (w * correct.detach()).sum()
+
+
+class OnlineTokenReward:
+    """The learning half of an online DPO source: labels, loss, optimiser, state."""
+
+    def __init__(self, model: torch.nn.Module, roles: Any, *, beta: float, lr: float, steps: int,
+                 label: str, batch_size: int, sentence_weights: dict[str, float]):  # fmt: skip
+        self.model, self.roles = model, roles
+        self.beta, self.steps, self.label, self.batch_size = beta, steps, label, batch_size
+        self.sentence_weights = (
+            sentence_weights  # "score" (beta3, 0 without a reward model), reward_fn
+        )
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self.params = [p for p in model.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.updates = 0
+
+    def sentence_reward(self, r: Any) -> torch.Tensor:
+        s = self.sentence_weights.get("score", 0.0) * r.score.double()
+        for name, values in r.sentence.items():
+            s = s + self.sentence_weights.get(name, 0.0) * values.double()
+        return s
+
+    def step(self, r: Any, logp_ref: torch.Tensor) -> dict[str, float]:
+        """rl.token_reward_steps optimiser steps on rollout `r` (`logp_ref`: the reference's
+        log-probs at temperature 1); returns the loss and accuracy before the first step."""
+        y, w = sentence_labels(self.sentence_reward(r), r.group, self.label)
+        totals = sum_over_processes({"n": float(w.sum()), "responses": float(len(r))})
+        first: dict[str, float] = {"loss": 0.0, "accuracy": 0.0, "labelled_share": 0.0}
+        for k in range(self.steps if totals["n"] > 0 else 0):  # no label: nothing to learn
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum, correct = 0.0, 0.0
+            with torch.enable_grad():
+                for start in range(0, len(r), self.batch_size):
+                    idx = torch.arange(
+                        start, min(start + self.batch_size, len(r)), device=r.response_ids.device
+                    )
+                    b = r.take(idx)
+                    x = self.roles.logprobs("dpo", b, 1.0) - logp_ref[idx]
+                    z = self.beta * (x * b["response_mask"]).sum(1)
+                    loss, right = prime_loss(z, y[idx], w[idx], totals["n"])
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    correct += float(right)
+            self.all_reduce_grads()
+            self.optimizer.step()
+            self.updates += 1
+            if k == 0:
+                sums = sum_over_processes({"loss": loss_sum, "correct": correct})
+                first = {"loss": sums["loss"], "accuracy": sums["correct"] / max(totals["n"], 1e-12),
+                         "labelled_share": totals["n"] / totals["responses"]}  # fmt: skip
+        return {**first, "updates": float(self.updates)}
+
+    def all_reduce_grads(self) -> None:
+        """Sum the gradients over processes (the loss is already divided by the global N), so
+        every process takes the same step and the DPO models stay identical."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
