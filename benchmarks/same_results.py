@@ -9,7 +9,8 @@ compares it with the same file in RUN_B:
     *.json, *.jsonl    parsed and compared value for value, every number exactly, after
                        dropping what measures the run rather than its results: wall-clock
                        times and speeds (keys under time/, *seconds*, *per_second*, eta), the
-                       machine's description (environment), and the run folder's own path
+                       machine's description (environment), the run folder's own path, and
+                       the pipeline's stage fingerprints (hashes of configs that hold that path)
     everything else    byte for byte, with RUN_A's path replaced by RUN_B's (config.yaml,
                        tokenizer files, results.md, generations ...); plots (*.png) are
                        skipped: they draw the same numbers, but their bytes depend on
@@ -28,7 +29,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VOLATILE = re.compile(r"(^time/|seconds|per_second|^eta$|^environment$|^started|^finished)")
+VOLATILE = re.compile(
+    r"(^time/|seconds|per_second|^eta$|^environment$|^started|^finished|^fingerprint$)"
+)
 SKIPPED_SUFFIXES = {".png"}
 
 
@@ -84,9 +87,11 @@ def _tensors_that_differ(a: Path, b: Path) -> list[str]:
     return [n for n in names if n not in ta or n not in tb or not torch.equal(ta[n], tb[n])]
 
 
-def compare(run_a: Path, run_b: Path) -> list[str]:
-    """Every difference between the two runs' results, as lines to print."""
-    renames = [(str(run_a.resolve()), str(run_b.resolve())), (str(run_a), str(run_b))]
+def compare(run_a: Path, run_b: Path, renames: list[tuple[str, str]] | None = None) -> list[str]:
+    """Every difference between the two runs' results, as lines to print. `renames`: more
+    (path in A, path in B) pairs read as the same (two checkouts of rto, say)."""
+    renames = [(str(run_a.resolve()), str(run_b.resolve())), (str(run_a), str(run_b)),
+               *(renames or [])]  # fmt: skip
     files_a = {p.relative_to(run_a) for p in run_a.rglob("*") if p.is_file()}
     files_b = {p.relative_to(run_b) for p in run_b.rglob("*") if p.is_file()}
     diffs = [f"{rel}: only in {run_a}" for rel in sorted(files_a - files_b)]
@@ -121,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_a", type=Path)
     ap.add_argument("run_b", type=Path)
+    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                    help="Read path OLD in RUN_A's files as NEW (e.g. the two runs' rto checkouts, "
+                    "which pipeline.yaml records as the recipe's folder).")  # fmt: skip
     args = ap.parse_args(argv)
+    renames = [tuple(r.split("=", 1)) for r in args.rename if "=" in r]
     for run in (args.run_a, args.run_b):
         if not run.is_dir():
             print(f"same_results: {run} is not a folder", file=sys.stderr)
             return 2
-    diffs = compare(args.run_a, args.run_b)
+    diffs = compare(args.run_a, args.run_b, renames)
     compared = sum(1 for p in args.run_a.rglob("*") if p.is_file())
     for line in diffs:
         print(line)

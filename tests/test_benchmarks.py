@@ -315,3 +315,31 @@ def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
     assert all(result["stages"][s]["train_tokens_per_second"] > 0 for s in ("sft", "rm", "dpo"))
     table = (tmp_path / "tiny" / "gpu_check.md").read_text()
     assert "| rto |" in table and "generated tokens/s" in table
+
+
+def test_same_results_tells_a_changed_number_from_a_changed_time(tmp_path: Path) -> None:
+    """benchmarks/same_results.py (the before/after check of a refactor): runs that differ only
+    in times and in their own folder agree; a changed metric, weight or text is a difference."""
+    import torch
+    from safetensors.torch import save_file
+
+    same_results = load_script("same_results")
+
+    def run(root: Path, loss: float, weight: float, seconds: float, text: str) -> Path:
+        (root / "sft").mkdir(parents=True)
+        rows = [{"step": 1, "loss": loss, "time/step": seconds}, {"step": 2, "loss": 0.5}]
+        (root / "sft" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        summary = {"out": str(root / "sft"), "train_seconds": seconds, "final": loss}
+        (root / "sft" / "summary.json").write_text(json.dumps(summary))
+        save_file({"w": torch.full((2, 2), weight)}, str(root / "sft" / "model.safetensors"))
+        (root / "sft" / "config.yaml").write_text(f"out: {root / 'sft'}\nnote: {text}\n")
+        return root
+
+    a = run(tmp_path / "a", 0.25, 1.0, 3.0, "x")
+    assert same_results.compare(a, run(tmp_path / "b", 0.25, 1.0, 9.0, "x")) == []
+    for name, args in {"loss": (0.2500001, 1.0, 3.0, "x"), "weight": (0.25, 1.0001, 3.0, "x"),
+                       "text": (0.25, 1.0, 3.0, "y")}.items():  # fmt: skip
+        diffs = same_results.compare(a, run(tmp_path / name, *args))
+        assert len(diffs) >= 1, name
+    assert same_results.main([str(a), str(tmp_path / "loss")]) == 1
+    assert same_results.main([str(a), str(tmp_path / "b")]) == 0
