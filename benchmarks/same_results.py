@@ -8,7 +8,7 @@ compares it with the same file in RUN_B:
     *.safetensors      byte for byte (else the tensors that differ are named)
     *.json, *.jsonl    parsed and compared value for value, every number exactly, after
                        dropping what measures the run rather than its results: wall-clock
-                       times and speeds (keys under time/, *seconds*, *per_second*, eta), the
+                       times and speeds (keys under .../time/, *seconds*, *per_second*, eta), the
                        machine's description (environment), the run folder's own path, and
                        the pipeline's stage fingerprints (hashes of configs that hold that path)
     everything else    byte for byte, with RUN_A's path replaced by RUN_B's (config.yaml,
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 VOLATILE = re.compile(
-    r"(^time/|seconds|per_second|^eta$|^environment$|^started|^finished|^fingerprint$)"
+    r"((^|/)time/|seconds|per_second|^eta$|^environment$|^started|^finished|^fingerprint$)"
 )
 SKIPPED_SUFFIXES = {".png"}
 
