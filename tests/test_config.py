@@ -132,3 +132,24 @@ def test_a_config_written_by_an_earlier_version_still_loads(
     cfg = core.build(SFTConfig, file_values=core.load_yaml(f), file_name=str(f), cli_values={})
     assert cfg.log.project == "mine"
     assert "'log.wandb_project'" in capsys.readouterr().err
+
+
+def test_the_committed_config_reference_is_current(tmp_path: Path) -> None:
+    """docs/config.md is what `rto reference` writes from the options' metadata: a new or
+    changed option (help, default, range, choices, paper symbol) fails here until it is rerun."""
+    from rto.cli import main
+    from rto.commands import STAGES
+    from rto.config import core
+    from rto.reference import config_reference
+
+    committed = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    text = config_reference()
+    assert committed.read_text() == text, "docs/config.md is stale: run `rto reference`"
+    for stage in STAGES:  # every option of every stage is there
+        for key, *_ in core.iter_leaves(stage.config_class()):
+            assert f"| `{key}` |" in text, (stage.name, key)
+    assert main(["reference", "--check", "--out", str(committed)]) == 0
+    stale = tmp_path / "config.md"
+    stale.write_text(text.replace("Supervised fine-tuning", "Fine-tuning"))
+    assert main(["reference", "--check", "--out", str(stale)]) == 1
+    assert main(["reference", "--out", str(stale)]) == 0 and stale.read_text() == text

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "rto.stages": 9,
     "rto.commands": 10,
     "rto.pipeline": 11,
+    "rto.reference": 11,
     "rto.cli": 12,
     "rto.__main__": 12,
 }

@@ -89,7 +89,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="Run the larger recipe (sentiment_full) instead of the quick one.",
     )
     _add_pipeline_options(demo)
+    ref = sub.add_parser(
+        "reference",
+        help="Write the config reference (every option of every stage) as Markdown.",
+        description="Write docs/config.md from the options' own metadata (types, defaults, "
+        "ranges, choices, paper symbols).",
+    )
+    ref.add_argument("--out", metavar="FILE", default="docs/config.md",
+                     help="Where to write it (default: docs/config.md; - for standard output).")  # fmt: skip
+    ref.add_argument("--check", action="store_true",
+                     help="Write nothing; exit 1 if FILE differs from what the code gives.")  # fmt: skip
     return parser
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rto.files import write_atomic
+    from rto.reference import config_reference
+
+    text = config_reference()
+    if args.out == "-":
+        print(text, end="")
+        return 0
+    path = Path(args.out)
+    if args.check:
+        current = path.read_text() if path.is_file() else ""
+        if current == text:
+            print(f"[rto] {path} is current")
+            return 0
+        print(f"[rto] {path} is stale: run `rto reference --out {path}`", file=sys.stderr)
+        return 1
+    write_atomic(path, text)
+    print(f"[rto] wrote {path}")
+    return 0
 
 
 PIPELINE_HELP = (
@@ -202,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = None  # the stage's config, once loaded: where a full disk was written to
     try:
+        if args.stage == "reference":
+            if unknown:
+                raise ConfigError(f"unknown option {unknown[0]}; see rto reference --help")
+            return run_reference(args)
         if args.stage in ("pipeline", "demo"):
             if unknown:
                 raise ConfigError(f"unknown option {unknown[0]}; see rto {args.stage} --help")
