@@ -76,6 +76,14 @@ def recipe(task: Path, out: Path) -> dict:
                    "rl": {"rollout_batch_size": 16, "critic_lr": 1e-3},
                    "train": {"lr": 1e-4, "batch_size": 8, "micro_batch_size": 4, "max_steps": 2},
                    "generate": {"max_new_tokens": 24, "batch_size": 16}},
+            # critic-free RTO with groups of 4 responses and the DPO model learning online
+            "rl_group": {"stage": "rl", "preset": "rto_grpo", "model": {"path": "{sft}"},
+                         "reward_model": "{rm}", "dpo_model": "{dpo}", "log": {"progress": False},
+                         "data": {"path": str(task / "prompts_train.jsonl"), "max_prompt_length": 32},
+                         "rl": {"rollout_batch_size": 8, "samples_per_prompt": 4,
+                                "token_reward_update": "online", "token_reward_lr": 1e-4},
+                         "train": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 4, "max_steps": 2},
+                         "generate": {"max_new_tokens": 24, "batch_size": 16}},
             "eval": {"stage": "eval", "policies": ["sft={sft}", "rto={rl}"], "ref_model": "{sft}",
                      "reward_model": "{rm}", "data": {"max_prompt_length": 32}, "eval": judge,
                      "generate": {"max_new_tokens": 24, "batch_size": 16}},
@@ -152,6 +160,19 @@ def test_rl_on_two_processes(runs: dict[str, Path]) -> None:
         assert two[1][k] == pytest.approx(one[1][k], rel=1e-5), k
     assert two[0] == pytest.approx(one[0], rel=1e-5)
     s = json.loads((runs["two"] / "rl" / "summary.json").read_text())
+    assert s["weights_identical_across_processes"] is True and s["world_size"] == 2  # fmt: skip
+
+
+def test_group_estimator_and_online_token_reward_on_two_processes(runs: dict[str, Path]) -> None:
+    """rto_grpo with rl.samples_per_prompt 4 and the DPO model learning online: each prompt's
+    group stays on one process, so the first rollout, its group advantages and the online
+    model's first update read the same numbers on one process and on two."""
+    one, two = metric_rows(runs["one"] / "rl_group"), metric_rows(runs["two"] / "rl_group")
+    assert [r["step"] for r in two] == [1, 2]
+    for k in ("rollout/score", "rollout/response_length", "rollout/dpo_reward_sum",
+              "source/dpo/loss", "source/dpo/accuracy", "source/dpo/labelled_share"):  # fmt: skip
+        assert two[0][k] == pytest.approx(one[0][k], rel=1e-5), k
+    s = json.loads((runs["two"] / "rl_group" / "summary.json").read_text())
     assert s["weights_identical_across_processes"] is True and s["world_size"] == 2  # fmt: skip
 
 
