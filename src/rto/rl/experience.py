@@ -7,6 +7,7 @@ token h of response b and is meaningful where response_mask[b, h] = 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -40,6 +41,12 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """Row indices of consecutive chunks of at most `size` responses (a scoring pass's
+        batches), on the rollout's device."""
+        for start in range(0, len(self), size):
+            yield torch.arange(start, min(start + size, len(self)), device=self.response_ids.device)
 
     def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors of rows `idx` (an update minibatch)."""

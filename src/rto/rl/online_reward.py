@@ -101,10 +101,7 @@ class OnlineTokenReward:
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum, correct = 0.0, 0.0
             with torch.enable_grad():
-                for start in range(0, len(r), self.batch_size):
-                    idx = torch.arange(
-                        start, min(start + self.batch_size, len(r)), device=r.response_ids.device
-                    )
+                for idx in r.chunks(self.batch_size):
                     b = r.take(idx)
                     x = self.roles.logprobs("dpo", b, 1.0) - logp_ref[idx]
                     z = self.beta * (x * b["response_mask"]).sum(1)

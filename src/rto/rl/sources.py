@@ -109,10 +109,7 @@ class DPOSource:
 
     def __call__(self, r: Rollout) -> torch.Tensor:
         out = []
-        for start in range(0, len(r), self.ctx.batch_size):
-            idx = torch.arange(
-                start, min(start + self.ctx.batch_size, len(r)), device=r.response_ids.device
-            )
+        for idx in r.chunks(self.ctx.batch_size):
             b = r.take(idx)
             # the KL pass scored the reference at the sampling temperature: reuse it at 1 only
             reuse = self.ctx.temperature == 1.0 and "logp_ref" in b
@@ -154,13 +151,10 @@ class OnlineDPOSource(DPOSource):
     def ref_logprobs(self, r: Rollout) -> torch.Tensor:
         if self.ctx.temperature == 1.0 and r.logp_ref is not None:
             return r.logp_ref
-        out = []
-        for start in range(0, len(r), self.ctx.batch_size):
-            idx = torch.arange(
-                start, min(start + self.ctx.batch_size, len(r)), device=r.response_ids.device
-            )
-            out.append(self.ctx.roles.logprobs("ref", r.take(idx), 1.0))
-        return torch.cat(out).float()
+        chunks = r.chunks(self.ctx.batch_size)
+        return torch.cat(
+            [self.ctx.roles.logprobs("ref", r.take(idx), 1.0) for idx in chunks]
+        ).float()
 
     def drift(self, r: Rollout, before: torch.Tensor, after: torch.Tensor) -> float:
         mask = r.response_mask.bool()
