@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 WORK = ROOT / "_runs" / "generation"
 N_PROMPTS, NEW_TOKENS = 64, 64
-TARGETS = {"rollout_tokens_per_s": 1.5, "rl_iteration": 1.3}  # vllm / hf on SmolLM2 (the issue)
+# the speed-ups (vllm / hf) a vLLM backend should bring on SmolLM2-135M
+TARGETS = {"rollout_tokens_per_s": 1.5, "rl_iteration": 1.3}
 TOPICS = ["a restaurant", "a film", "a phone", "a hotel", "a book", "a concert", "a park", "a bus ride"]  # fmt: skip
 
 
@@ -295,7 +296,7 @@ def markdown(result: dict) -> str:
             )
         lines += ["", "Iteration times: median over the iterations after the first (the first "
                   "apart: warm-up). RL commands: " + "; ".join(f"`{r['command']}`" for r in result["rl"])]  # fmt: skip
-    lines += ["", "## Targets (issue, SmolLM2-135M on this CPU)", ""]
+    lines += ["", "## Targets (vLLM / hf, SmolLM2-135M on this CPU)", ""]
     for t in result["targets"]:
         lines.append(f"- {t}")
     lines += ["", "## Notes", "", *[f"- {n}" for n in NOTES]]
