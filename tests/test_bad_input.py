@@ -511,6 +511,33 @@ def test_a_reward_model_that_scores_nan_is_named(
     assert "not the learning rate" in err and "lower train.lr" not in err
 
 
+@pytest.mark.parametrize("update", ["frozen", "online"])
+def test_a_dpo_model_that_gives_nan_is_named_as_frozen_or_learning(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture, update: str
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    nan_dpo = tmp_path / "nan_dpo"
+    model = AutoModelForCausalLM.from_pretrained(world.base)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(nan_dpo)
+    AutoTokenizer.from_pretrained(world.base).save_pretrained(nan_dpo)
+    args = world.rl(tmp_path / "o", "--preset", "rto_rloo", "--rl.rollout_batch_size", "4",
+                    "--dpo_model", nan_dpo, "--rl.token_reward_update", update)  # fmt: skip
+    assert rto(*args) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"the DPO model ({nan_dpo}) gave log-probabilities of 16 of 16 responses as NaN or inf"
+        in err
+    )
+    if update == "online":
+        assert "learns online" in err and "rl.token_reward_lr" in err and "is frozen" not in err
+    else:
+        assert "is frozen" in err and "not the learning rate" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_a_full_disk_during_a_checkpoint_says_where_and_resumes(
     world: World, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

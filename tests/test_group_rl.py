@@ -64,7 +64,7 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 
 def test_online_with_lr_zero_is_frozen_and_only_online_moves_the_dpo_model(
-    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run, dpo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rto.rl import sources
 
@@ -99,6 +99,12 @@ def test_online_with_lr_zero_is_frozen_and_only_online_moves_the_dpo_model(
     )
     assert [r["source/dpo/updates"] for r in steps] == [2.0, 4.0, 6.0]
     assert not same_weights(tmp_path / "frozen", tmp_path / "online")
+    # the DPO model as it learned is saved beside the policy; a frozen run has none to save
+    assert not (tmp_path / "frozen" / "token_reward_model").exists()
+    assert same_weights(tmp_path / "zero_after" / "token_reward_model", dpo_model)
+    assert not same_weights(tmp_path / "online" / "token_reward_model", dpo_model)
+    summary = json.loads((tmp_path / "online" / "summary.json").read_text())
+    assert summary["token_reward_model"] == str(tmp_path / "online" / "token_reward_model")
 
 
 def test_a_stopped_online_run_resumes_to_the_uninterrupted_one(

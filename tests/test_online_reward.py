@@ -3,6 +3,7 @@ against a hand computation, and its optimiser step on a model small enough to fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -47,6 +48,9 @@ class TableRoles:
         self.dpo = torch.nn.Linear(1, vocab, bias=False)
         torch.nn.init.zeros_(self.dpo.weight)
 
+    def learnable_dpo(self):  # as rl.roles.Roles gives a separate DPO model
+        return dict(self.dpo.named_parameters()), contextlib.nullcontext
+
     def logprobs(self, role: str, batch: dict, temperature: float) -> torch.Tensor:
         assert role == "dpo" and temperature == 1.0
         logp = torch.log_softmax(self.dpo.weight[:, 0], 0)
@@ -66,7 +70,7 @@ def rollout() -> Rollout:
 @pytest.mark.parametrize("lr", [0.0, 0.1])
 def test_one_online_step_by_hand(lr: float) -> None:
     roles = TableRoles()
-    learner = OnlineTokenReward(roles.dpo, roles, beta=0.5, lr=lr, steps=1, label="group_mean",
+    learner = OnlineTokenReward(roles, beta=0.5, lr=lr, steps=1, label="group_mean",
                                 batch_size=3, sentence_weights={"score": 2.0, "reward_fn": 3.0})  # fmt: skip
     r = rollout()
     logp_ref = torch.full((4, 3), math.log(1 / 5)) * r.response_mask
@@ -85,7 +89,7 @@ def test_one_online_step_by_hand(lr: float) -> None:
     assert table.abs().max() == pytest.approx(lr, rel=1e-3)
     state = learner.state_dict()
     fresh = TableRoles()
-    other = OnlineTokenReward(fresh.dpo, fresh, beta=0.5, lr=lr, steps=1, label="group_mean",
+    other = OnlineTokenReward(fresh, beta=0.5, lr=lr, steps=1, label="group_mean",
                               batch_size=3, sentence_weights={"score": 2.0})  # fmt: skip
     other.load_state_dict(state)
     assert torch.equal(fresh.dpo.weight, roles.dpo.weight) and other.updates == 1

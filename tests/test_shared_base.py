@@ -283,6 +283,47 @@ def test_killed_shared_base_run_resumes_to_the_same_adapters(
     assert critic["score_head"] and Path(critic["base_model"]) == sft_model.resolve()
 
 
+def test_the_dpo_adapter_learns_online_on_the_shared_base(
+    tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """rl.token_reward_update online with the DPO model an adapter of the shared base: at a
+    learning rate of 0 the run is the frozen one and the saved adapter the given one, bit for
+    bit; learning, only the DPO adapter moves apart from the policy's, it stays out of the
+    policy's checkpoints, and a killed run resumes to the uninterrupted one."""
+    common = [*SHARED_RUN, "--preset", "rto_grpo", "--rl.samples_per_prompt", "2",
+              "--rl.rollout_batch_size", "8", "--train.max_steps", "3"]  # fmt: skip
+    args = lambda out, *extra: rl_args(tiny_task, sft_model, on_sft["rm"], on_sft["dpo"],  # noqa: E731
+                                       tmp_path / out, *common, *extra)  # fmt: skip
+    online = ["--rl.token_reward_update", "online"]
+    assert rto(*args("frozen")) == 0
+    assert rto(*args("zero", *online, "--rl.token_reward_lr", "0")) == 0
+    assert "[rto] roles: one shared base" in capsys.readouterr().err
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("source/")} for r in rows]  # noqa: E731
+    assert strip(metric_rows(tmp_path / "zero")) == strip(metric_rows(tmp_path / "frozen"))
+    given, zero = adapters_of(on_sft["dpo"]), adapters_of(tmp_path / "zero" / "token_reward_model")
+    assert given.keys() == zero.keys() and all(torch.equal(given[k], zero[k]) for k in given)
+
+    learn = [*online, "--rl.token_reward_lr", "1e-2", "--train.save_every", "1"]
+    for out, env in (("full", {}), ("cut", {"RTO_FAULT": "kill_after_step:2"})):
+        done = rto_subprocess(*args(out, *learn), env=env)
+        assert done.returncode == (0 if out == "full" else -9), done.stderr
+    saved = load_file(str(tmp_path / "cut" / "checkpoints" / "step-2" / "model.safetensors"))
+    assert saved and not any(".dpo." in k for k in saved)  # the source checkpoints it, apart
+    resumed = rto_subprocess(*args("cut", *learn, "--resume"))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    for folder in (Path("."), Path("token_reward_model")):
+        a, b = adapters_of(tmp_path / "full" / folder), adapters_of(tmp_path / "cut" / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    learned = adapters_of(tmp_path / "full" / "token_reward_model")
+    assert any(not torch.equal(learned[k], given[k]) for k in given)
+    card = json.loads((tmp_path / "full" / "token_reward_model" / "lora_base.json").read_text())
+    assert Path(card["base_model"]) == sft_model.resolve()  # an adapter on the shared base
+    frozen_policy = adapters_of(tmp_path / "frozen")
+    assert any(
+        not torch.equal(frozen_policy[k], adapters_of(tmp_path / "full")[k]) for k in frozen_policy
+    )
+
+
 def test_an_adapter_on_another_base_is_refused_with_both_fingerprints(
     tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

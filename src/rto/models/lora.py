@@ -446,6 +446,21 @@ class SharedAdapters:
         finally:
             self._activate(before)
 
+    @contextlib.contextmanager
+    def training(self, name: str) -> Iterator[None]:
+        """A block in which frozen adapter `name` trains too (the DPO adapter's online update):
+        its parameters require gradients through every switch inside, and are frozen again
+        after, so that whatever wraps the base for the policy (DDP, the checkpoints) sees it
+        frozen."""
+        before = self.trains[name]
+        self.trains[name] = True
+        self._restore_requires_grad()
+        try:
+            yield
+        finally:
+            self.trains[name] = before
+            self._restore_requires_grad()
+
     def _activate(self, name: str | None) -> None:
         for layer in self._layers:
             if name is None:

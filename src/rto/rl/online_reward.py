@@ -70,18 +70,18 @@ def prime_loss(
 
 
 class OnlineTokenReward:
-    """The learning half of an online DPO source: labels, loss, optimiser, state."""
+    """The learning half of an online DPO source: labels, loss, optimiser, state. `roles` gives
+    the DPO model's parameters and the context they train in (`Roles.learnable_dpo`: a separate
+    model trains whole; the shared base's DPO adapter only inside each step)."""
 
-    def __init__(self, model: torch.nn.Module, roles: Any, *, beta: float, lr: float, steps: int,
-                 label: str, batch_size: int, sentence_weights: dict[str, float]):  # fmt: skip
-        self.model, self.roles = model, roles
+    def __init__(self, roles: Any, *, beta: float, lr: float, steps: int, label: str,
+                 batch_size: int, sentence_weights: dict[str, float]):  # fmt: skip
+        self.roles = roles
         self.beta, self.steps, self.label, self.batch_size = beta, steps, label, batch_size
-        self.sentence_weights = (
-            sentence_weights  # "score" (beta3, 0 without a reward model), reward_fn
-        )
-        for p in model.parameters():
-            p.requires_grad_(True)
-        self.params = [p for p in model.parameters()]
+        # "score" (beta3, 0 without a reward model) and each sentence reward function's weight
+        self.sentence_weights = sentence_weights
+        self.named, self.training = roles.learnable_dpo()
+        self.params = list(self.named.values())
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.updates = 0
 
@@ -100,7 +100,7 @@ class OnlineTokenReward:
         for k in range(self.steps if totals["n"] > 0 else 0):  # no label: nothing to learn
             self.optimizer.zero_grad(set_to_none=True)
             loss_sum, correct = 0.0, 0.0
-            with torch.enable_grad():
+            with self.training(), torch.enable_grad():
                 for idx in r.chunks(self.batch_size):
                     b = r.take(idx)
                     x = self.roles.logprobs("dpo", b, 1.0) - logp_ref[idx]
@@ -131,10 +131,20 @@ class OnlineTokenReward:
             dist.all_reduce(p.grad)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "updates": self.updates}  # fmt: skip
+        """The DPO model's learned parameters (by name), its optimiser and update count."""
+        return {"model": {n: p.detach().clone() for n, p in self.named.items()},
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates}  # fmt: skip
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        missing = sorted(set(self.named) - set(state["model"]))
+        if missing:
+            raise RtoError(
+                f"the checkpoint's online token-reward model lacks {len(missing)} of the DPO model's "
+                f"parameters ({', '.join(missing[:3])}): it was saved by a run with another DPO model "
+                "or layout; resume with the same dpo_model and lora settings"
+            )
+        for n, p in self.named.items():
+            p.copy_(state["model"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])

@@ -11,7 +11,9 @@ layout's business, so reward maths and the loop do not change with it:
 A layout also owns its models' lifecycle: `prepare` hands the trainable roles (policy, critic)
 to accelerate as one module with one optimiser and from then on runs them through it;
 `generation_weights` gives the policy as generation needs it; `save` writes a trained role
-(full model, adapter folder, or an adapter of the shared base) as that layout stores it.
+(full model, adapter folder, or an adapter of the shared base) as that layout stores it;
+`learnable_dpo` / `save_dpo` give the DPO model to an online token-reward model and save what it
+learned.
 
 A batch is a dict of the RL layout's tensors (`Rollout.take`): prompt_ids / prompt_mask (B, P)
 left-padded, response_ids / response_mask (B, T) right-padded.
@@ -19,6 +21,8 @@ left-padded, response_ids / response_mask (B, T) right-padded.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import torch
 
 from rto.engine.distributed import GenerationWeights
 from rto.models.forward import gather_logprobs, response_logits
+from rto.models.load import save_pretrained
 from rto.models.trainable import Trainable
 
 LOGPROB_ROLES = ("policy", "ref", "dpo")
@@ -115,6 +120,20 @@ class Roles:
     def save(self, role: str, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
         """The trained `role` (policy or critic) into `out`, as this layout stores it."""
         raise NotImplementedError
+
+    def learnable_dpo(self) -> tuple[dict[str, Any], Callable[[], Any]]:
+        """The DPO model's parameters by name, for an online token-reward model that keeps
+        training it, and a context in which they take gradients (here: always)."""
+        named = dict(self._modules["dpo"].named_parameters())
+        for p in named.values():
+            p.requires_grad_(True)
+        return named, contextlib.nullcontext
+
+    def save_dpo(self, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
+        """The DPO model as it is now (after an online run: as it learned) into `out`."""
+        if accelerator.is_main_process:
+            save_pretrained(self._modules["dpo"], tokenizer, out)
+        accelerator.wait_for_everyone()
 
     def has(self, role: str) -> bool:
         """Whether `role` (policy, ref, dpo, reward, critic) is there."""

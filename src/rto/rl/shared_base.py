@@ -2,7 +2,8 @@
 
     policy        base + "policy" adapter (trained)
     reference     base with every adapter off (the SFT model is the base)
-    DPO model     base + "dpo" adapter (frozen; the adapter `rto dpo --lora.r` wrote)
+    DPO model     base + "dpo" adapter (frozen; the adapter `rto dpo --lora.r` wrote; trained
+                  only inside the online token-reward model's update, `learnable_dpo`)
     reward model  base + "reward" adapter (frozen) read through its score head
     critic        base + "critic" adapter (trained) read through a value head (trained)
 
@@ -102,6 +103,22 @@ class SharedBase(Roles):
         return (f"one shared base ({self.adapters.record.base_model}) with adapters "
                 f"{', '.join(trained)} (trained), {', '.join(frozen) or 'none'} (frozen); "
                 "reference = adapters off")  # fmt: skip
+
+    def learnable_dpo(self) -> tuple[dict[str, Any], Any]:
+        """The DPO adapter's parameters by name, and the context in which they train: the
+        adapter stays frozen outside it (DDP and the checkpoints of the prepared policy module,
+        which holds every adapter, never see it train; the online source checkpoints it)."""
+        ids = {id(p) for p in self.adapters.parameters("dpo")}
+        named = {n: p for n, p in self.adapters.model.named_parameters() if id(p) in ids}
+        return named, lambda: self.adapters.training("dpo")
+
+    def save_dpo(self, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
+        """The DPO adapter as it is now, as an adapter folder on the shared base (merged into
+        the base with lora.merge, as the policy)."""
+        if lora.merge:
+            self.adapters.save_merged("dpo", out, tokenizer, accelerator)
+        else:
+            self.adapters.save("dpo", out, tokenizer, accelerator)
 
     def save(self, role: str, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
         """The policy's adapter (merged into the base with lora.merge), or the critic's adapter

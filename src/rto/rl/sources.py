@@ -181,7 +181,7 @@ def _dpo_builder(cfg: Any, ctx: SourceContext) -> DPOSource | None:
         "score": rl.score_coef if ctx.roles.has("reward") else 0.0,
         "reward_fn": rl.reward_fn_coef,
     }
-    learner = OnlineTokenReward(ctx.roles.dpo, ctx.roles, beta=rl.dpo_reward_scale, lr=rl.token_reward_lr,
+    learner = OnlineTokenReward(ctx.roles, beta=rl.dpo_reward_scale, lr=rl.token_reward_lr,
                                 steps=rl.token_reward_steps, label=rl.token_reward_label,
                                 batch_size=ctx.batch_size, sentence_weights=weights)  # fmt: skip
     return OnlineDPOSource(settings, ctx, cfg.dpo_model, learner, rl.token_reward_update_order)

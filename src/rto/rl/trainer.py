@@ -153,28 +153,37 @@ class PPOTrainer:
                                          self.cfg.eval.gold_reward, "gold")  # fmt: skip
 
     def check_frozen_outputs(self, r: Rollout, iteration: int) -> None:
-        """NaN or inf from a frozen model (reference, a token-reward source's model such as the
-        DPO model, reward model) comes from that model, not from training: name it, before it
-        reaches the rewards and the update."""
+        """NaN or inf from a model that the policy's update does not train (reference, a
+        token-reward source's model such as the DPO model, reward model) comes from that model,
+        not from the policy's learning rate: name it, before it reaches the rewards and the
+        update. A DPO model learning online (a source with a `learner`) is named as such."""
         cfg = self.cfg
-        frozen = [("reference model", cfg.ref_model or cfg.model.path, r.logp_ref)]
-        frozen += [(*s.model, r.token_sources[s.name]) for s in self.sources if getattr(s, "model", None)]  # fmt: skip
-        frozen.append(("reward model", cfg.reward_model, r.score if self.roles.has("reward") else None))  # fmt: skip
+        checked = [("reference model", cfg.ref_model or cfg.model.path, r.logp_ref, False)]
+        checked += [(*s.model, r.token_sources[s.name], hasattr(s, "learner"))
+                    for s in self.sources if getattr(s, "model", None)]  # fmt: skip
+        checked.append(("reward model", cfg.reward_model, r.score if self.roles.has("reward") else None, False))  # fmt: skip
         counts = torch.tensor(
             [0.0 if t is None else float((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
-             for _, _, t in frozen], device=self.engine.device,
+             for _, _, t, _ in checked], device=self.engine.device,
         )  # fmt: skip
         if self.acc.num_processes > 1:
             counts = self.acc.reduce(counts, reduction="sum")
-        for (name, path, _), n in zip(frozen, counts.tolist()):
-            if n:
-                scored = "scored" if name == "reward model" else "gave log-probabilities of"
-                raise ModelError(
-                    f"the {name} ({path}) {scored} {int(n)} of {len(r) * self.engine.world} "
-                    f"responses as NaN or inf in RL iteration {iteration + 1}; the {name} is frozen, "
-                    "so its weights (or its score head) are broken, not the learning rate: check or "
-                    "retrain it"
-                )
+        for (name, path, _, learning), n in zip(checked, counts.tolist()):
+            if not n:
+                continue
+            scored = "scored" if name == "reward model" else "gave log-probabilities of"
+            why = (
+                f"the {name} learns online (rl.token_reward_update online), so its own updates may "
+                "have diverged: lower rl.token_reward_lr, or run with rl.token_reward_update frozen "
+                "to check the model as loaded"
+                if learning
+                else f"the {name} is frozen, so its weights (or its score head) are broken, not the "
+                "learning rate: check or retrain it"
+            )
+            raise ModelError(
+                f"the {name} ({path}) {scored} {int(n)} of {len(r) * self.engine.world} "
+                f"responses as NaN or inf in RL iteration {iteration + 1}; {why}"
+            )
 
     # ------------------------------------------------------------------ 3: rewards
 

@@ -8,7 +8,8 @@ model and the critic read the policy's token ids, so they must share its tokeniz
 before loading); a reward model may have its own (it then reads re-rendered text, and the critic
 starts from the policy). Presets name the paper's methods: ppo, rto, rs_ppo, semi_rto, ddpo,
 rpp, rto_rpp, and the critic-free group estimators grpo, rto_grpo, rloo, rto_rloo (`--preset`);
-every estimator but gae loads no critic.
+every estimator but gae loads no critic. With rl.token_reward_update online the DPO model (or
+the shared base's DPO adapter) keeps learning and is saved as it learned in --out/token_reward_model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rto.data.tokenize import load_prompts
 from rto.engine.distributed import shards_weights
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
-from rto.errors import ConfigError, ModelError
+from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_inputs
 from rto.files import read_json
 from rto.models.load import (
@@ -37,6 +38,8 @@ from rto.rl.shared_base import adapter_roles, load_shared_base, why_not_shared
 from rto.rl.sources import resolve_function
 from rto.rl.trainer import PPOTrainer, check_prompt_count
 from rto.stages.rm import STATS_FILE
+
+TOKEN_REWARD_MODEL = "token_reward_model"  # the online DPO model as it learned, in --out
 
 
 def reward_stats(cfg: RLConfig) -> dict[str, float] | None:
@@ -122,13 +125,6 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     why_not = why_not_shared(cfg, frozen, sharded=shards_weights(engine.accelerator))
     if why_not is None and use_rm and not rm_same:
         why_not = f"the reward model {cfg.reward_model} has its own tokenizer"
-    if why_not is None and rl.token_reward_update == "online":
-        raise ConfigError(
-            "config key 'rl.token_reward_update' online is not available under the shared-base LoRA layout "
-            "(lora.r > 0 with the DPO and reward models as adapters on the policy's base): the DPO adapter would "
-            "have to train beside the policy's; give a merged or full DPO model as dpo_model, or set "
-            "rl.token_reward_update frozen"
-        )
     if why_not is None:
         roles = load_shared_base(cfg, tokenizer, use_dpo=use_dpo, use_rm=use_rm,
                                  critic_from=critic_from, device=device)  # fmt: skip
@@ -149,12 +145,20 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     roles.save("policy", out, tokenizer, engine.accelerator, cfg.lora)
     if cfg.save_critic and roles.has("critic"):
         roles.save("critic", out / "critic", tokenizer, engine.accelerator, cfg.lora)
+    learned = {}
+    if use_dpo and rl.token_reward_update == "online":  # what the DPO model learned online
+        roles.save_dpo(out / TOKEN_REWARD_MODEL, tokenizer, engine.accelerator, cfg.lora)
+        learned = {"token_reward_model": str(out / TOKEN_REWARD_MODEL)}
+        engine.say(
+            f"[rto] the online token-reward model (the DPO model as it learned): {out / TOKEN_REWARD_MODEL}"
+        )
     summary = {
         "stage": "rl",
         "preset": cfg.preset,
         **summary,
         "roles": roles.layout,
         "rewards": cfg.reward_sources(),
+        **learned,
         "data": {"prompts": report.to_dict()},
     }
     engine.finish(summary)
