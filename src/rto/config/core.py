@@ -308,7 +308,12 @@ def build(
         apply(cfg, file_values, where=f" (in {file_name})" if file_name else "")
     if cli_values:
         apply(cfg, cli_values, from_text=True, where="")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:  # a rule across keys: say which file (and pipeline stage) set them
+        if file_name and file_name not in str(exc):
+            raise ConfigError(f"{exc} (in {file_name})") from None
+        raise
     return cfg
 
 
