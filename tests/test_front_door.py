@@ -43,7 +43,9 @@ def test_the_readme_demo_table_is_the_committed_results(capsys: pytest.CaptureFi
 def test_a_stale_demo_table_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     demo = load_script("demo_results")
     saved = demo.json.loads(demo.SAVED.read_text())
-    saved["methods"]["rto"]["gold_reward_mean"] += 0.001  # what a code change that moves the demo does
+    saved["methods"]["rto"]["gold_reward_mean"] += (
+        0.001  # what a code change that moves the demo does
+    )
     page = tmp_path / "README.md"
     page.write_text(README)
     monkeypatch.setattr(demo, "PAGES", [page])
@@ -80,3 +82,33 @@ def test_a_bad_example_is_refused_naming_its_stage(
     err = capsys.readouterr().err
     assert "generate.batch_size" in err and "stage ppo" in err
     assert not (tmp_path / "runs").exists()
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    out = set()
+    for line in page.read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "page",
+    [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_every_relative_link_reaches_a_file_and_heading(page: Path) -> None:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{page.name}: " + "; ".join(broken)

@@ -74,6 +74,34 @@ def test_greedy_eval_equals_hf_token_for_token(
 
 
 @vllm_test
+def test_eval_of_several_policies_reuses_one_engine_with_each_ones_weights(
+    sft_model: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """Two policies of one architecture in one `rto eval`: one engine, each policy's weights
+    loaded in turn; each one's greedy replies equal transformers' for that policy."""
+    from rto.models import vllm_engine
+
+    both = f"sft={sft_model},base={tiny_task / 'base_model'}"
+    greedy = ["--generate.temperature", "0", "--eval.num_prompts", "24"]
+    rto_ok(*eval_args(tiny_task, tmp_path / "hf", both, *greedy))
+    made = []
+    real = vllm_engine._ENGINE.put
+    vllm_engine._ENGINE.clear()
+    vllm_engine._ENGINE.put = lambda key, llm: (made.append(key), real(key, llm))[1]  # type: ignore[method-assign]
+    try:
+        rto_ok(*eval_args(tiny_task, tmp_path / "vllm", both, *greedy, *VLLM))
+    finally:
+        vllm_engine._ENGINE.put = real  # type: ignore[method-assign]
+    assert len(made) == 1  # the second policy reused the first one's engine
+    for name in ("sft", "base"):
+        hf, vl = records(tmp_path / "hf", name), records(tmp_path / "vllm", name)
+        assert [r["response"] for r in vl] == [r["response"] for r in hf], name
+    assert [r["response"] for r in records(tmp_path / "vllm", "sft")] != [
+        r["response"] for r in records(tmp_path / "vllm", "base")
+    ]
+
+
+@vllm_test
 def test_seeded_pairs_do_not_depend_on_the_batch_size(
     sft_model: Path, tiny_task: Path, tmp_path: Path
 ) -> None:

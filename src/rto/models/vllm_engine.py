@@ -2,7 +2,9 @@
 
 Imported only when `generate.backend` is vllm (vLLM is the optional extra `./install.sh vllm`).
 The engine loads the model folder as it is (with rto's tokenizer), serves token-id prompts, stops
-at rto's stop ids, and samples each response with its own `SamplingParams.seed`. Before each RL
+at rto's stop ids, and samples each response with its own `SamplingParams.seed`. A process keeps
+one engine (`_EngineCache`): a later generator for a model of the same architecture and settings
+reuses it with that model's weights loaded in, since vLLM does not give an engine's memory back. Before each RL
 rollout `load_weights` puts the policy's current weights into it (`reload_weights` with the
 policy's whole state dict; a LoRA policy's adapter merged in, `lora.merged_state_dict`).
 """
@@ -90,13 +92,20 @@ class VLLMGenerator(Generator):
         )  # fmt: skip
         if max_len:
             kwargs["max_model_len"] = max_len
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as e:
-            raise _engine_error(e, settings, model_path) from None
+        key = engine_key(folder, kwargs)
+        self.llm, reused = _ENGINE.get(key), True
+        if self.llm is None:
+            _ENGINE.clear()  # an engine for another model: a second one would not find memory
+            try:
+                self.llm = vllm.LLM(**kwargs)
+            except Exception as e:
+                raise _engine_error(e, settings, model_path) from None
+            _ENGINE.put(key, self.llm)
+            reused = False
         self._vllm = vllm
         self._asleep = False
-        if model is not None and folder != str(model_path):  # an adapter's base: merge it in
+        # the engine holds the weights it last loaded (another policy's, when reused)
+        if model is not None and (reused or folder != str(model_path)):
             self.load_weights(model)
 
     # ------------------------------------------------------------------ weights
@@ -149,14 +158,53 @@ class VLLMGenerator(Generator):
                        truncated.to(dev))  # fmt: skip
 
     def close(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is None:
-            return
+        """Done with this generator; the engine stays in the process for the next one (an
+        engine's memory is not given back while the process lives: vLLM keeps it)."""
         self.llm = None
+
+
+class _EngineCache:
+    """One vLLM engine per process, kept from one generator to the next: `rto eval` of several
+    policies, and an RL run's held-out samples after its rollouts, reuse it with each model's
+    weights loaded in. Only an engine for the same architecture and settings is reused."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.llm: Any = None
+
+    def get(self, key: str) -> Any:
+        return self.llm if key == self.key else None
+
+    def put(self, key: str, llm: Any) -> None:
+        self.key, self.llm = key, llm
+
+    def clear(self) -> None:
+        if self.llm is None:
+            return
+        self.key, llm, self.llm = None, self.llm, None
+        try:  # vLLM's own shutdown where it has one; the memory may still stay with the process
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
         del llm
         import gc
 
         gc.collect()
+
+
+_ENGINE = _EngineCache()
+
+
+def engine_key(folder: str, kwargs: dict[str, Any]) -> str:
+    """What an engine must share to serve another model's weights: the architecture (config.json
+    without names and versions) and the engine's settings (dtype, memory, length, ...)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for volatile in ("_name_or_path", "transformers_version", "name_or_path"):
+        config.pop(volatile, None)
+    settings = {k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")}
+    return json.dumps({"config": config, "settings": settings}, sort_keys=True, default=str)
 
 
 def _engine_error(e: Exception, settings: Any, model_path: str | None) -> Exception:
