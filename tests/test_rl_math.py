@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rto.rl.advantages import gae, reward_to_go, whiten
-from rto.rl.losses import policy_loss, value_loss
+from rto.rl.losses import policy_loss, sampler_weights, value_loss
 from rto.rl.rewards import (
     RewardSettings,
     SourceSettings,
@@ -355,6 +355,37 @@ def test_clipped_policy_and_value_losses_match_slow_loop() -> None:
             vc = vo + min(max(v - vo, -0.2), 0.2)
             terms.append(max((v - r) ** 2, (vc - r) ** 2))
     assert float(vloss) == pytest.approx(0.5 * sum(terms) / len(terms), rel=1e-5)
+
+
+def test_truncated_importance_sampling_matches_slow_loop() -> None:
+    """rl.sampler_correction tis: each token's clipped policy term times
+    w = min(pi_old / pi_vllm, C), the weight without gradient; C caps it."""
+    mask, _, _, _, _ = make_batch()
+    g = torch.Generator().manual_seed(9)
+    logp_old = -torch.rand(mask.shape, generator=g) * 2
+    logp_sampler = logp_old + torch.randn(mask.shape, generator=g) * 0.8  # a sampler that differs
+    logp = (logp_old + torch.randn(mask.shape, generator=g) * 0.3).requires_grad_(True)
+    adv = torch.randn(mask.shape, generator=g)
+    cap = 1.5
+    w = sampler_weights(logp_old, logp_sampler, cap)
+    loss, _ = policy_loss(logp, logp_old, adv, mask, clip=0.2, weights=w)
+    terms, capped = [], 0
+    for b, n in enumerate(LENGTHS):
+        for t in range(n):
+            ratio = math.exp(float(logp[b, t]) - float(logp_old[b, t]))
+            weight = min(math.exp(float(logp_old[b, t]) - float(logp_sampler[b, t])), cap)
+            capped += weight == cap
+            a = float(adv[b, t])
+            terms.append(weight * max(-a * ratio, -a * min(max(ratio, 0.8), 1.2)))
+    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5, abs=1e-7)
+    assert 0 < capped < len(terms)  # the cap is met by some tokens, not all
+    assert not w.requires_grad
+    loss.backward()  # the gradient flows through pi_theta only, scaled by w
+    unweighted = logp.detach().clone().requires_grad_(True)
+    policy_loss(unweighted, logp_old, adv, mask, clip=0.2)[0].backward()
+    assert torch.allclose(logp.grad, unweighted.grad * w, atol=1e-7)
+    same, _ = policy_loss(logp, logp_old, adv, mask, 0.2, weights=torch.ones_like(w))
+    assert float(same) == float(policy_loss(logp, logp_old, adv, mask, 0.2)[0])  # w = 1: PPO
 
 
 @pytest.mark.parametrize("task", ["tiny_task", "gpt2_task", "qwen2_task"])

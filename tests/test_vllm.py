@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rl_args, rto, rto_ok
+from conftest import rl_args, rto, rto_ok, rto_subprocess
 
 VLLM = ["--generate.backend", "vllm", "--generate.vllm_eager", "true"]
 # marked `vllm`, and skipped before their fixtures are built when vLLM is not installed
@@ -117,17 +117,34 @@ def test_seeded_pairs_do_not_depend_on_the_batch_size(
 
 @vllm_test
 @pytest.mark.slow  # needs the reward and DPO models: with -m vllm, not in CI's vLLM arm
+@pytest.mark.parametrize("layout", ["full", "lora", "shared_base"])
 def test_rl_syncs_the_trained_policy_into_the_engine(
-    sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path, tmp_path: Path
-) -> None:
+    layout: str, sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     """After 2 RL updates, the run's own greedy held-out samples (vLLM, weights synced) equal
-    what transformers samples greedily from the saved policy, and differ from the SFT model's."""
+    what transformers samples greedily from the saved policy, and differ from the SFT model's:
+    a full model, a LoRA policy (its adapter merged in), and the shared base's policy adapter.
+    vLLM's sampling log-probs are logged beside the trainer's: close in float32."""
     evals = ["--eval.prompts", tiny_task / "prompts_eval.jsonl", "--eval.gold_reward", "sentiment",
              "--eval.num_prompts", "32", "--generate.temperature", "0"]  # fmt: skip
+    rm, dpo, extra = reward_model, dpo_model, []
+    if layout != "full":
+        extra = ["--lora.r", "4", "--train.lr", "3e-2"]
+    if layout == "shared_base":  # the DPO and reward models as adapters on the SFT model
+        from test_shared_base import make_adapter
+
+        dpo = make_adapter(sft_model, tmp_path / "dpo_adapter", score_head=False, seed=3)
+        rm = make_adapter(sft_model, tmp_path / "rm_adapter", score_head=True, seed=4)
+        extra += ["--rl.score_normalization", "running"]
     out = tmp_path / "rl"
-    rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, out, "--train.max_steps", "2",
-                    "--train.lr", "3e-3", *evals, *VLLM))  # fmt: skip
+    rto_ok(*rl_args(tiny_task, sft_model, rm, dpo, out, "--train.max_steps", "2",
+                    "--train.lr", "3e-3", *evals, *VLLM, *extra))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["roles"] == ("one shared base" if layout == "shared_base" else "separate models")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    gaps = [r["rollout/sampler_gap_abs"] for r in rows if "rollout/sampler_gap_abs" in r]
+    assert len(gaps) == 2 and all(0 <= g < 1e-3 for g in gaps), gaps  # same maths, float32
     rto_ok(*eval_args(tiny_task, tmp_path / "ev", f"rl={out},sft={sft_model}", "--eval.num_prompts", "32",
                       "--generate.temperature", "0", "--generate.max_new_tokens", "32"))  # fmt: skip
     rl_hf, sft_hf = records(tmp_path / "ev", "rl"), records(tmp_path / "ev", "sft")
@@ -135,6 +152,29 @@ def test_rl_syncs_the_trained_policy_into_the_engine(
     mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs)  # noqa: E731
     assert summary["eval/length_mean"] == pytest.approx(mean(rl_hf, "length"), abs=1e-9)
     assert summary["eval/gold_reward_mean"] == pytest.approx(mean(rl_hf, "gold_reward"), abs=1e-9)
+
+
+@vllm_test
+@pytest.mark.slow
+def test_truncated_importance_sampling_runs_with_vllm_and_changes_only_the_policy_loss(
+    sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """rl.sampler_correction tis on vLLM rollouts: the same rollouts (same seeds), the weights
+    near 1 (float32 samplers agree), none capped; the first update's loss moves by no more than
+    the weights do."""
+    runs = {}
+    for name, extra in (
+        ("plain", []),
+        ("tis", ["--rl.sampler_correction", "tis", "--rl.tis_cap", "1.5"]),
+    ):
+        out = tmp_path / name
+        rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, out, "--train.max_steps", "1",
+                        *VLLM, *extra))  # fmt: skip
+        runs[name] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    plain, tis = runs["plain"], runs["tis"]
+    assert tis["rollout/response_length"] == plain["rollout/response_length"]  # same samples
+    assert tis["rollout/sampler_tis_capped_share"] == 0.0
+    assert tis["policy/loss"] == pytest.approx(plain["policy/loss"], rel=1e-2, abs=1e-5)
 
 
 @vllm_test
@@ -216,3 +256,49 @@ def test_chatml_replies_stop_at_im_end(qwen2_task: Path) -> None:
     hf = HFGenerator(g, tokenizer=tok, eos=eos, device="cpu", model=model).sample(prompts, None)
     assert torch.equal(engine.sample(prompts, None).response_ids, hf.response_ids)
     engine.close()
+
+
+@vllm_test
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["ppo", "rto"])
+def test_a_killed_vllm_run_resumes_to_the_uninterrupted_one(
+    preset: str, sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """ppo and rto end to end with vLLM rollouts, killed (SIGKILL) after update 2 of 3 and
+    resumed: each response is a function of its seed, the engine gets the resumed policy's
+    weights, so the run ends with the uninterrupted run's weights."""
+    from test_rl_stage import same_weights
+
+    common = ["--preset", preset, "--train.max_steps", "3", "--train.save_every", "1", *VLLM]
+
+    def args(out: str) -> list:
+        return rl_args(tiny_task, sft_model, reward_model, dpo_model, tmp_path / out, *common)
+
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    for out, extra in (("full", {}), ("cut", {"RTO_FAULT": "kill_after_step:2"})):
+        done = rto_subprocess(*args(out), env={**env, **extra})
+        assert done.returncode == (0 if out == "full" else -9), done.stderr[-2000:]
+    resumed = rto_subprocess(*args("cut"), "--resume", env=env)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    assert same_weights(tmp_path / "full", tmp_path / "cut")
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "rollout/sampler_gap_abs" in r] == [1, 2, 3]
+
+
+@vllm_test
+def test_an_architecture_vllm_cannot_serve_is_a_clear_error(
+    sft_model: Path, tiny_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    odd = tmp_path / "odd_model"
+    shutil.copytree(sft_model, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["architectures"] = ["NoSuchArchitectureForCausalLM"]  # transformers reads model_type
+    (odd / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "eval"
+    assert rto(*eval_args(tiny_task, out, f"odd={odd}", "--eval.num_prompts", "8", *VLLM)) == 2
+    err = capsys.readouterr().err
+    assert f"vLLM cannot serve the model {odd}" in err and "generate.backend hf" in err
+    assert "Traceback" not in err and not out.exists()

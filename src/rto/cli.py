@@ -155,6 +155,14 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
         help="Override one config value.",
     )
     p.add_argument(
+        "--generate.backend",
+        dest="generate_backend",
+        choices=["hf", "vllm"],
+        default=None,
+        help="Generate with this backend in every stage that samples (pairs, rl, eval, held-out samples); "
+        "the demo then writes into runs/demo_vllm.",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="Check every stage's config (keys, types, ranges, placeholders) and print the plan; "
@@ -168,10 +176,13 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if args.stage == "demo":
         recipe = "sentiment_full" if args.full else "sentiment_quick"
         out = args.out or ("runs/demo_full" if args.full else "runs/demo")
+        if args.generate_backend == "vllm" and not args.out:
+            out += "_vllm"
     else:
         recipe, out = args.config, args.out
+    backend = args.generate_backend
     if args.check:
-        planned, resolved = pipeline.plan(recipe, out=out, overrides=args.set)
+        planned, resolved = pipeline.plan(recipe, out=out, overrides=args.set, backend=backend)
         print(
             f"[rto] {resolved['recipe']}: {len(planned)} stages, every config checked; would write into {resolved['out']}"
         )
@@ -183,7 +194,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
                 f"{f' --preset {preset}' if preset else ''}{after}"
             )
         return 0
-    pipeline.run(recipe, out=out, force=args.force, overrides=args.set)
+    pipeline.run(recipe, out=out, force=args.force, overrides=args.set, backend=backend)
     if args.stage == "demo":
         from pathlib import Path
 

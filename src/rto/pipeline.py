@@ -21,6 +21,7 @@ resumed from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -126,9 +127,14 @@ def _set_override(recipe: dict[str, Any], assignment: str) -> None:
 
 
 def plan(
-    recipe_file: str, *, out: str | None = None, overrides: list[str] | None = None
+    recipe_file: str,
+    *,
+    out: str | None = None,
+    overrides: list[str] | None = None,
+    backend: str | None = None,
 ) -> tuple[list[PlannedStage], dict[str, Any]]:
-    """Validate every stage's config before any work; return them in order with fingerprints."""
+    """Validate every stage's config before any work; return them in order with fingerprints.
+    `backend` (hf | vllm) sets generate.backend in every stage that samples."""
     path = recipe_path(recipe_file)
     recipe = core.load_yaml(path)
     for a in overrides or []:
@@ -174,6 +180,8 @@ def plan(
             )
         values = _merge(defaults.get(kind, {}) or {}, spec)
         values.setdefault("seed", recipe.get("seed", 0))
+        if backend and any(f.name == "generate" for f in dataclasses.fields(cls)):
+            values["generate"] = {**(values.get("generate") or {}), "backend": backend}
         deps: set[str] = set()
         values = _substitute(values, folders, f"stages.{name}", deps)
         leftover = re.search(r"\{[A-Za-z_][^{}]*\}", json.dumps(values))
@@ -208,12 +216,13 @@ def run(
     out: str | None = None,
     force: list[str] | None = None,
     overrides: list[str] | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     from rto.engine.distributed import init_distributed
 
     dist = init_distributed()  # under torchrun / accelerate launch: one job over every process;
     main = dist.is_main_process  # each stage splits its work, except task and report (main only)
-    planned, resolved = plan(recipe_file, out=out, overrides=overrides)
+    planned, resolved = plan(recipe_file, out=out, overrides=overrides, backend=backend)
     names = [p.name for p in planned]
     for f in force or []:
         if f not in names:

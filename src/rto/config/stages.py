@@ -528,6 +528,18 @@ class RLSection:
     forward_batch_size: int = option(
         16, "Sequences per forward pass when scoring a rollout.", min=1
     )
+    sampler_correction: str = option(
+        "none",
+        "With generate.backend vllm, the engine's sampling log-probs pi_vllm are kept beside the trainer's pi_old "
+        "and their gap logged (rollout/sampler_gap_*); tis weighs each token's policy loss by "
+        "min(pi_old / pi_vllm, rl.tis_cap) (truncated importance sampling), none leaves it as it is.",
+        choices=["none", "tis"],
+        paper="truncated importance sampling (Yao et al. 2025; TRL, veRL)",
+    )
+    tis_cap: float = option(
+        2.0, "rl.sampler_correction tis: the cap C of the per-token weight min(pi_old / pi_vllm, C).",
+        min=1.0,
+    )  # fmt: skip
 
 
 _GROUP: dict[str, object] = {"rl.samples_per_prompt": 4}
@@ -700,6 +712,12 @@ class RLConfig:
                     "rl.token_reward_label group_mean (the label compares a response with its group); or set "
                     "rl.token_reward_label value for a sentence reward in [0, 1]"
                 )
+        if rl.sampler_correction != "none" and self.generate.backend != "vllm":
+            raise ConfigError(
+                f"config key 'rl.sampler_correction' is {rl.sampler_correction}, which corrects for vLLM's sampler; "
+                f"generate.backend is {self.generate.backend}, whose samples come from the policy itself: set "
+                "generate.backend vllm, or rl.sampler_correction none"
+            )
         n = rl.rollout_batch_size * rl.samples_per_prompt
         if n % self.train.batch_size:
             raise ConfigError(

@@ -24,6 +24,8 @@ class Samples:
     prompt_ids, prompt_mask:     (B, P)  left-padded prompts
     response_ids, response_mask: (B, T)  right-padded responses; mask 1 up to and including EOS
     truncated:                   (B,)    True where no EOS was generated
+    logprobs:                    (B, T)  the sampler's own log-probs of the response tokens, when
+                                         the backend reports them (vLLM), else None
     """
 
     prompt_ids: torch.Tensor
@@ -31,6 +33,7 @@ class Samples:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     truncated: torch.Tensor
+    logprobs: torch.Tensor | None = None
 
 
 def stop_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
@@ -123,7 +126,9 @@ def sample(
 
 class Generator:
     """`sample(prompts, seeds) -> Samples` for left-padded token-id prompts, one seed each;
-    `load_weights(model)` before each rollout; `close()` when the stage is done with it."""
+    `load_weights(model)` before each rollout; `close()` when the stage is done with it. With
+    `report_logprobs` set, a backend whose sampler is not the policy itself (vLLM) also returns
+    the log-probs it sampled with (`Samples.logprobs`)."""
 
     backend = ""
 
@@ -132,6 +137,7 @@ class Generator:
         self.pad_id = tokenizer.pad_token_id
         self.eos = eos
         self.device = device
+        self.report_logprobs = False
 
     def load_weights(self, model: Any) -> None:
         raise NotImplementedError

@@ -89,6 +89,7 @@ class VLLMGenerator(Generator):
             tensor_parallel_size=settings.vllm_tensor_parallel_size, enable_sleep_mode=settings.vllm_sleep,
             trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)),
             seed=0, enable_prefix_caching=False, enforce_eager=settings.vllm_eager,
+            logprobs_mode="processed_logprobs",  # after temperature: what the sampler drew from
         )  # fmt: skip
         if max_len:
             kwargs["max_model_len"] = max_len
@@ -139,6 +140,7 @@ class VLLMGenerator(Generator):
             top_p=1.0 if greedy else g.top_p, top_k=0 if greedy or not g.top_k else g.top_k,
             seed=None if greedy else seed, stop_token_ids=list(self.eos), ignore_eos=False,
             detokenize=False, skip_special_tokens=False,
+            logprobs=0 if self.report_logprobs else None,  # 0: the sampled token's only
         )  # fmt: skip
 
     def sample(self, prompts: list[list[int]], seeds: list[int] | None) -> Samples:
@@ -154,8 +156,16 @@ class VLLMGenerator(Generator):
             mask.bool(), response_ids, torch.full_like(response_ids, self.pad_id)
         )
         dev = self.device
+        logprobs = None
+        if self.report_logprobs:  # the sampler's log-prob of each token it drew, 0 past the end
+            logprobs = torch.zeros(response_ids.shape, dtype=torch.float32)
+            for b, o in enumerate(outs):
+                steps = o.outputs[0].logprobs or []
+                for t, (token, step) in enumerate(zip(o.outputs[0].token_ids, steps)):
+                    logprobs[b, t] = step[token].logprob
+            logprobs = (logprobs * mask).to(dev)
         return Samples(prompt_ids.to(dev), prompt_mask.to(dev), response_ids.to(dev), mask.to(dev),
-                       truncated.to(dev))  # fmt: skip
+                       truncated.to(dev), logprobs)  # fmt: skip
 
     def close(self) -> None:
         """Done with this generator; the engine stays in the process for the next one (an

@@ -28,6 +28,9 @@ class Rollout:
     # rl.samples_per_prompt responses of a prompt are adjacent and on one process
     group: torch.Tensor | None = None
     logp_old: torch.Tensor | None = None  # (B, T) log pi_theta_old(y_h | ...)
+    # (B, T) the sampler's own log-probs (vLLM's, at the sampling temperature), or None (hf: the
+    # policy sampled itself)
+    logp_sampler: torch.Tensor | None = None
     logp_ref: torch.Tensor | None = None  # (B, T) log pi_ref
     values: torch.Tensor | None = None  # (B, T) critic V(s_h) (GAE only)
     score: torch.Tensor | None = None  # (B,) reward model score (raw)
@@ -74,7 +77,14 @@ def merge_samples(chunks: list[Samples], pad_id: int) -> Rollout:
         response_ids = torch.full((len(prompts), 1), pad_id, dtype=torch.long)
         response_mask = torch.zeros_like(response_ids)
     truncated = torch.cat([c.truncated.cpu() for c in chunks])
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, truncated)
+    r = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, truncated)
+    if all(c.logprobs is not None for c in chunks):
+        rows = [row.tolist() for c in chunks for row in c.logprobs.cpu()]
+        rows = [row[:n] for row, n in zip(rows, lengths)]
+        width = response_ids.shape[1]
+        r.logp_sampler = torch.tensor([row + [0.0] * (width - len(row)) for row in rows],
+                                      dtype=torch.float32).reshape(len(rows), width)  # fmt: skip
+    return r
 
 
 def to_device(r: Rollout, device: torch.device) -> Rollout:

@@ -1,6 +1,7 @@
 """PPO losses and diagnostics, over (B, T) response tokens with a mask.
 
     policy   L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi/pi_old
+             (rl.sampler_correction tis: each term times w_t = min(pi_old / pi_vllm, C))
     value    L = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - eps_v, V_old + eps_v) - R_t)^2)
     kl       L = mean_t exp(l_t) - l_t - 1,  l_t = log pi_ref - log pi_theta  (rl.kl_in_loss: GRPO's
              k3 estimator of KL(pi_theta || pi_ref), Schulman 2020; DeepSeekMath eq. 4), weighted
@@ -43,18 +44,33 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float,
     num_tokens: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped policy loss; `weights` (B, T), when given, multiply each token's term
+    (truncated importance sampling: min(pi_old / pi_sampler, C), `sampler_weights`)."""
     log_ratio = (logp - logp_old).masked_fill(~mask.bool(), 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = token_mean(per_token, mask, num_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": token_mean((clipped > unclipped).float(), mask, num_tokens),
             "approx_kl": token_mean((ratio - 1.0) - log_ratio, mask, num_tokens),
         }
     return loss, stats
+
+
+def sampler_weights(logp_old: torch.Tensor, logp_sampler: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (rl.sampler_correction tis): w_t = min(pi_old / pi_sampler, C)
+    per token, no gradient. The rollout was drawn from the sampler (vLLM), whose numbers differ
+    from the trainer's pi_old; w corrects the policy gradient towards pi_old's, truncated at C to
+    bound its variance (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; TRL's vllm_importance_sampling_cap, veRL's tis_imp_ratio_cap)."""
+    return torch.exp(logp_old - logp_sampler).clamp(max=cap).detach()
 
 
 def kl_loss(

@@ -23,6 +23,7 @@ every logged number is a global mean.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -40,7 +41,14 @@ from rto.models.seeded import row_seed
 from rto.rl.advantages import estimate, whiten
 from rto.rl.experience import Rollout, merge_samples, score_rollout, to_device
 from rto.rl.kl import KLController
-from rto.rl.losses import explained_variance, kl_loss, policy_loss, token_mean, value_loss
+from rto.rl.losses import (
+    explained_variance,
+    kl_loss,
+    policy_loss,
+    sampler_weights,
+    token_mean,
+    value_loss,
+)
 from rto.rl.rewards import (
     RewardSettings,
     RunningMoments,
@@ -84,6 +92,9 @@ class PPOTrainer:
             cfg.generate, tokenizer=tokenizer, eos=self.eos, device=engine.device, model=roles.policy,
             model_cfg=cfg.model, model_path=cfg.model.path, max_prompt_length=cfg.data.max_prompt_length,
         )  # fmt: skip
+        self.generator.report_logprobs = (
+            True  # vLLM: its log-probs beside pi_old (rl.sampler_correction)
+        )
         context = SourceContext(roles, tokenizer, self.eos, self.rl.forward_batch_size, self.temperature)  # fmt: skip
         self.sources = build_sources(cfg, context)  # token-reward sources (rl/sources.py)
         for source in self.sources:  # a learning source's state goes into every checkpoint
@@ -291,7 +302,12 @@ class PPOTrainer:
         """The PPO loss of one micro-batch (policy, entropy bonus, value) and its terms."""
         rl, mask = self.rl, b["response_mask"]
         logp, logits = self.roles.logprobs_and_logits("policy", b, self.temperature)
-        pl, pstats = policy_loss(logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens)
+        weights = None
+        if rl.sampler_correction == "tis" and "logp_sampler" in b:
+            weights = sampler_weights(b["logp_old"], b["logp_sampler"], rl.tis_cap)
+        pl, pstats = policy_loss(
+            logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens, weights
+        )
         # without an entropy bonus the entropy is only reported: made outside the graph, its
         # (B, T, V) temporaries are not kept
         with torch.set_grad_enabled(rl.entropy_coef > 0 and torch.is_grad_enabled()):
@@ -337,8 +353,20 @@ class PPOTrainer:
             sums[f"reward/{name}_share"] = share * len(r)
         if "gold" in r.texts:
             sums["rollout/gold_reward"] = float(sum(r.texts["gold"]))
+        sampler = {}
+        if r.logp_sampler is not None:  # vLLM sampled: how far its log-probs are from pi_old's
+            gap = (r.logp_old - r.logp_sampler).masked_fill(~r.response_mask.bool(), 0.0)
+            sampler = {"tokens": float(mask.sum()), "gap": float(gap.sum()), "gap_abs": float(gap.abs().sum()),
+                       "capped": float((gap > math.log(self.rl.tis_cap)).sum())}  # fmt: skip
+            sums.update({f"_sampler/{k}": v for k, v in sampler.items()})
         sums = sum_over_processes(sums)
         n = sums.pop("n")
+        if sampler:  # per token: log pi_old - log pi_vllm, its mean size, and the tokens TIS caps
+            got = {k: sums.pop(f"_sampler/{k}") for k in sampler}
+            tokens = max(got["tokens"], 1.0)
+            sums.update({"rollout/sampler_gap": got["gap"] / tokens * n,
+                         "rollout/sampler_gap_abs": got["gap_abs"] / tokens * n,
+                         "rollout/sampler_tis_capped_share": got["capped"] / tokens * n})  # fmt: skip
         m = {k: v / n for k, v in sums.items()}
         m["rollout/kl_coef"] = self.kl.value
         if r.values is not None:
