@@ -241,3 +241,22 @@ def test_win_rates_and_distinct_n() -> None:
     )
     assert distinct_n(["good good good", "good bad"], 1) == pytest.approx(2 / 5)
     assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+
+
+def test_generate_backend_reaches_every_stage_that_samples(capsys: pytest.CaptureFixture) -> None:
+    """`rto demo --generate.backend X` (and `rto pipeline`): every stage with a generate section
+    samples with X, nothing else changes; vLLM missing is refused before any work."""
+    from rto import pipeline
+
+    plain, _ = pipeline.plan("sentiment_quick")
+    chosen, _ = pipeline.plan("sentiment_quick", backend="hf")
+    backends = {
+        p.name: getattr(getattr(p.config, "generate", None), "backend", None) for p in chosen
+    }
+    assert {n for n, b in backends.items() if b} == {"sft", "pairs", "dpo", "rl_ppo", "rl_rto", "eval"}
+    assert all(b in (None, "hf") for b in backends.values())
+    assert [p.fingerprint for p in plain] == [p.fingerprint for p in chosen]  # hf is the default
+    if importlib.util.find_spec("vllm") is None:
+        assert rto("demo", "--generate.backend", "vllm", "--check") == 2
+        err = capsys.readouterr().err
+        assert "generate.backend" in err and "./install.sh vllm" in err and "stage sft" in err
