@@ -302,3 +302,24 @@ def test_an_architecture_vllm_cannot_serve_is_a_clear_error(
     err = capsys.readouterr().err
     assert f"vLLM cannot serve the model {odd}" in err and "generate.backend hf" in err
     assert "Traceback" not in err and not out.exists()
+
+
+@vllm_test
+def test_two_processes_each_with_an_engine_write_the_same_pairs_as_one(
+    sft_model: Path, tiny_task: Path, tmp_path: Path
+) -> None:
+    """Under torchrun each process runs its own in-process engine on its share of the prompts;
+    every response is sampled with its own seed, so the pairs equal one process's, byte for byte."""
+    from test_distributed import torchrun
+
+    def pairs(out: Path) -> list[str]:
+        return ["pairs", "--out", out, "--model.path", sft_model, "--data.path", tiny_task / "prompts_train.jsonl",
+                "--data.max_rows", "32", "--data.max_prompt_length", "32", "--gold_reward", "sentiment",
+                "--generate.max_new_tokens", "24", "--log.progress", "false", *VLLM]  # fmt: skip
+
+    one = rto_subprocess(*pairs(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*pairs(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    text = (tmp_path / "one" / "pairs_train.jsonl").read_text()
+    assert text == (tmp_path / "two" / "pairs_train.jsonl").read_text() and text.count("\n") > 5
