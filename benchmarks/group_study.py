@@ -19,6 +19,7 @@ same stages there (same configs, so each is trained once for both studies). Besi
   rloo      RLOO without token reward, at KL_COEFS["rloo"]
   rto_grpo  GRPO with the DPO token reward (frozen DPO model, RTO as published), at KL_COEFS
   rto_rloo  RLOO with the DPO token reward, at the recipe's KL coefficient (0.1)
+  (and the AMENDMENT below: rto_grpo at 1.0 and 5.0, rto_rloo at 0.4 and 1.6)
   online    rto_grpo at 0.1 whose DPO model keeps learning on every rollout (PRIME's update)
   rto       RTO with PPO (the critic) at 0.1: the paper miniature's own `rl_rto`
 
@@ -29,7 +30,8 @@ K = 4). The settings are the presets' (src/rto/config/stages.py) and the recipe'
 same for every seed (seed 0); the seed changes all trained on it. Each pipeline runs in its own
 process with one thread, so a rerun repeats the numbers on the same machine kind.
 
-Outputs: benchmarks/results/group_study.{json,md} and group_study_frontiers.png.
+Outputs: benchmarks/results/group_study.{json,md}, group_study_frontiers.png, and the study's
+lines in README.md (between `<!-- group study -->` markers; a test keeps them current).
 """
 
 from __future__ import annotations
@@ -69,6 +71,29 @@ K = 4  # responses per prompt of the group presets
 # not known beforehand) can be read on it.
 KL_COEFS = {"grpo": (0.1, 0.05, 0.025), "rloo": (0.1, 0.05, 0.025),
             "rto_grpo": (0.2, 0.1, 0.05, 0.025)}  # fmt: skip
+# AMENDMENT (written after the registered runs, whose verdicts came out "cannot tell" for claims
+# (i) and (iii), before any run below): with the DPO token reward both group estimators drift far
+# beyond anything the plain ones reach at any coefficient (held-out KL 12 to 64 for rto_grpo and
+# 4 to 6 for rto_rloo at 0.1; grpo and rloo 0.6 to 1.7 at every coefficient), so no registered
+# reading lies inside a frontier. Added, in every seed alike: rto_grpo at 1.0 and 5.0 and rto_rloo
+# at 0.4 and 1.6, so that the token-reward frontiers reach down to the plain runs' KL and to
+# RTO-PPO's, and for claim (i) the reading the other way round: the token-reward estimator's
+# frontier read at the plain run's KL (coefficient 0.1) minus the plain run's gold reward, with
+# the registered rule; it decides the claim where the registered reading reads fewer than two
+# seeds. The registered verdicts are reported beside the amended ones; nothing else changes.
+AMENDED_KL_COEFS = {"rto_grpo": (1.0, 5.0), "rto_rloo": (0.4, 1.6, 0.1)}
+AMENDMENT = (
+    "Amendment, written after the registered runs (their verdicts: cannot tell for the first and "
+    "third claims) and before the runs it adds: with the DPO token reward both group estimators "
+    "drifted far beyond the plain ones' frontiers (held-out KL 12 to 64 for rto_grpo and 4 to 6 "
+    "for rto_rloo at 0.1, against 0.6 to 1.7 for grpo and rloo at every coefficient), so no "
+    "registered reading lay inside a frontier. Added in every seed: rto_grpo at KL coefficients "
+    "1.0 and 5.0, rto_rloo at 0.4 and 1.6, and, for the first claim, the reading the other way "
+    "round (the token-reward estimator's frontier at the plain run's KL minus the plain run's gold "
+    "reward, same rule), which decides it where the registered reading reads fewer than two seeds."
+)
+for _preset, _coefs in AMENDED_KL_COEFS.items():
+    KL_COEFS[_preset] = KL_COEFS.get(_preset, ()) + _coefs
 COEF = 0.1  # the recipe's KL coefficient: the single-point runs
 # The online DPO model's learning rate: twice the policy's (5e-5 in the recipe), PRIME's ratio
 # (its implicit PRM learns at 1e-6 beside a policy at 5e-7). Label: above the group's mean
@@ -135,10 +160,6 @@ def runs_of_seed() -> dict[str, tuple[str, dict]]:
         for c in coefs:
             spec = {"stage": "rl", "preset": preset, "rl": {"kl_coef": c}}
             out[f"rl_{preset}_kl_{coef_tag(c)}"] = (f"{preset}_kl{c}", spec)
-    out[f"rl_rto_rloo_kl_{coef_tag(COEF)}"] = (
-        f"rto_rloo_kl{COEF}",
-        {"stage": "rl", "preset": "rto_rloo", "rl": {"kl_coef": COEF}},
-    )
     out["rl_rto_grpo_online"] = (
         "rto_grpo_online",
         {"stage": "rl", "preset": "rto_grpo", "rl": {"kl_coef": COEF, **ONLINE}},
@@ -287,19 +308,32 @@ def frontier(res: dict, preset: str) -> list[tuple[float, float]]:
             for c in KL_COEFS[preset] if (n := f"{preset}_kl{c}") in res]  # fmt: skip
 
 
-def minus_frontier(res: dict, name: str, preset: str) -> float | None:
-    """`name`'s gold reward minus `preset`'s frontier at `name`'s KL (None outside it)."""
-    at = interpolate(frontier(res, preset), res[name]["kl_mean"])
-    return None if at is None else res[name]["gold_reward_mean"] - at
+def minus_frontier(
+    res: dict, name: str, preset: str, metric: str = "gold_reward_mean"
+) -> float | None:
+    """`name`'s `metric` (gold reward) minus `preset`'s frontier of it (linear in KL between
+    its runs) at `name`'s KL; None outside it or when a run is missing."""
+    if name not in res:
+        return None
+    points = [(res[n]["kl_mean"], res[n][metric])
+              for c in KL_COEFS[preset] if (n := f"{preset}_kl{c}") in res]  # fmt: skip
+    at = interpolate(points, res[name]["kl_mean"])
+    return None if at is None else res[name][metric] - at
 
 
 def readings(per_seed: dict[int, dict]) -> dict[str, list[float | None]]:
     """Per-seed paired differences, in seed order (None: not read)."""
     out: dict[str, list] = {"rto_grpo_vs_grpo": [], "rto_rloo_vs_rloo": [], "online_vs_frozen": [],
-                            "rto_grpo_minus_rto_ppo": []}  # fmt: skip
+                            "rto_grpo_minus_rto_ppo": [], "grpo_frontier_vs_plain": [],
+                            "rloo_frontier_vs_plain": [], "grpo_frontier_vs_plain_fluency": [],
+                            "rloo_frontier_vs_plain_fluency": []}  # fmt: skip
     for res in per_seed.values():
         out["rto_grpo_vs_grpo"].append(minus_frontier(res, f"rto_grpo_kl{COEF}", "grpo"))
         out["rto_rloo_vs_rloo"].append(minus_frontier(res, f"rto_rloo_kl{COEF}", "rloo"))
+        for est in ("grpo", "rloo"):  # the amendment's reading: the token-reward frontier at the
+            for metric, key in (("gold_reward_mean", ""), ("fluency_rate", "_fluency")):  # plain KL
+                d = minus_frontier(res, f"{est}_kl{COEF}", f"rto_{est}", metric)
+                out[f"{est}_frontier_vs_plain{key}"].append(None if d is None else -d)
         out["online_vs_frozen"].append(minus_frontier(res, "rto_grpo_online", "rto_grpo"))
         d = minus_frontier(res, "rto", "rto_grpo")  # RTO-PPO minus rto_grpo's frontier
         out["rto_grpo_minus_rto_ppo"].append(None if d is None else -d)
@@ -322,7 +356,13 @@ def reaches_verdict(values: list[float | None]) -> str:
 
 def judge(res: dict) -> list[dict]:
     r = res["readings"]
-    grpo, rloo = read_verdict(r["rto_grpo_vs_grpo"]), read_verdict(r["rto_rloo_vs_rloo"])
+    registered = {
+        "grpo": read_verdict(r["rto_grpo_vs_grpo"]),
+        "rloo": read_verdict(r["rto_rloo_vs_rloo"]),
+    }
+    amended = {e: read_verdict(r.get(f"{e}_frontier_vs_plain", [])) for e in ("grpo", "rloo")}
+    # the amendment: where the registered reading reads fewer than two seeds, the reversed one
+    grpo, rloo = (registered[e] if registered[e] != "n/a" else amended[e] for e in ("grpo", "rloo"))
     if grpo == rloo and grpo in ("yes", "no"):
         first = grpo
     elif "n/a" in (grpo, rloo):
@@ -332,9 +372,15 @@ def judge(res: dict) -> list[dict]:
     gold = reaches_verdict(r["rto_grpo_minus_rto_ppo"])
     cost, cost_text = cost_verdict(res.get("cost"))
     third = "n/a" if "n/a" in (gold, cost) else weakest(gold, cost)
+
+    def amended_text(e: str) -> str:
+        return (f"registered reading {values(r[f'rto_{e}_vs_{e}'])}; the amendment's, rto_{e}'s frontier "
+                f"at {e}'s KL minus {e}: {values(r.get(f'{e}_frontier_vs_plain', []))}, fluency "
+                f"{values(r.get(f'{e}_frontier_vs_plain_fluency', []))}")  # fmt: skip
+
     texts = {
-        "token_reward_in_groups": f"GRPO: {VERDICT_TEXT.get(grpo, grpo)} ({values(r['rto_grpo_vs_grpo'])}); "
-        f"RLOO: {VERDICT_TEXT.get(rloo, rloo)} ({values(r['rto_rloo_vs_rloo'])})",
+        "token_reward_in_groups": f"GRPO: {VERDICT_TEXT.get(grpo, grpo)} ({amended_text('grpo')}); "
+        f"RLOO: {VERDICT_TEXT.get(rloo, rloo)} ({amended_text('rloo')})",
         "online": values(r["online_vs_frozen"]),
         "critic_free": f"gold at RTO-PPO's KL: {VERDICT_TEXT.get(gold, gold)} "
         f"({values(r['rto_grpo_minus_rto_ppo'])}); cost: {cost_text}",
@@ -402,6 +448,8 @@ def markdown(res: dict, plot: str | None) -> str:
         "",
         "## Claims (written before the runs)",
         "",
+        AMENDMENT,
+        "",
     ]
     for c in res["claims"]:
         lines += [f"- **{c['claim']}** {VERDICT_TEXT.get(c['verdict'], c['verdict'])}. {c['evidence']}",
@@ -425,21 +473,24 @@ def plots(res: dict, out: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    panels = [("GRPO", "grpo", [f"rto_grpo_kl{COEF}"]), ("RLOO", "rloo", [f"rto_rloo_kl{COEF}"]),
-              ("rto_grpo: frozen frontier", "rto_grpo", ["rto_grpo_online", "rto"])]  # fmt: skip
+    panels = [("GRPO (line) and rto_grpo (dashed)", "grpo", "rto_grpo", [f"grpo_kl{COEF}"]),
+              ("RLOO (line) and rto_rloo (dashed)", "rloo", "rto_rloo", [f"rloo_kl{COEF}"]),
+              ("rto_grpo (dashed), online and RTO-PPO", None, "rto_grpo", ["rto_grpo_online", "rto"])]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
     colors = ["tab:blue", "tab:orange", "tab:green"]
-    for ax, (title, preset, points) in zip(axes, panels):
+    for ax, (title, preset, other, points) in zip(axes, panels):
         for (seed, r), color in zip(res["per_seed"].items(), colors):
-            xy = sorted(frontier(r, preset))
-            ax.plot([x for x, _ in xy], [y for _, y in xy], "-o", color=color, alpha=0.6,
-                    label=f"{preset}, seed {seed}")  # fmt: skip
+            for p, style in ((preset, "-o"), (other, "--^")):
+                xy = sorted(frontier(r, p)) if p else []
+                ax.plot([x for x, _ in xy], [y for _, y in xy], style, color=color, alpha=0.6,
+                        label=f"{p}, seed {seed}" if xy else None)  # fmt: skip
             for p, marker in zip(points, ("*", "s")):
                 if p in r:
                     ax.plot(r[p]["kl_mean"], r[p]["gold_reward_mean"], marker, color=color,
                             markersize=11, label=f"{p}, seed {seed}")  # fmt: skip
-        ax.set_title(title)
-        ax.set_xlabel("KL to SFT (held out)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("KL to SFT (held out, log scale)")
         ax.legend(fontsize=6)
     axes[0].set_ylabel("gold reward (held out)")
     fig.tight_layout()
@@ -449,10 +500,35 @@ def plots(res: dict, out: Path) -> str | None:
     return name
 
 
-def write(res: dict, results: Path) -> None:
+README = ROOT.parent / "README.md"
+START, END = "<!-- group study -->", "<!-- end group study -->"
+
+
+def readme_block(res: dict) -> str:
+    """The README's lines on this study (between START and END), from its results."""
+    hours = res["study_cost"]["cpu_hours"]
+    lines = [f"- **Group estimators and an online token-reward model** ([report](benchmarks/results/group_study.md); "
+             f"`python benchmarks/group_study.py --workers 3`, then `--cost`; {hours} CPU hours):"]  # fmt: skip
+    for c in res["claims"]:
+        lines.append(
+            f"  - {c['claim']} {VERDICT_TEXT.get(c['verdict'], c['verdict'])}: {c['evidence']}"
+        )
+    return "\n".join(lines)
+
+
+def readme_with(res: dict, text: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} block for the study's verdicts")
+    head, rest = text.split(START, 1)
+    return f"{head}{START}\n{readme_block(res)}\n{END}{rest.split(END, 1)[1]}"
+
+
+def write(res: dict, results: Path, readme: bool = True) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "group_study.json").write_text(json.dumps(res, indent=1) + "\n")
     (results / "group_study.md").write_text(markdown(res, plots(res, results)))
+    if readme:
+        README.write_text(readme_with(res, README.read_text()))
 
 
 # --------------------------------------------------------------------------- command line
@@ -483,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("some seeds failed; rerun the same command to resume them")
     command = "python benchmarks/group_study.py" + (" --smoke" if args.smoke else "")
     res = build(runs, seeds, command, cost)
-    write(res, results)
+    write(res, results, readme=not args.smoke and not args.results)
     for c in res["claims"]:
         print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
 

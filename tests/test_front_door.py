@@ -19,6 +19,11 @@ TESTS = ". .venv/bin/activate && python -m pytest"
 
 
 def load_script(name: str):  # type: ignore[no-untyped-def]
+    """A benchmarks/ script as a module (its siblings importable, as when run as a script)."""
+    import sys
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -112,3 +117,14 @@ def test_every_relative_link_reaches_a_file_and_heading(page: Path) -> None:
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target}: no such heading")
     assert not broken, f"{page.name}: " + "; ".join(broken)
+
+
+def test_the_readme_states_the_group_study_as_its_results_file() -> None:
+    study = load_script("group_study")
+    res = study.json.loads((ROOT / "benchmarks" / "results" / "group_study.json").read_text())
+    assert study.readme_with(res, README) == README, (
+        "run python benchmarks/group_study.py --report-only"
+    )
+    assert len(res["seeds"]) == 3 and all(
+        c["verdict"] in ("yes", "weak", "no", "partly", "n/a") for c in res["claims"]
+    )
