@@ -229,6 +229,39 @@ def rl(
     return out
 
 
+LORA_ARMS = {  # a LoRA policy (r 8, every linear layer): how its weights reach the engine
+    "hf": ["--generate.backend", "hf"],
+    "vllm merged": ["--generate.backend", "vllm", "--generate.vllm_lora", "merged"],
+    "vllm adapter": ["--generate.backend", "vllm", "--generate.vllm_lora", "adapter"],
+}
+
+
+def rl_lora(
+    name: str, inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int, eager: bool
+) -> dict:
+    """RL iterations of a LoRA policy with hf, with vLLM loading the merged weights before each
+    rollout, and with vLLM serving the adapter itself (generate.vllm_lora), one after another."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out: dict = {"model": name, "iterations": iters, "prompts": prompts, "new_tokens": new_tokens,
+                 "lora_r": 8, "arms": {}}  # fmt: skip
+    for arm, extra in LORA_ARMS.items():
+        run_dir = WORK / "rl_lora" / f"{name}_{arm.replace(' ', '_')}"
+        if arm != "hf" and eager:
+            extra = [*extra, "--generate.vllm_eager", "true"]
+        cmd = ["rto", "rl", "--out", str(run_dir), *rl_args(inputs, iters, prompts, new_tokens),
+               "--lora.r", "8", *extra]  # fmt: skip
+        wall = run(cmd, WORK / "rl_lora" / f"{name}_{arm.replace(' ', '_')}.log", env)
+        lines = [
+            json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
+        ]
+        later = [x for x in lines if "time/iteration" in x][1:]
+        out["arms"][arm] = {"wall_s": wall,
+                            "iteration_s": statistics.median(x["time/iteration"] for x in later),
+                            "generate_s": statistics.median(x["time/generate"] for x in later)}  # fmt: skip
+        print(f"[{name} rl lora] {arm}: {out['arms'][arm]}", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -296,6 +329,19 @@ def markdown(result: dict) -> str:
             )
         lines += ["", "Iteration times: median over the iterations after the first (the first "
                   "apart: warm-up). RL commands: " + "; ".join(f"`{r['command']}`" for r in result["rl"])]  # fmt: skip
+    if result.get("rl_lora"):
+        lines += ["", "## RL iterations of a LoRA policy: merged weights or vLLM's own LoRA", "",
+                  "A LoRA policy (r 8, every linear layer) reaches the engine before each rollout "
+                  "either merged into the base's weights, all of which are loaded (generate.vllm_lora "
+                  "merged), or as the adapter alone, which vLLM serves on its frozen base (adapter). "
+                  f"Command: `{result.get('command_lora', result['command'])}`; three iterations per arm, "
+                  "median after the first.", "",
+                  "| model | prompts x new tokens | iterations | arm | iteration s | generate s |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in result["rl_lora"]:
+            for arm, a in r["arms"].items():
+                lines.append(f"| {r['model']} | {r['prompts']} x {r['new_tokens']} | {r['iterations']} | "
+                             f"{arm} | {a['iteration_s']:.2f} | {a['generate_s']:.2f} |")  # fmt: skip
     lines += ["", "## Targets (vLLM / hf, SmolLM2-135M on this CPU)", ""]
     for t in result["targets"]:
         lines.append(f"- {t}")
@@ -368,6 +414,8 @@ def main() -> None:
         "--vllm_eager", action="store_true", help="generate.vllm_eager (no torch.compile)"
     )
     p.add_argument("--report", action="store_true", help="only rewrite the .md from the .json")
+    p.add_argument("--lora_only", action="store_true",
+                   help="only the LoRA section (merged weights vs vLLM's LoRA); keep the others")  # fmt: skip
     args = p.parse_args()
     if args.report:
         result = json.loads((RESULTS / "generation.json").read_text())
@@ -384,8 +432,17 @@ def main() -> None:
     inputs = {m: makers[m]() for m in models}
     result: dict = {"machine": machine(), "command": " ".join(["PYTHONPATH=src VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/generation.py", *sys.argv[1:]]),
                     "repeats": args.repeats, "vllm_eager": args.vllm_eager, "rollouts": [], "rl": []}  # fmt: skip
-    if args.skip_rollouts:  # RL only: keep the rollout numbers of the last run
+    if args.skip_rollouts or args.lora_only:  # keep the rollout numbers of the last run
         result["rollouts"] = json.loads((RESULTS / "generation.json").read_text())["rollouts"]
+    if args.lora_only:  # and its RL numbers; this run adds the LoRA section
+        saved = json.loads((RESULTS / "generation.json").read_text())
+        result["command_lora"], result["command"] = result["command"], saved["command"]
+        result["rl"], result["machine_lora"] = saved["rl"], result["machine"]
+        result["machine"] = saved["machine"]
+        result["rl_lora"] = [rl_lora("smollm2", inputs["smollm2"], 3, 16, 48, args.vllm_eager)]
+        save(result, began)
+        print(markdown(result))
+        return
     for m in models if not args.skip_rollouts else []:
         result["rollouts"].append(rollouts(m, inputs[m], args.repeats, args.vllm_eager))
         save(result, began)

@@ -117,21 +117,26 @@ def test_seeded_pairs_do_not_depend_on_the_batch_size(
 
 @vllm_test
 @pytest.mark.slow  # needs the reward and DPO models: with -m vllm, not in CI's vLLM arm
-@pytest.mark.parametrize("layout", ["full", "lora", "shared_base"])
+@pytest.mark.parametrize(
+    "layout", ["full", "lora", "lora_served", "shared_base", "shared_base_served"]
+)
 def test_rl_syncs_the_trained_policy_into_the_engine(
     layout: str, sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     """After 2 RL updates, the run's own greedy held-out samples (vLLM, weights synced) equal
     what transformers samples greedily from the saved policy, and differ from the SFT model's:
-    a full model, a LoRA policy (its adapter merged in), and the shared base's policy adapter.
+    a full model, a LoRA policy and the shared base's policy adapter, each merged into the
+    engine's weights or served as an adapter by vLLM's LoRA (generate.vllm_lora adapter).
     vLLM's sampling log-probs are logged beside the trainer's: close in float32."""
     evals = ["--eval.prompts", tiny_task / "prompts_eval.jsonl", "--eval.gold_reward", "sentiment",
              "--eval.num_prompts", "32", "--generate.temperature", "0"]  # fmt: skip
     rm, dpo, extra = reward_model, dpo_model, []
     if layout != "full":
         extra = ["--lora.r", "4", "--train.lr", "3e-2"]
-    if layout == "shared_base":  # the DPO and reward models as adapters on the SFT model
+    if layout.endswith("_served"):  # vLLM serves the adapter on its base, not merged weights
+        extra += ["--generate.vllm_lora", "adapter"]
+    if layout.startswith("shared_base"):  # the DPO and reward models as adapters on the SFT model
         from test_shared_base import make_adapter
 
         dpo = make_adapter(sft_model, tmp_path / "dpo_adapter", score_head=False, seed=3)
@@ -141,7 +146,9 @@ def test_rl_syncs_the_trained_policy_into_the_engine(
     rto_ok(*rl_args(tiny_task, sft_model, rm, dpo, out, "--train.max_steps", "2",
                     "--train.lr", "3e-3", *evals, *VLLM, *extra))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["roles"] == ("one shared base" if layout == "shared_base" else "separate models")
+    assert summary["roles"] == (
+        "one shared base" if layout.startswith("shared_base") else "separate models"
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["rollout/sampler_gap_abs"] for r in rows if "rollout/sampler_gap_abs" in r]
     assert len(gaps) == 2 and all(0 <= g < 1e-3 for g in gaps), gaps  # same maths, float32

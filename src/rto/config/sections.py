@@ -267,6 +267,13 @@ class GenerateSection:
         "vllm: free the engine's GPU memory while training and wake it for each rollout "
         "(GPU only).",
     )
+    vllm_lora: str = option(
+        "merged",
+        "vllm, LoRA policy: merged = the adapter merged into the base's weights and all of them "
+        "loaded into the engine before each rollout; adapter = the engine serves the adapter "
+        "itself on its frozen base (vLLM's LoRA), so only the adapter goes in.",
+        choices=["merged", "adapter"],
+    )
 
     def check(self) -> None:
         """vLLM must be installed for backend vllm: refused before any work, with the command."""

@@ -6,7 +6,8 @@ at rto's stop ids, and samples each response with its own `SamplingParams.seed`.
 one engine (`_EngineCache`): a later generator for a model of the same architecture and settings
 reuses it with that model's weights loaded in, since vLLM does not give an engine's memory back. Before each RL
 rollout `load_weights` puts the policy's current weights into it (`reload_weights` with the
-policy's whole state dict; a LoRA policy's adapter merged in, `lora.merged_state_dict`).
+policy's whole state dict; a LoRA policy's adapter merged in, `lora.merged_state_dict`), or, with
+generate.vllm_lora adapter, only the adapter, which vLLM serves on the frozen base (its LoRA).
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ class VLLMGenerator(Generator):
         )  # fmt: skip
         if max_len:
             kwargs["max_model_len"] = max_len
+        self.lora_rank = adapter_rank(model) if settings.vllm_lora == "adapter" else 0
+        if self.lora_rank:  # vLLM's LoRA: the engine serves the policy's adapter on its base
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=served_rank(self.lora_rank))
+        self._lora: Any = None  # the LoRARequest of the adapter last loaded
+        self._lora_dir: Any = None
+        self._lora_id = 0
         key = engine_key(folder, kwargs)
         self.llm, reused = _ENGINE.get(key), True
         if self.llm is None:
@@ -112,12 +119,46 @@ class VLLMGenerator(Generator):
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, model: Any) -> None:
-        """The policy's current weights into the engine (whole, a LoRA adapter merged in)."""
+        """The policy's current weights into the engine: whole (a LoRA adapter merged in), or,
+        with generate.vllm_lora adapter, only its adapter, served by vLLM on the frozen base."""
         from rto.models.lora import merged_state_dict
 
         self._wake()
+        if self.lora_rank:
+            self._load_adapter(model)
+            return
         state = merged_state_dict(model)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+
+    def _load_adapter(self, model: Any) -> None:
+        """The active adapter of peft `model`, written as an adapter folder and handed to vLLM
+        as a new LoRA request (a new id each time: vLLM caches adapters by id)."""
+        import tempfile
+
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        name = model.active_adapter
+        if self._lora_dir is None:
+            self._lora_dir = tempfile.TemporaryDirectory(prefix="rto-vllm-lora-")
+        self._lora_id += 1
+        folder = Path(self._lora_dir.name) / f"v{self._lora_id}"
+        folder.mkdir()
+        state = get_peft_model_state_dict(model, adapter_name=name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                  str(folder / "adapter_model.safetensors"))  # fmt: skip
+        model.peft_config[name].save_pretrained(str(folder))
+        if self._lora is not None:  # the previous version: out of vLLM's cache, off the disk
+            try:
+                self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            except Exception:
+                pass
+            import shutil
+
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+        self._lora = self._vllm.lora.request.LoRARequest(
+            f"policy-{self._lora_id}", self._lora_id, str(folder)
+        )
 
     def _wake(self) -> None:
         if self._asleep:
@@ -147,7 +188,18 @@ class VLLMGenerator(Generator):
         self._wake()
         seeds = seeds if seeds is not None else [None] * len(prompts)  # type: ignore[list-item]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        outs = self.llm.generate(requests, [self.params(s) for s in seeds], use_tqdm=False)
+        try:
+            outs = self.llm.generate(requests, [self.params(s) for s in seeds], use_tqdm=False,
+                                     lora_request=self._lora)  # fmt: skip
+        except Exception as e:
+            if self._lora is None:
+                raise
+            raise ConfigError(
+                f"config key 'generate.vllm_lora' is adapter, but vLLM cannot serve this LoRA adapter "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); set "
+                "generate.vllm_lora merged (the adapter merged into the weights), or lora.target_modules "
+                "to layers vLLM's LoRA supports (attention and MLP projections)"
+            ) from None
         prompt_ids, prompt_mask = pad(prompts, self.pad_id, side="left")
         rows = [list(o.outputs[0].token_ids) or [self.pad_id] for o in outs]
         response_ids, _ = pad(rows, self.pad_id, side="right")
@@ -171,6 +223,24 @@ class VLLMGenerator(Generator):
         """Done with this generator; the engine stays in the process for the next one (an
         engine's memory is not given back while the process lives: vLLM keeps it)."""
         self.llm = None
+
+
+def adapter_rank(model: Any) -> int:
+    """The rank of `model`'s active LoRA adapter (a peft model), 0 for a plain model."""
+    config = getattr(model, "peft_config", None)
+    if not config:
+        return 0
+    return int(config[model.active_adapter].r)
+
+
+def served_rank(r: int) -> int:
+    """The smallest rank vLLM's LoRA accepts as max_lora_rank that holds rank r."""
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= allowed:
+            return allowed
+    raise ConfigError(
+        f"config key 'lora.r' ({r}) is above what vLLM's LoRA serves (512); set generate.vllm_lora merged"
+    )
 
 
 class _EngineCache:
