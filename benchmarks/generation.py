@@ -366,10 +366,14 @@ NOTES = [
     "update was ~1 s slower (10.9 s vs 9.8 s; the engine stays resident in the process and binds "
     "the OpenMP threads), eating the 1.2 s it saved in generation.",
     "During the RL runs vLLM logs 'RotaryEmbedding: Failed to load weights' at each weight sync "
-    "(rotary has no weights in the state dict); responses were not checked against hf there.",
-    "Making a second vLLM engine in the same process after close() of the first failed for lack "
-    "of memory (generate.vllm_memory 0.2: 'Available memory on node 0 (8.76/11.46 GiB)'), so this "
-    "script makes each generator once per model and switches temperature on its settings.",
+    "(rotary has no weights in the state dict); the tests check the synced engine's greedy replies "
+    "against transformers' after RL updates (tests/test_vllm.py).",
+    "A second vLLM engine in one process finds too little memory (vLLM keeps the first one's), so "
+    "rto keeps one engine per process and reuses it; this script makes each generator once per "
+    "model and switches temperature on its settings.",
+    "LoRA: vLLM's own LoRA (generate.vllm_lora adapter) generated 2.3x slower than the merged "
+    "weights on this CPU (its CPU LoRA kernels), which outweighs the smaller sync; merged is the "
+    "default.",
     "Timings of the tiny model are a fraction of a second and vary run to run (hf greedy was "
     "12.7k tok/s in a trial run, 15.3k here).",
 ]
