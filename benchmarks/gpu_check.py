@@ -33,7 +33,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "pair_prompts": 256,
     },
     "tiny": {
-        "task": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_positions": 160,
+        # heads of 32 (vLLM's CPU attention has no kernel for 16)
+        "task": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "max_positions": 160,
                  "num_sft": 200, "num_train_prompts": 64, "num_eval_prompts": 16, "vocab_size": 300},
         "steps": 2, "batch": 8, "micro": 4, "rollout": 8, "rl_steps": 1, "new_tokens": 8,
         "pair_prompts": 32,

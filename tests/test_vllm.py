@@ -366,3 +366,33 @@ def test_zero3_gathers_the_policy_into_each_processs_engine(
     mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs)  # noqa: E731
     assert summary["eval/length_mean"] == pytest.approx(mean(rl_hf, "length"), abs=1e-9)
     assert summary["eval/gold_reward_mean"] == pytest.approx(mean(rl_hf, "gold_reward"), abs=1e-9)
+
+
+def test_a_lora_rank_vllm_cannot_serve_names_the_keys() -> None:
+    from rto.errors import ConfigError
+    from rto.models.vllm_engine import served_rank
+
+    assert [served_rank(r) for r in (1, 8, 9, 64, 300)] == [8, 8, 16, 64, 320]
+    with pytest.raises(ConfigError, match=r"'lora.r' \(600\).*generate.vllm_lora merged"):
+        served_rank(600)
+
+
+@vllm_test
+def test_a_model_the_engine_loads_but_cannot_run_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A Llama with heads of 16 dimensions: vLLM's CPU attention has no kernel for it, which
+    shows only when the engine first generates; said in one line naming the model."""
+    task = tmp_path / "task"
+    rto_ok("task", "sentiment", "--out", task, "--hidden_size", "32", "--num_heads", "2", "--num_layers", "1",
+           "--num_sft", "50", "--num_sft_eval", "10", "--num_train_prompts", "16", "--num_eval_prompts", "10", "--vocab_size", "300")  # fmt: skip
+    base = task / "base_model"
+    out = tmp_path / "eval"
+    code = rto(*eval_args(task, out, f"base={base}", "--eval.num_prompts", "8", *VLLM))
+    err = capsys.readouterr().err
+    if code == 0:
+        pytest.skip("this vLLM build serves heads of 16 dimensions on this CPU")
+    assert (
+        code == 2 and f"vLLM cannot serve the model {base}" in err and "generate.backend hf" in err
+    )
+    assert "Traceback" not in err and not out.exists()

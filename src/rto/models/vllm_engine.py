@@ -112,6 +112,7 @@ class VLLMGenerator(Generator):
             reused = False
         self._vllm = vllm
         self._asleep = False
+        self.model_path = model_path
         # the engine holds the weights it last loaded (another policy's, when reused)
         if model is not None and (reused or folder != str(model_path)):
             self.load_weights(model)
@@ -192,8 +193,8 @@ class VLLMGenerator(Generator):
             outs = self.llm.generate(requests, [self.params(s) for s in seeds], use_tqdm=False,
                                      lora_request=self._lora)  # fmt: skip
         except Exception as e:
-            if self._lora is None:
-                raise
+            if self._lora is None:  # a model the engine loaded but cannot run (a CPU kernel, ...)
+                raise _engine_error(e, self.settings, self.model_path) from None
             raise ConfigError(
                 f"config key 'generate.vllm_lora' is adapter, but vLLM cannot serve this LoRA adapter "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); set "
@@ -297,7 +298,7 @@ def _engine_error(e: Exception, settings: Any, model_path: str | None) -> Except
             f"config key 'generate.vllm_memory' ({settings.vllm_memory}): the vLLM engine could not get "
             f"its memory ({first}); lower or raise the share, or lower generate.vllm_max_model_len"
         )
-    if "architecture" in low or "not supported" in low:
+    if "architecture" in low or "not supported" in low or "unsupported" in low:
         return ModelError(
             f"vLLM cannot serve the model {model_path} ({first}); set generate.backend hf for it"
         )
