@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVED = ROOT / "benchmarks" / "results" / "demo.json"
+SAVED_VLLM = ROOT / "benchmarks" / "results" / "demo_vllm.json"  # rto demo --generate.backend vllm
 PAGES = [ROOT / "README.md", ROOT / "docs" / "results" / "demo.md"]
 START, END = "<!-- demo table -->", "<!-- end demo table -->"
 STAGES = ("task", "sft", "pairs", "rm", "dpo", "rl_ppo", "rl_rto", "eval", "report")
@@ -58,16 +59,44 @@ def stage_notes(run: Path) -> dict:
     }
 
 
-def save(run: Path) -> dict:
+def save(run: Path, vllm: bool = False) -> dict:
     results = json.loads((run / "report" / "results.json").read_text())
     saved = {
-        "command": "rto demo",
+        "command": "rto demo" + (" --generate.backend vllm" if vllm else ""),
         "methods": results["methods"],
         "environment": results["environment"],
         "stages": stage_notes(run),
     }
-    SAVED.write_text(json.dumps(saved, indent=1) + "\n")
+    (SAVED_VLLM if vllm else SAVED).write_text(json.dumps(saved, indent=1) + "\n")
     return saved
+
+
+def vllm_section() -> list[str]:
+    """The demo with vLLM generating (every sampling stage), beside the table above."""
+    if not SAVED_VLLM.is_file():
+        return []
+    v = json.loads(SAVED_VLLM.read_text())
+    env, p = v["environment"], v["environment"].get("packages", {})
+    secs = v["stages"]["seconds"]
+    return [
+        "## The same demo with vLLM generating",
+        "",
+        "    ./install.sh vllm    # in an environment of its own",
+        "    rto demo --generate.backend vllm",
+        "",
+        "Every stage that samples (the SFT model's held-out samples, pairs, the RL rollouts, "
+        "eval) generates with an in-process vLLM engine; training and scoring are the same code. "
+        "vLLM samples with its own sampler, so the same seeds give other responses and the numbers "
+        "differ within seed noise, not to the last digit. "
+        f"Made on: {env.get('cpu')} ({env.get('cpu_capability')}); torch {p.get('torch')}, "
+        f"transformers {p.get('transformers')}. Stage times (seconds): "
+        + ", ".join(f"{k} {x:.0f}" for k, x in secs.items())
+        + f"; {sum(secs.values()) / 60:.1f} min in all, on a machine shared with other jobs: not "
+        "a speed comparison (benchmarks/results/generation.md is one).",
+        "",
+        table(v["methods"]),
+        "",
+    ]
 
 
 def replace_block(text: str, block: str, where: Path) -> str:
@@ -139,6 +168,7 @@ def demo_page(saved: dict) -> str:
             "difference grows through sampling, and the numbers move within their seed spread: the "
             "paper miniature's standard deviations over seeds, for the same recipe, show its size.",
             "",
+            *vllm_section(),
         ]
     )
 
@@ -199,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="A finished demo's folder to compare with the committed numbers.",
     )
+    ap.add_argument(
+        "--save-vllm", type=Path, help="A finished `rto demo --generate.backend vllm` folder."
+    )
     args = ap.parse_args(argv)  # fmt: skip
+    if args.save_vllm:
+        save(args.save_vllm, vllm=True)
     saved = save(args.save) if args.save else json.loads(SAVED.read_text())
     if args.write:
         write(saved)
