@@ -160,13 +160,13 @@ def test_bad_token_rewards_are_refused_with_the_response_named(
         rewards_on_tokens([(0, 3)], row, "the food was good", "response 0")
 
 
-def test_the_readme_per_sentence_example_rewards_each_sentences_last_token(
+def test_the_guide_per_sentence_example_rewards_each_sentences_last_token(
     request: pytest.FixtureRequest,
 ) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    code = readme.split("# my_rewards.py", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    guide = (Path(__file__).parent.parent / "docs" / "guide.md").read_text()
+    code = guide.split("# my_rewards.py", 1)[1].split("\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
-    exec(code, namespace)  # the example as the README shows it
+    exec(code, namespace)  # the example as the guide shows it
     tok = tokenizer_of(request, "gpt2_task")
     text = "the food was good . the staff was not great ! and"
     ctx = SourceContext(None, tok, stop_ids(tok), batch_size=4, temperature=1.0)
