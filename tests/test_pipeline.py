@@ -253,7 +253,8 @@ def test_generate_backend_reaches_every_stage_that_samples(capsys: pytest.Captur
     backends = {
         p.name: getattr(getattr(p.config, "generate", None), "backend", None) for p in chosen
     }
-    assert {n for n, b in backends.items() if b} == {"sft", "pairs", "dpo", "rl_ppo", "rl_rto", "eval"}
+    sampling = {"sft", "pairs", "dpo", "rl_ppo", "rl_rto", "eval"}
+    assert {n for n, b in backends.items() if b} == sampling
     assert all(b in (None, "hf") for b in backends.values())
     assert [p.fingerprint for p in plain] == [p.fingerprint for p in chosen]  # hf is the default
     if importlib.util.find_spec("vllm") is None:
