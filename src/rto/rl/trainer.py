@@ -92,9 +92,8 @@ class PPOTrainer:
             cfg.generate, tokenizer=tokenizer, eos=self.eos, device=engine.device, model=roles.policy,
             model_cfg=cfg.model, model_path=cfg.model.path, max_prompt_length=cfg.data.max_prompt_length,
         )  # fmt: skip
-        self.generator.report_logprobs = (
-            True  # vLLM: its log-probs beside pi_old (rl.sampler_correction)
-        )
+        # vLLM: its sampling log-probs kept beside pi_old (rl.sampler_correction, the gap's logs)
+        self.generator.report_logprobs = True
         context = SourceContext(roles, tokenizer, self.eos, self.rl.forward_batch_size, self.temperature)  # fmt: skip
         self.sources = build_sources(cfg, context)  # token-reward sources (rl/sources.py)
         for source in self.sources:  # a learning source's state goes into every checkpoint
