@@ -89,15 +89,27 @@ def efficiency(gold_by_budget: dict[float, float], target: float) -> float | Non
 # --------------------------------------------------------------------------- frontier
 
 
-def above_ppo_frontier(res: dict, name: str, ppo: list[str]) -> float | None:
-    """Gold reward of `name` minus PPO's reward-KL frontier of the same seed (the PPO runs `ppo`,
-    linear in KL between them), read at `name`'s KL; None when that KL is outside the frontier or
-    `name` was not run. `res`: one seed's evaluation, policy name -> its metrics."""
-    if name not in res:
+def above_ppo_frontier(
+    res: dict, name: str, ppo: list[str], metric: str = "gold_reward_mean"
+) -> float | None:
+    """`metric` (the gold reward) of `name` minus the reward-KL frontier of the runs `ppo` (PPO's,
+    or any method's runs at several KL coefficients) of the same seed, linear in KL between
+    them, read at `name`'s KL; None when that KL is outside the frontier, `name` was not run or
+    a run lacks the metric. `res`: one seed's evaluation, policy name -> its metrics."""
+    runs = [res[n] for n in ppo if n in res]
+    if name not in res or any(m.get(metric) is None for m in [res[name], *runs]):
         return None
-    frontier = [(res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in ppo if n in res]
-    ppo_at = interpolate(frontier, res[name]["kl_mean"])
-    return None if ppo_at is None else res[name]["gold_reward_mean"] - ppo_at
+    at = interpolate([(m["kl_mean"], m[metric]) for m in runs], res[name]["kl_mean"])
+    return None if at is None else res[name][metric] - at
+
+
+def replace_marked(text: str, start: str, end: str, block: str, where: str) -> str:
+    """`text` with what lies between the markers `start` and `end` replaced by `block` (a README
+    section written from a results file); SystemExit naming `where` when a marker is missing."""
+    if start not in text or end not in text:
+        raise SystemExit(f"{where} has no {start} ... {end} block to write into")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
 
 
 # --------------------------------------------------------------------------- verdicts

@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench_common import replace_marked
+
 ROOT = Path(__file__).resolve().parent.parent
 SAVED = ROOT / "benchmarks" / "results" / "demo.json"
 SAVED_VLLM = ROOT / "benchmarks" / "results" / "demo_vllm.json"  # rto demo --generate.backend vllm
@@ -99,14 +101,6 @@ def vllm_section() -> list[str]:
     ]
 
 
-def replace_block(text: str, block: str, where: Path) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"{where} has no {START} ... {END} block to write the demo table into")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
-
-
 def demo_page(saved: dict) -> str:
     """docs/results/demo.md, whole: command, environment, the table, how to read it, the stages."""
     env, st = saved["environment"], saved["stages"]
@@ -176,7 +170,7 @@ def demo_page(saved: dict) -> str:
 def rendered(page: Path, saved: dict) -> str:
     if page.name == "demo.md":
         return demo_page(saved)
-    return replace_block(page.read_text(), table(saved["methods"]), page)
+    return replace_marked(page.read_text(), START, END, table(saved["methods"]), str(page))
 
 
 def write(saved: dict) -> None:

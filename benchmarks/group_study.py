@@ -52,9 +52,10 @@ import yaml
 from bench_common import (
     BASE_RECIPE,
     VERDICT_TEXT,
-    interpolate,
+    above_ppo_frontier,
     made_on,
     mean_sd,
+    replace_marked,
     run_pipeline_timed,
     verdict,
     weakest,
@@ -306,23 +307,21 @@ def finished(runs: Path, seeds: list[int]) -> dict[int, dict]:
     return {s: json.loads(f.read_text())["methods"] for s, f in files.items() if f.is_file()}
 
 
+def runs_of(preset: str) -> list[str]:
+    """Policy names of a preset's runs at every coefficient of its frontier."""
+    return [f"{preset}_kl{c}" for c in KL_COEFS[preset]]
+
+
 def frontier(res: dict, preset: str) -> list[tuple[float, float]]:
     """(KL, gold) of a preset's runs at every coefficient of its frontier, in one seed."""
-    return [(res[n]["kl_mean"], res[n]["gold_reward_mean"])
-            for c in KL_COEFS[preset] if (n := f"{preset}_kl{c}") in res]  # fmt: skip
+    return [(res[n]["kl_mean"], res[n]["gold_reward_mean"]) for n in runs_of(preset) if n in res]
 
 
 def minus_frontier(
     res: dict, name: str, preset: str, metric: str = "gold_reward_mean"
 ) -> float | None:
-    """`name`'s `metric` (gold reward) minus `preset`'s frontier of it (linear in KL between
-    its runs) at `name`'s KL; None outside it or when a run is missing."""
-    if name not in res:
-        return None
-    points = [(res[n]["kl_mean"], res[n][metric])
-              for c in KL_COEFS[preset] if (n := f"{preset}_kl{c}") in res]  # fmt: skip
-    at = interpolate(points, res[name]["kl_mean"])
-    return None if at is None else res[name][metric] - at
+    """`name`'s `metric` (gold reward) minus `preset`'s frontier of it at `name`'s KL."""
+    return above_ppo_frontier(res, name, runs_of(preset), metric)
 
 
 def readings(per_seed: dict[int, dict]) -> dict[str, list[float | None]]:
@@ -522,10 +521,7 @@ def readme_block(res: dict) -> str:
 
 
 def readme_with(res: dict, text: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} block for the study's verdicts")
-    head, rest = text.split(START, 1)
-    return f"{head}{START}\n{readme_block(res)}\n{END}{rest.split(END, 1)[1]}"
+    return replace_marked(text, START, END, readme_block(res), "README.md")
 
 
 def write(res: dict, results: Path, readme: bool = True) -> None:

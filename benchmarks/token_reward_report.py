@@ -81,7 +81,9 @@ def point_result(runs: Path, seed: int, point: str) -> dict | None:
         "rto": row(rto),
         "sft": row("sft") if "sft" in methods else None,
         "equal_kl": common.above_ppo_frontier(methods, rto, list(ppo.values())),
-        "equal_kl_fluency": fluency_above_frontier(methods, rto, list(ppo.values())),
+        "equal_kl_fluency": common.above_ppo_frontier(
+            methods, rto, list(ppo.values()), "fluency_rate"
+        ),
         "same_coef": methods[rto]["gold_reward_mean"] - methods[ppo[coef]]["gold_reward_mean"]
         if coef in ppo
         else None,
@@ -93,18 +95,6 @@ def point_result(runs: Path, seed: int, point: str) -> dict | None:
     if all(curves):
         out["efficiency"] = sample_efficiency(*curves)
     return out
-
-
-def fluency_above_frontier(methods: dict, name: str, ppo: list[str]) -> float | None:
-    """`name`'s fluency rate minus that of PPO's frontier (linear in KL between the PPO runs) read
-    at `name`'s KL; None outside the frontier or without fluency rates."""
-    runs = [methods[n] for n in ppo if n in methods]
-    if name not in methods or any(m.get("fluency_rate") is None for m in [methods[name], *runs]):
-        return None
-    at = common.interpolate(
-        [(m["kl_mean"], m["fluency_rate"]) for m in runs], methods[name]["kl_mean"]
-    )
-    return None if at is None else methods[name]["fluency_rate"] - at
 
 
 def oracle_check(runs: Path, seeds: list[int]) -> dict | None:
