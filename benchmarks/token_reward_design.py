@@ -14,7 +14,14 @@ unchanged except the response budget of the longer reviews):
   medium   the same on reviews of 3-6 sentences (responses of about 37 tokens, not 14)
   long     the same on reviews of 8-12 sentences (about 90 tokens)
   rm_data  in short's folder: reward models on 1/8, 1/4 and 1/2 of short's pairs (all of them is
-           short's), each the sentence reward and the critic's start of its own PPO runs and RTO
+           short's), each the sentence reward and the critic's start of its own PPO runs and RTO;
+           RTO's DPO model is short's, trained on ALL the pairs
+  rm_same  the same with RTO's DPO model trained on the same share of the pairs as the reward
+           model (the same rows: both stages take the seeded share of the same file), so that
+           RTO has no more preference data than PPO. Added after the study had run: in rm_data,
+           RTO had up to 8 times PPO's preference data, which confounds its rm_noise claim; the
+           claim rm_noise_same_share below is rm_noise read on this unit, its rule unchanged.
+           rm_same shares rm_data's reward models and PPO runs (same stages, same fingerprints).
   oracle   in short's folder: PPO and RTO with the gold reward itself as the sentence reward
            (`rto rl --reward_fn sentiment --rl.score_coef 0`, weighted like the reward model's
            normalised score; ORACLE_FN below)
@@ -54,10 +61,11 @@ PPO_KL_COEFS = (0.1, 0.05, 0.025, 0.2)
 # task and the gold reward unchanged). A point outside the bracket of RTO's KL leaves the reading
 # where the frontier already spanned it.
 EXTRA_KL_COEFS = {"long": (0.0125,)}
-UNITS = ("short", "rm_data", "oracle", "medium", "long")
+UNITS = ("short", "rm_same", "rm_data", "oracle", "medium", "long")
 FOLDER = {
     "short": "short",
     "rm_data": "short",
+    "rm_same": "short",
     "oracle": "short",
     "medium": "medium",
     "long": "long",
@@ -103,9 +111,15 @@ POINTS = {
     "rm_1/8": ("rm_data", "f8"),
     "rm_1/4": ("rm_data", "f4"),
     "rm_1/2": ("rm_data", "f2"),
+    "rm_same_1/8": ("rm_same", "f8"),
+    "rm_same_1/4": ("rm_same", "f4"),
+    "rm_same_1/2": ("rm_same", "f2"),
     "oracle": ("oracle", "oracle"),
 }
+# share of the pairs -> condition, per arm: the DPO model on all pairs (rm_data) or on the reward
+# model's share (rm_same); all of the pairs is short's in both
 RM_POINTS = {"rm_1/8": 1 / 8, "rm_1/4": 1 / 4, "rm_1/2": 1 / 2, "short": 1.0}
+RM_SAME_POINTS = {"rm_same_1/8": 1 / 8, "rm_same_1/4": 1 / 4, "rm_same_1/2": 1 / 2, "short": 1.0}
 
 CLAIMS = [
     {
@@ -130,6 +144,15 @@ CLAIMS = [
         "rule": "yes: the mean slope is negative by more than two standard errors (the advantage "
         "shrinks as the reward model gets more data); weak: negative within that noise; no: zero "
         "or positive. Reading rules as above.",
+    },
+    {
+        "id": "rm_noise_same_share",
+        "claim": "The DPO token reward helps more when the sentence reward is noisier, with RTO "
+        "given no more preference data than PPO.",
+        "measure": "As rm_noise, with RTO's DPO model trained on the same share of the pairs as the "
+        "reward model (unit rm_same; added after the study, because in rm_data the DPO model saw "
+        "all the pairs).",
+        "rule": "As rm_noise.",
     },
     {
         "id": "oracle_credit",
@@ -211,8 +234,9 @@ def ppo_stage(tag: str, coef: float) -> str:
     return f"rl_ppo{_sfx(tag)}_kl_{coef_tag(coef)}"
 
 
-def rto_stage(tag: str) -> str:
-    return f"rl_rto{_sfx(tag)}"
+def rto_stage(tag: str, unit: str = "") -> str:
+    """RTO's stage; in rm_same its DPO model is the share's own: rl_rto_f8_dpo_f8."""
+    return f"rl_rto{_sfx(tag)}" + (f"_dpo_{tag}" if unit == "rm_same" else "")
 
 
 def ppo_policy(tag: str, coef: float) -> str:
@@ -267,12 +291,17 @@ def recipe_for(unit: str, seed: int, out: Path, size: Size = FULL) -> dict:
     if unit in LENGTHS:
         policies.append("dpo={dpo}")
         runs = rl_runs("", "{rm}", size, coefs=size.coefs(unit))
-    elif unit == "rm_data":
+    elif unit in ("rm_data", "rm_same"):
         runs = {}
         for tag, share in RM_SHARES.items():
             new[f"rm_{tag}"] = copy.deepcopy(new["rm"])
             new[f"rm_{tag}"]["data"]["train_fraction"] = share
-            runs.update(rl_runs(tag, f"{{rm_{tag}}}", size))
+            dpo_model = None
+            if unit == "rm_same":  # the DPO model on the reward model's rows
+                new[f"dpo_{tag}"] = copy.deepcopy(new["dpo"])
+                new[f"dpo_{tag}"]["data"]["train_fraction"] = share
+                dpo_model = f"{{dpo_{tag}}}"
+            runs.update(rl_runs(tag, f"{{rm_{tag}}}", size, dpo_model=dpo_model, unit=unit))
     elif unit == "oracle":
         runs = rl_runs("oracle", "{rm}", size, oracle_spec(out))
     else:
@@ -290,9 +319,11 @@ def rl_runs(
     size: Size,
     extra: dict | None = None,
     coefs: tuple[float, ...] | None = None,
+    dpo_model: str | None = None,
+    unit: str = "",
 ) -> dict:
     """stage name -> (policy name, stage spec): PPO at every KL coefficient (coefs, by default
-    the size's), RTO at the recipe's."""
+    the size's), RTO at the recipe's (with `dpo_model` in place of the recipe's, when given)."""
     extra = extra or {}
     coefs = size.kl_coefs if coefs is None else coefs
 
@@ -301,7 +332,10 @@ def rl_runs(
                 **{k: v for k, v in extra.items() if k != "rl"}, "rl": {**rl, **extra.get("rl", {})}}  # fmt: skip
 
     runs = {ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl_coef": c})) for c in coefs}
-    runs[rto_stage(tag)] = (rto_policy(tag), spec("rto", {}))
+    rto = spec("rto", {})
+    if dpo_model:
+        rto["dpo_model"] = dpo_model
+    runs[rto_stage(tag, unit)] = (rto_policy(tag), rto)
     return runs
 
 

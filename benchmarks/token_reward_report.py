@@ -90,7 +90,7 @@ def point_result(runs: Path, seed: int, point: str) -> dict | None:
     }
     curves = (
         read_curve(folder / design.ppo_stage(tag, coef)),
-        read_curve(folder / design.rto_stage(tag)),
+        read_curve(folder / design.rto_stage(tag, unit)),
     )
     if all(curves):
         out["efficiency"] = sample_efficiency(*curves)
@@ -127,27 +127,53 @@ def stage_summary(runs: Path, seed: int, unit: str, stage: str) -> dict:
 
 
 def reward_models(runs: Path, seeds: list[int]) -> dict:
-    """Per share of the pairs: training pairs and held-out accuracy of the reward model, and the
-    gold reward's accuracy on the same held-out pairs (the ceiling)."""
+    """Per share of the pairs: training pairs and held-out accuracy of the reward model, the gold
+    reward's accuracy on the same held-out pairs (the ceiling), and, where rm_same trained one,
+    the training pairs and held-out accuracy of the DPO model on that share."""
     out = {}
     for point, share in design.RM_POINTS.items():
-        stage = "rm" if share == 1.0 else f"rm_{design.POINTS[point][1]}"
-        summaries = [stage_summary(runs, s, "short", stage) for s in seeds]
+        tag = "" if share == 1.0 else f"_{design.POINTS[point][1]}"
+        summaries = [stage_summary(runs, s, "short", f"rm{tag}") for s in seeds]
+        dpo = [stage_summary(runs, s, "short", f"dpo{tag}") for s in seeds]
         out[point] = {
             "share": share,
-            "pairs": common.mean_sd(
-                [(s.get("data") or {}).get("train", {}).get("rows") for s in summaries]
-            ),
+            "pairs": common.mean_sd([train_rows(s) for s in summaries]),
             "accuracy": common.mean_sd([s.get("eval/accuracy") for s in summaries]),
             "gold_accuracy": common.mean_sd([s.get("eval/gold_accuracy") for s in summaries]),
         }
+        if any(dpo):
+            out[point]["dpo_pairs"] = common.mean_sd([train_rows(s) for s in dpo])
+            out[point]["dpo_accuracy"] = common.mean_sd(
+                [s.get("eval/rewards/accuracies") for s in dpo]
+            )
     return out
+
+
+def train_rows(summary: dict) -> int | None:
+    return (summary.get("data") or {}).get("train", {}).get("rows")
+
+
+def earlier_arm(path: Path | None) -> dict | None:
+    """The reward-model-share arm of an earlier report (its DPO model trained on all the pairs):
+    per share, the per-seed RTO - PPO at equal KL, shown beside this run's arms, labelled."""
+    if path is None or not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    pts = old.get("points", {})
+    return {
+        "file": path.name,
+        "seeds": old.get("seeds"),
+        "equal_kl": {p: pts[p]["equal_kl"] for p in design.RM_POINTS if p in pts},
+        "verdict": next((c for c in old.get("claims", []) if c["id"] == "rm_noise"), None),
+    }
 
 
 # --------------------------------------------------------------------------- aggregation
 
 
-def build(runs: Path, seeds: list[int], command: str, minutes: float | None) -> dict:
+def build(
+    runs: Path, seeds: list[int], command: str, minutes: float | None, earlier: Path | None = None
+) -> dict:
     per_seed = {s: {p: r for p in design.POINTS if (r := point_result(runs, s, p))} for s in seeds}
     per_seed = {s: pts for s, pts in per_seed.items() if pts}
     if not per_seed:
@@ -162,6 +188,7 @@ def build(runs: Path, seeds: list[int], command: str, minutes: float | None) -> 
         "points": points,
         "reward_models": reward_models(runs, list(per_seed)),
         "oracle_check": oracle_check(runs, list(per_seed)),
+        "earlier_arm": earlier_arm(earlier),
         "environment": next((e for s in per_seed for u in ("short", "medium", "long")
                              if (e := stage_summary(runs, s, u, f"eval_{u}").get("environment"))), None),
         "command": command,
@@ -281,24 +308,26 @@ def judge(res: dict) -> list[dict]:
             {"id": claim_id, "claim": claim["claim"], "verdict": holds, "evidence": evidence}
         )
 
-    s = per_seed_slopes(res, {p: sft_log2_length for p in LENGTH_POINTS})
-    add("length", seed_verdict(s), f"slope per doubling of length {fmt(common.mean_sd(s))}; RTO - PPO "
-        "at equal KL: " + delta_text(res, {p: p for p in LENGTH_POINTS}))  # fmt: skip
-    s = per_seed_slopes(res, {p: math.log2(share) for p, share in design.RM_POINTS.items()})
-    labels = {
-        p: f"{'all' if sh == 1 else p[3:]} of the pairs" for p, sh in design.RM_POINTS.items()
-    }
-    add("rm_noise", seed_verdict(s, -1), f"slope per doubling of the pairs {fmt(common.mean_sd(s))}; "
-        "RTO - PPO at equal KL: " + delta_text(res, labels))  # fmt: skip
+    # a claim is judged where its conditions ran (a report of some units states only theirs)
+    if any(p in points for p in LENGTH_POINTS[1:]):
+        s = per_seed_slopes(res, {p: sft_log2_length for p in LENGTH_POINTS})
+        add("length", seed_verdict(s), f"slope per doubling of length {fmt(common.mean_sd(s))}; RTO - PPO "
+            "at equal KL: " + delta_text(res, {p: p for p in LENGTH_POINTS}))  # fmt: skip
+    for claim_id, shares in (("rm_noise", design.RM_POINTS), ("rm_noise_same_share", design.RM_SAME_POINTS)):  # fmt: skip
+        if not any(p in points for p, sh in shares.items() if sh < 1):
+            continue
+        s = per_seed_slopes(res, {p: math.log2(share) for p, share in shares.items()})
+        labels = {p: f"{'all' if sh == 1 else p.split('_')[-1]} of the pairs" for p, sh in shares.items()}  # fmt: skip
+        add(claim_id, seed_verdict(s, -1), f"slope per doubling of the pairs {fmt(common.mean_sd(s))}; "
+            "RTO - PPO at equal KL: " + delta_text(res, labels))  # fmt: skip
     check = res.get("oracle_check")
-    if "oracle" in points and (why := oracle_refusal(check)):
+    if "oracle" not in points:
+        pass  # not run: no oracle claim to state
+    elif why := oracle_refusal(check):
         # the sentence reward of these runs was not (only) the gold reward: no verdict rests on them
         points = {k: v for k, v in points.items() if k != "oracle"}
         add("oracle_credit", "n/a", why)
         add("oracle_judge", "n/a", why)
-    elif "oracle" not in points:
-        add("oracle_credit", "n/a", "not run")
-        add("oracle_judge", "n/a", "not run")
     else:
         oracle = points["oracle"]["equal_kl"]
         verdict = seed_verdict([v for v in oracle if v is not None])
@@ -373,8 +402,16 @@ def cell(d: dict, digits: int = 3) -> str:
 
 def markdown(res: dict, files: list[str]) -> str:
     pts = res["points"]
+    judged = {c["id"] for c in res["claims"]}
+    share_only = not any(p in pts for p in (*LENGTH_POINTS[1:], "oracle"))
+    title = (
+        "Does RTO's token reward help more when the reward model is noisier? (built-in sentiment "
+        "task, reward model on a share of the pairs)"
+        if share_only
+        else "Where does RTO's token reward pay? (built-in sentiment task)"
+    )
     lines = [
-        "# Where does RTO's token reward pay? (built-in sentiment task)",
+        f"# {title}",
         "",
         f"Command: `{res['command']}` (add `--workers 2` to run folders side by side; the runs are "
         "kept, so a rerun skips every finished stage and rebuilds this report).",
@@ -382,7 +419,7 @@ def markdown(res: dict, files: list[str]) -> str:
         "(one sampled response per prompt); gold reward = VADER compound score in [-1, 1].",
         common.made_on(res.get("environment")),
         "",
-        "## Claims, written down before the study was run, and what the runs say",
+        "## Claims, written down before the runs that read them, and what the runs say",
         "",
         "| claim | holds here? | evidence |",
         "|---|---|---|",
@@ -391,10 +428,15 @@ def markdown(res: dict, files: list[str]) -> str:
             for c in res["claims"]
         ],
         "",
-        "How each claim is measured and decided (fixed in `CLAIMS` before any run):",
+        "How each claim is measured and decided (fixed in `CLAIMS` before the runs that read it):",
         "",
-        *[f"- **{c['id']}**: {c['measure']} *Rule:* {c['rule']}" for c in design.CLAIMS],
+        *[
+            f"- **{c['id']}**: {c['measure']} *Rule:* {c['rule']}"
+            for c in design.CLAIMS
+            if c["id"] in judged
+        ],
         "",
+        *earlier_note(res.get("earlier_arm"), pts),
         *oracle_note(res.get("oracle_check")),
         "## RTO against PPO in every condition",
         "",
@@ -418,12 +460,15 @@ def markdown(res: dict, files: list[str]) -> str:
         for name, m in runs + [("rto", pt["rto"])]:
             lines.append(f"| {p} | {name} | {cell(m['gold_reward_mean'])} | {cell(m['kl_mean'], 2)} | "
                          f"{cell(m['fluency_rate'])} | {cell(m['length_mean'], 1)} |")  # fmt: skip
-    lines += ["", "## Reward models on a share of the pairs", "",
-              "| share of the pairs | training pairs | held-out accuracy | gold reward's accuracy (ceiling) |",
-              "|---|---|---|---|"]  # fmt: skip
+    dpo = any("dpo_accuracy" in rm for rm in res["reward_models"].values())
+    lines += ["", "## Reward models (and DPO models) on a share of the pairs", "",
+              "| share of the pairs | training pairs | reward model's held-out accuracy | gold reward's accuracy (ceiling) |"
+              + (" DPO model's training pairs | DPO model's held-out accuracy |" if dpo else ""),
+              "|---|---|---|---|" + ("---|---|" if dpo else "")]  # fmt: skip
     for rm in res["reward_models"].values():
         lines.append(f"| {rm['share']:g} | {cell(rm['pairs'], 0)} | {cell(rm['accuracy'])} | "
-                     f"{cell(rm['gold_accuracy'])} |")  # fmt: skip
+                     f"{cell(rm['gold_accuracy'])} |"
+                     + (f" {cell(rm.get('dpo_pairs'), 0)} | {cell(rm.get('dpo_accuracy'))} |" if dpo else ""))  # fmt: skip
     lines += ["", "## Sample efficiency (rollout gold reward against RL samples)", "",
               "| condition | PPO's final rollout gold | share of PPO's samples RTO needs, per seed |",
               "|---|---|---|"]  # fmt: skip
@@ -434,6 +479,36 @@ def markdown(res: dict, files: list[str]) -> str:
                      f"{', '.join('never' if s is None else f'{s:.2f}' for s in shares)} |")  # fmt: skip
     lines += ["", *[f"![{f}]({f})\n" for f in files]]
     return "\n".join(lines)
+
+
+def earlier_note(arm: dict | None, pts: dict) -> list[str]:
+    """The earlier arm (DPO model on all the pairs, made with earlier recipes), labelled, beside
+    this run's two arms: per share, RTO - PPO at equal KL per seed."""
+    if not arm:
+        return []
+    rows = []
+    for p, share in design.RM_POINTS.items():
+        same = next((q for q, sh in design.RM_SAME_POINTS.items() if sh == share), None)
+        cols = [fmt_seeds(arm["equal_kl"][p]) if p in arm["equal_kl"] else "",
+                fmt_seeds(pts[p]["equal_kl"]) if p in pts else "",
+                fmt_seeds(pts[same]["equal_kl"]) if same in pts else ""]  # fmt: skip
+        rows.append(f"| {share:g} | " + " | ".join(cols) + " |")
+    verdict = arm.get("verdict") or {}
+    return [
+        "## The three arms side by side",
+        "",
+        "RTO - PPO's frontier at RTO's KL (gold reward), mean (per seed), by the share of the pairs "
+        f"the reward model saw. *Earlier arm*: `{arm['file']}`, made with earlier recipes and "
+        "code, its DPO model trained on all the pairs whatever the reward model's share (its "
+        f"verdict there: {verdict.get('verdict', 'n/a')}); *DPO on all pairs*: the same design "
+        "rerun here (unit rm_data); *DPO on the same share*: unit rm_same, where RTO has no more "
+        "preference data than PPO. At share 1 the two new arms are the same runs.",
+        "",
+        "| share | earlier arm (DPO on all pairs) | DPO on all pairs | DPO on the same share |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def oracle_note(check: dict | None) -> list[str]:
@@ -463,7 +538,8 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
     pts = res["points"]
     colors = {"ppo": "#4c72b0", "rto": "#dd8452"}
     files = []
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5), squeeze=False)
+    rows = max(1, math.ceil(len(pts) / 4))
+    fig, axes = plt.subplots(rows, 4, figsize=(17, 3.75 * rows), squeeze=False)
     for ax, (p, pt) in zip(axes.flat, pts.items()):
         for m in ("ppo", "rto"):
             if pt.get("curves"):
@@ -482,7 +558,7 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
     fig.tight_layout()
     files.append(save(fig, out, f"{stem}_samples.png"))
 
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5), squeeze=False)
+    fig, axes = plt.subplots(rows, 4, figsize=(17, 3.75 * rows), squeeze=False)
     for ax, (p, pt) in zip(axes.flat, pts.items()):
         front = sorted((m["kl_mean"]["mean"], m["gold_reward_mean"]["mean"], c) for c, m in pt["ppo"].items()
                        if m["kl_mean"]["mean"] is not None)  # fmt: skip
@@ -534,14 +610,16 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
     files.append(save(fig, out, f"{stem}_kl.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    delta_panel(axes[0], res, {p: (lambda pt, j: 2 ** sft_log2_length(pt, j) if sft_log2_length(pt, j) else None)
-                               for p in LENGTH_POINTS}, "SFT mean response length (tokens)")  # fmt: skip
-    delta_panel(
-        axes[1],
-        res,
-        {p: sh for p, sh in design.RM_POINTS.items()},
-        "share of the pairs the reward model saw",
-    )
+    if any(p in pts for p in LENGTH_POINTS[1:]):
+        delta_panel(axes[0], res, {p: (lambda pt, j: 2 ** sft_log2_length(pt, j) if sft_log2_length(pt, j) else None)
+                                   for p in LENGTH_POINTS}, "SFT mean response length (tokens)")  # fmt: skip
+    else:
+        axes[0].axis("off")  # one length only
+    share_axis = "share of the pairs the reward model saw"
+    delta_panel(axes[1], res, dict(design.RM_POINTS), share_axis, "#dd8452", "DPO on all pairs")
+    if any(p in pts for p in design.RM_SAME_POINTS if p != "short"):
+        delta_panel(axes[1], res, dict(design.RM_SAME_POINTS), share_axis, "#55a868",
+                    "DPO on the same share")  # fmt: skip
     if "oracle" in pts:
         vals = [v for v in pts["oracle"]["equal_kl"] if v is not None]
         axes[1].plot([2.0] * len(vals), vals, "s", color="gray", alpha=0.5)
@@ -561,7 +639,9 @@ def plots(res: dict, out: Path, stem: str) -> list[str]:
     return files
 
 
-def delta_panel(ax, res: dict, xs: dict, xlabel: str) -> None:
+def delta_panel(
+    ax, res: dict, xs: dict, xlabel: str, color: str = "#dd8452", label: str | None = None
+) -> None:
     pts = res["points"]
     for seed in res["seeds"]:
         line = []
@@ -572,7 +652,7 @@ def delta_panel(ax, res: dict, xs: dict, xlabel: str) -> None:
                 if xv is not None and pts[p]["equal_kl"][j] is not None:
                     line.append((xv, pts[p]["equal_kl"][j]))
         if line:
-            ax.plot(*zip(*sorted(line)), "o-", alpha=0.35, color="#dd8452")
+            ax.plot(*zip(*sorted(line)), "o-", alpha=0.35, color=color)
     means = []
     for p, x in xs.items():
         if p in pts:
@@ -582,7 +662,9 @@ def delta_panel(ax, res: dict, xs: dict, xlabel: str) -> None:
             if vals and xv:
                 means.append((statistics.fmean(xv), statistics.fmean(vals)))
     if means:
-        ax.plot(*zip(*sorted(means)), "o-", lw=3, color="#dd8452")
+        ax.plot(*zip(*sorted(means)), "o-", lw=3, color=color, label=label)
+        if label:
+            ax.legend(fontsize=8)
     ax.axhline(0, color="gray", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)

@@ -16,7 +16,14 @@ another; folders run side by side (--workers), each pipeline in its own process 
 so an interrupted study resumes where it stopped and a rerun repeats the numbers on the same
 machine type. The task is the same for every seed (seed 0); the seed changes all trained on it.
 
-Outputs: benchmarks/results/token_reward_study.{json,md} and three plots beside them.
+The reward-model-share arm with the DPO model on the same share (unit rm_same), beside the same
+design with the DPO model on all pairs and the earlier report's arm, in its own report:
+
+    python benchmarks/token_reward_study.py --units short rm_same rm_data --stem token_reward_rm_share \
+        --earlier benchmarks/results/token_reward_study.json --workers 3
+
+Outputs: benchmarks/results/token_reward_study.{json,md} (or STEM.{json,md}) and three plots
+beside them.
 """
 
 from __future__ import annotations
@@ -83,6 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=None, help="Where the report goes.")
     ap.add_argument("--report-only", action="store_true", help="Only aggregate finished runs.")
     ap.add_argument(
+        "--stem",
+        default="token_reward_study",
+        help="Name of the report's files (token_reward_rm_share for the reward-model-share units).",
+    )
+    ap.add_argument(
+        "--earlier",
+        default=None,
+        help="An earlier report (json) whose reward-model-share arm is shown beside, labelled.",
+    )
+    ap.add_argument(
         "--smoke",
         action="store_true",
         help="Toy sizes, one seed, runs and report under benchmarks/_runs/token_reward_smoke.",
@@ -115,8 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/token_reward_study.py" + (
         " --smoke" if args.smoke else " --seeds " + " ".join(map(str, seeds))
     )
-    res = report.build(runs, seeds, command, minutes)
-    report.write(res, results, "token_reward_study")
+    if set(units) != set(UNITS):
+        command += " --units " + " ".join(units)
+    if args.stem != "token_reward_study":
+        command += f" --stem {args.stem}"
+    earlier = Path(args.earlier) if args.earlier else None
+    if earlier:
+        command += f" --earlier {args.earlier}"
+    res = report.build(runs, seeds, command, minutes, earlier)
+    report.write(res, results, args.stem)
     for c in res["claims"]:
         print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
 

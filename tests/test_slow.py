@@ -145,9 +145,11 @@ def test_token_reward_study_smoke_runs_end_to_end(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(root / "benchmarks" / "token_reward_study.py"), "--smoke",
                     "--runs", str(runs), "--results", str(out)], check=True, timeout=900)  # fmt: skip
     res = json.loads((out / "token_reward_study.json").read_text())
-    assert {"short", "medium", "long", "rm_1/8", "rm_1/4", "rm_1/2"} <= set(res["points"])
+    assert {"short", "medium", "long", "rm_1/8", "rm_1/4", "rm_1/2", "rm_same_1/8"} <= set(
+        res["points"]
+    )
     assert [c["id"] for c in res["claims"]] == [
-        "length", "rm_noise", "oracle_credit", "oracle_judge", "efficiency"]  # fmt: skip
+        "length", "rm_noise", "rm_noise_same_share", "oracle_credit", "oracle_judge", "efficiency"]  # fmt: skip
     for name in ("samples", "kl", "delta"):
         assert (out / f"token_reward_study_{name}.png").is_file()
     task = json.loads((runs / "seed0" / "long" / "task" / "task.json").read_text())

@@ -52,6 +52,52 @@ def test_units_are_valid_pipelines_that_reuse_shared_stages(tmp_path: Path) -> N
     policies = dict(e.split("=", 1) for e in rm_data["eval_rm_data"].config.policies)
     assert policies["rto_f8"].endswith("rl_rto_f8") and "ppo_f2_kl0.025" in policies
     assert short["rm"].config.data.train_fraction == 1.0
+    assert rm_data["rl_rto_f8"].config.dpo_model.endswith("/dpo")  # all the pairs
+
+
+def test_rm_same_gives_rto_a_dpo_model_on_the_reward_models_own_pairs(tmp_path: Path) -> None:
+    rm_data, rm_same = planned("rm_data", tmp_path), planned("rm_same", tmp_path)
+    # the reward models and PPO runs are rm_data's (reused), only the DPO models and RTO are new
+    shared = [
+        s
+        for s in rm_data
+        if s.startswith(("rm_", "rl_ppo_")) or s in ("task", "sft", "pairs", "dpo")
+    ]
+    assert len(shared) == 4 + 3 + 3 * len(design.PPO_KL_COEFS)
+    assert [rm_data[s].fingerprint for s in shared] == [rm_same[s].fingerprint for s in shared]
+    for tag, share in design.RM_SHARES.items():
+        dpo = rm_same[f"dpo_{tag}"].config
+        assert dpo.data.train_fraction == share == rm_same[f"rm_{tag}"].config.data.train_fraction
+        # the same settings as the DPO model on all pairs, but for the share
+        assert (
+            dpo.train.lr == rm_same["dpo"].config.train.lr and dpo.seed == rm_same["rm"].config.seed
+        )
+        assert dpo.data.path == rm_same[f"rm_{tag}"].config.data.path
+        rto = rm_same[design.rto_stage(tag, "rm_same")].config
+        assert rto.dpo_model.endswith(f"dpo_{tag}") and rto.reward_model.endswith(f"rm_{tag}")
+    policies = dict(e.split("=", 1) for e in rm_same["eval_rm_same"].config.policies)
+    assert policies["rto_f4"].endswith("rl_rto_f4_dpo_f4") and "ppo_f4_kl0.1" in policies
+
+
+def test_a_share_of_the_pairs_is_the_same_rows_for_the_reward_model_and_the_dpo_model(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from rto.data.sources import load_train_eval
+
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(400)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = planned("rm_same", tmp_path)
+    taken = {}
+    for stage in ("rm_f8", "dpo_f8", "rm_f2"):
+        cfg = stages[stage].config  # each stage's own data section and seed, on one file
+        data = dataclasses.replace(cfg.data, path=str(f), eval_path=str(f))
+        train, _ = load_train_eval(data, cfg.seed)
+        taken[stage] = [r["prompt"] for r in train]
+    assert taken["rm_f8"] == taken["dpo_f8"] and len(taken["rm_f8"]) == 400 // 8
+    assert set(taken["rm_f8"]) < set(taken["rm_f2"])  # the shares nest
 
 
 @pytest.mark.parametrize("length", ["medium", "long"])
@@ -124,16 +170,22 @@ def test_oracle_unit_uses_the_gold_reward_alone_as_sentence_reward(tmp_path: Pat
 def test_schedule_keeps_the_units_of_one_folder_in_order() -> None:
     chains = design.jobs([0, 1], list(design.UNITS))
     assert chains[0] == [(0, "long")] and chains[1] == [(1, "long")]
-    assert [(0, "short"), (0, "rm_data"), (0, "oracle")] in chains
+    assert [(0, "short"), (0, "rm_same"), (0, "rm_data"), (0, "oracle")] in chains
     assert sorted(u for c in chains for u in c) == sorted(
         (s, u) for s in (0, 1) for u in design.UNITS
     )
 
 
-def test_the_results_page_states_every_claim_and_rule() -> None:
-    page = " ".join((ROOT / "benchmarks" / "results" / "token_reward_study.md").read_text().split())
-    for claim in design.CLAIMS:
-        assert claim["claim"] in page and claim["rule"] in page, claim["id"]
+def test_the_results_pages_state_every_claim_they_judge_and_its_rule() -> None:
+    results = ROOT / "benchmarks" / "results"
+    pages = [results / f"{stem}.md" for stem in ("token_reward_study", "token_reward_rm_share")]
+    for page in filter(Path.is_file, pages):
+        text = " ".join(page.read_text().split())
+        judged = json.loads(page.with_suffix(".json").read_text())["claims"]
+        assert judged, page
+        for c in judged:
+            claim = next(d for d in design.CLAIMS if d["id"] == c["id"])
+            assert claim["claim"] in text and claim["rule"] in text, (page.name, c["id"])
 
 
 # --------------------------------------------------------------------------- the report
@@ -142,7 +194,8 @@ def test_the_results_page_states_every_claim_and_rule() -> None:
 # RTO lies at KL 2.5, where the frontier is 0.55, plus the condition's advantage
 FRONTIER = {0.1: (2.0, 0.5), 0.05: (3.0, 0.6), 0.025: (4.0, 0.65)}
 ADVANTAGE = {"short": 0.0, "medium": 0.05, "long": 0.10, "rm_1/8": 0.09, "rm_1/4": 0.06,
-             "rm_1/2": 0.03, "oracle": -0.02}  # fmt: skip
+             "rm_1/2": 0.03, "rm_same_1/8": -0.03, "rm_same_1/4": -0.02, "rm_same_1/2": 0.0,
+             "oracle": -0.02}  # fmt: skip
 SFT_LENGTH = {"short": 14.0, "medium": 37.0, "long": 90.0}
 
 
@@ -165,7 +218,10 @@ def fake_study(runs: Path, seeds: list[int]) -> None:
             # final value after a quarter of the samples), except with the oracle: never
             ppo = [0.5] * 20
             rto = [0.0] * 4 + [1.0 if point != "oracle" else 0.2] * 16
-            for stage, curve in ((design.ppo_stage(tag, 0.1), ppo), (design.rto_stage(tag), rto)):
+            for stage, curve in (
+                (design.ppo_stage(tag, 0.1), ppo),
+                (design.rto_stage(tag, unit), rto),
+            ):
                 (folder / stage).mkdir(parents=True, exist_ok=True)
                 # the oracle runs' sentence reward is the gold reward alone, weighted 2.5 (the
                 # report checks it); the others' is the reward model's score
@@ -200,8 +256,8 @@ def test_report_turns_seed_results_into_the_written_verdicts(tmp_path: Path) -> 
     res = json.loads((tmp_path / "out" / "token_reward_study.json").read_text())
     verdicts = {c["id"]: c["verdict"] for c in res["claims"]}
     evidence = {c["id"]: c["evidence"] for c in res["claims"]}
-    assert verdicts == {"length": "yes", "rm_noise": "yes", "oracle_credit": "no",
-                        "oracle_judge": "yes", "efficiency": "partly"}  # fmt: skip
+    assert verdicts == {"length": "yes", "rm_noise": "yes", "rm_noise_same_share": "no",
+                        "oracle_credit": "no", "oracle_judge": "yes", "efficiency": "partly"}  # fmt: skip
     # equal KL: RTO minus PPO's frontier at KL 2.5 (0.55), per seed; long's seed 2 is not read
     assert res["points"]["long"]["equal_kl"] == pytest.approx([0.096, 0.1, None])
     assert res["points"]["medium"]["same_coef"] == pytest.approx([0.096, 0.1, 0.104])
