@@ -157,13 +157,35 @@ def demo_page(saved: dict) -> str:
             "On the machine kind and library versions above, a fresh clone's `rto demo` prints this "
             "table to the last digit (`python -m pytest -m slow -k demo` reruns it and compares with "
             "`benchmarks/results/demo.json`, from which this page and the README's table are written "
-            "by `python benchmarks/demo_results.py --write`). On another CPU kind (another vector "
-            "capability), another thread count or other library builds, float rounding differs, the "
-            "difference grows through sampling, and the numbers move within their seed spread: the "
-            "paper miniature's standard deviations over seeds, for the same recipe, show its size.",
+            "by `python benchmarks/demo_results.py --write`). Library versions alone need not move "
+            "them: with transformers 5.24 / accelerate 1.15 in place of 5.25 / 1.16 the demo printed "
+            "this table to the last digit. On another CPU kind (another vector capability), another "
+            "thread count or other library builds, float rounding differs, the difference grows "
+            "through sampling, and the numbers move within their seed spread. "
+            + seed_spread_text(),
             "",
             *vllm_section(),
         ]
+    )
+
+
+def seed_spread_text() -> str:
+    """The measured spread over seeds of the same recipe (the paper miniature's runs), which bounds
+    how far the demo's gold rewards move where float rounding differs."""
+    f = ROOT / "benchmarks" / "results" / "paper_miniature.json"
+    if not f.is_file():
+        return "The paper miniature's standard deviations over seeds show its size."
+    mini = json.loads(f.read_text())
+    methods = mini["methods"]
+    parts = []
+    for name in ("sft", "dpo", "ppo", "rto"):
+        g = (methods.get(name) or {}).get("gold_reward_mean") or {}
+        if g.get("sd") is not None:
+            parts.append(f"{name} {g['sd']:.3f}")
+    return (
+        f"Its measured size: over {len(mini['seeds'])} seeds of the same recipe (the paper "
+        "miniature, [benchmarks/results/paper_miniature.md](../../benchmarks/results/paper_miniature.md)), "
+        "the standard deviation of the held-out gold reward is " + ", ".join(parts) + "."
     )
 
 
