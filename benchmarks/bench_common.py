@@ -7,6 +7,7 @@ _estimate.py, _study.py). A script run as `python benchmarks/X.py` finds this mo
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -53,6 +54,29 @@ def run_pipeline_timed(recipe: dict, recipe_file: Path, log_file: Path) -> tuple
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource use
         proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.time() - began, usage.ru_utime + usage.ru_stime
+
+
+def stage_minutes(folders: list[Path], stages: list[str] | None = None) -> dict:
+    """What a study's runs took, from the wall time each of its finished stages (`stages`, or
+    every stage in the folder) recorded in `pipeline.json`: per folder that has any (one seed's
+    pipeline) and in all, in minutes. Stages of side-by-side pipelines shared the cores, so these
+    are times under that load."""
+    per = {}
+    for folder in folders:
+        files = [folder / s / "pipeline.json" for s in stages] if stages else folder.glob("*/pipeline.json")  # fmt: skip
+        secs = [json.loads(f.read_text()).get("seconds") or 0.0 for f in files if f.is_file()]
+        if secs:
+            per[str(folder.relative_to(folder.parent.parent))] = round(sum(secs) / 60, 1)
+    return {"per_pipeline": per, "total": round(sum(per.values()), 1),
+            "slowest": max(per.values(), default=0.0)}  # fmt: skip
+
+
+def minutes_text(m: dict | None, side_by_side: str) -> str:
+    """One sentence on what the runs took (stage_minutes), for a report's opening."""
+    if not m or not m.get("total"):
+        return ""
+    return (f"Time: the stages' own wall times sum to {m['total']:.0f} min over "
+            f"{len(m['per_pipeline'])} pipelines (the slowest {m['slowest']:.0f} min), {side_by_side}.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- statistics over seeds

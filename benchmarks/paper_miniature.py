@@ -41,7 +41,10 @@ from bench_common import (
     efficiency,
     made_on,
     mean_sd,
+    minutes_text,
+    replace_marked,
     run_pipeline,
+    stage_minutes,
     verdict,
     weakest,
 )
@@ -182,7 +185,9 @@ def aggregate(runs: Path, seeds: list[int]) -> dict:
                for n in rto_runs},
             "dpo_learning_rates": dpo_learning_rates(runs, list(per_seed)),
             "heldout_accuracy": heldout_accuracy(runs, list(per_seed)),
-            "environment": run_environment(runs, list(per_seed))}  # fmt: skip
+            "environment": run_environment(runs, list(per_seed)),
+            "minutes": stage_minutes([runs / f"seed{s}" for s in per_seed],
+                                     list(recipe_for(0, runs)["stages"]))}  # fmt: skip
 
 
 def dpo_fit_comparison(methods: dict) -> dict | None:
@@ -458,6 +463,7 @@ def markdown(res: dict, cl: list[dict], files: list[str], command: str) -> str:
         f"Seeds: {res['seeds']}. Every number is the mean ± sd over seeds of a held-out evaluation "
         "(400 prompts, one sampled response each). Gold reward = VADER compound score in [-1, 1].",
         made_on(res.get("environment")),
+        minutes_text(res.get("minutes"), "the seeds side by side, 3 pipelines on 2 CPU cores"),
         "",
         "## The paper's claims, checked",
         "",
@@ -517,6 +523,23 @@ def markdown(res: dict, cl: list[dict], files: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
+README = ROOT.parent / "README.md"
+START, END = "<!-- paper miniature -->", "<!-- end paper miniature -->"
+
+
+def readme_block(res: dict) -> str:
+    """The README's lines on the miniature (between START and END), from its results."""
+    lines = ["- **The paper in miniature** ([report](benchmarks/results/paper_miniature.md); "
+             "`python benchmarks/paper_miniature.py --workers 3`):"]  # fmt: skip
+    for c in res["claims"]:
+        lines.append(f"  - {c['claim']}: {VERDICT_TEXT.get(c['verdict'], c['verdict'])}; {c['evidence']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def readme_with(res: dict, text: str) -> str:
+    return replace_marked(text, START, END, readme_block(res), "README.md")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -560,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     res.update({"claims": cl, "command": command, "minutes_this_invocation": round(seconds / 60, 1) if seconds else None})  # fmt: skip
     (results / "paper_miniature.json").write_text(json.dumps(res, indent=2) + "\n")
     (results / "paper_miniature.md").write_text(markdown(res, cl, files, command))
+    if results.resolve() == (ROOT / "results").resolve():  # the published report: the README too
+        README.write_text(readme_with(res, README.read_text()))
     for c in cl:
         print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
 

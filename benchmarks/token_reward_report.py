@@ -168,6 +168,29 @@ def earlier_arm(path: Path | None) -> dict | None:
     }
 
 
+# --------------------------------------------------------------------------- the README's lines
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+RM_SHARE_STEM = (
+    "token_reward_rm_share"  # the reward-model-share report, whose verdicts the README states
+)
+START, END = "<!-- reward-model share -->", "<!-- end reward-model share -->"
+
+
+def readme_block(res: dict) -> str:
+    """The README's lines on the reward-model-share report (between START and END)."""
+    lines = [f"- **Less reward-model data** ([report](benchmarks/results/{RM_SHARE_STEM}.md); "
+             f"`{res['command']} --workers 3`):"]  # fmt: skip
+    for c in res["claims"]:
+        if c["id"].startswith("rm_noise"):
+            lines.append(f"  - {c['claim']} {VERDICT_TEXT.get(c['verdict'], c['verdict'])}: {c['evidence']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def readme_with(res: dict, text: str) -> str:
+    return common.replace_marked(text, START, END, readme_block(res), "README.md")
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -189,6 +212,9 @@ def build(
         "reward_models": reward_models(runs, list(per_seed)),
         "oracle_check": oracle_check(runs, list(per_seed)),
         "earlier_arm": earlier_arm(earlier),
+        "minutes": common.stage_minutes(
+            sorted({design.unit_folder(runs, s, u) for s in per_seed for u in design.UNITS})
+        ),
         "environment": next((e for s in per_seed for u in ("short", "medium", "long")
                              if (e := stage_summary(runs, s, u, f"eval_{u}").get("environment"))), None),
         "command": command,
@@ -418,6 +444,7 @@ def markdown(res: dict, files: list[str]) -> str:
         f"Seeds: {res['seeds']}. Every number is the mean ± sd over seeds of a held-out evaluation "
         "(one sampled response per prompt); gold reward = VADER compound score in [-1, 1].",
         common.made_on(res.get("environment")),
+        common.minutes_text(res.get("minutes"), "3 pipelines side by side on 2 CPU cores"),
         "",
         "## Claims, written down before the runs that read them, and what the runs say",
         "",

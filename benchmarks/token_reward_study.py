@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         command += f" --earlier {args.earlier}"
     res = report.build(runs, seeds, command, minutes, earlier)
     report.write(res, results, args.stem)
+    if args.stem == report.RM_SHARE_STEM and results.resolve() == (ROOT / "results").resolve():
+        report.README.write_text(report.readme_with(res, report.README.read_text()))
     for c in res["claims"]:
         print(f"{c['verdict'].upper()}: {c['claim']} -- {c['evidence']}")
 
