@@ -165,7 +165,17 @@ def earlier_arm(path: Path | None) -> dict | None:
         "seeds": old.get("seeds"),
         "equal_kl": {p: pts[p]["equal_kl"] for p in design.RM_POINTS if p in pts},
         "verdict": next((c for c in old.get("claims", []) if c["id"] == "rm_noise"), None),
+        "short_gold": short_gold(pts.get("short")),
     }
+
+
+def short_gold(point: dict | None) -> dict | None:
+    """Per-seed held-out gold rewards of a report's all-pairs runs (PPO at every coefficient, RTO),
+    to tell whether an earlier report's runs are repeated by this one's."""
+    if not point:
+        return None
+    runs = {f"ppo_kl{c}": m for c, m in point["ppo"].items()} | {"rto": point["rto"]}
+    return {name: m["gold_reward_mean"].get("values") for name, m in runs.items()}
 
 
 # --------------------------------------------------------------------------- the README's lines
@@ -220,6 +230,11 @@ def build(
         "command": command,
         "minutes_this_invocation": minutes,
     }  # fmt: skip
+    arm = res["earlier_arm"]
+    if arm and arm.get("short_gold") and "short" in points:
+        # the same seeds' all-pairs runs, run again here: equal to the last digit, or not
+        now = short_gold(points["short"])
+        arm["short_repeated"] = arm["seeds"] == res["seeds"] and now == arm["short_gold"]
     res["claims"] = judge(res)
     return res
 
@@ -521,17 +536,27 @@ def earlier_note(arm: dict | None, pts: dict) -> list[str]:
                 fmt_seeds(pts[same]["equal_kl"]) if same in pts else ""]  # fmt: skip
         rows.append(f"| {share:g} | " + " | ".join(cols) + " |")
     verdict = arm.get("verdict") or {}
+    repeated = arm.get("short_repeated")
+    check = (
+        "Its runs on all the pairs are repeated here to the last digit (every PPO and RTO run's "
+        "held-out gold reward, per seed), so its other arms stand for today's code too. "
+        if repeated
+        else "Its runs on all the pairs are NOT repeated here to the last digit: read its arm as "
+        "made with other code or settings. "
+        if repeated is False
+        else ""
+    )
     return [
-        "## The three arms side by side",
+        "## The arms side by side",
         "",
         "RTO - PPO's frontier at RTO's KL (gold reward), mean (per seed), by the share of the pairs "
-        f"the reward model saw. *Earlier arm*: `{arm['file']}`, made with earlier recipes and "
-        "code, its DPO model trained on all the pairs whatever the reward model's share (its "
-        f"verdict there: {verdict.get('verdict', 'n/a')}); *DPO on all pairs*: the same design "
-        "rerun here (unit rm_data); *DPO on the same share*: unit rm_same, where RTO has no more "
-        "preference data than PPO. At share 1 the two new arms are the same runs.",
+        f"the reward model saw. *Earlier arm*: `{arm['file']}`, the study's registered arm, its "
+        "DPO model trained on all the pairs whatever the reward model's share (its verdict there: "
+        f"{verdict.get('verdict', 'n/a')}). {check}*DPO on all pairs*: that design run again here "
+        "(unit rm_data), where it ran; *DPO on the same share*: unit rm_same, where RTO has no more "
+        "preference data than PPO. At share 1 the arms are the same runs.",
         "",
-        "| share | earlier arm (DPO on all pairs) | DPO on all pairs | DPO on the same share |",
+        "| share | earlier arm (DPO on all pairs) | DPO on all pairs, run here | DPO on the same share |",
         "|---|---|---|---|",
         *rows,
         "",

@@ -325,3 +325,24 @@ def test_an_oracle_gain_bought_with_malformed_text_is_weak_at_best(tmp_path: Pat
     claims = {c["id"]: c for c in report.build(runs, [0, 1, 2], "cmd", None)["claims"]}
     assert claims["oracle_credit"]["verdict"] == "weak"
     assert "fluency, RTO - PPO's frontier: -0.100 ± 0.000" in claims["oracle_credit"]["evidence"]
+
+
+def test_the_share_report_shows_the_earlier_arm_and_whether_its_runs_repeat(tmp_path: Path) -> None:
+    fake_study(tmp_path / "runs", [0, 1, 2])
+    first = report.build(tmp_path / "runs", [0, 1, 2], "cmd", None)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(first))
+    res = report.build(tmp_path / "runs", [0, 1, 2], "cmd", None, earlier)
+    arm = res["earlier_arm"]
+    assert arm["short_repeated"] is True
+    assert arm["equal_kl"]["rm_1/8"] == pytest.approx([0.086, 0.09, 0.094])
+    assert "repeated here to the last digit" in report.markdown(res, [])
+    first["points"]["short"]["rto"]["gold_reward_mean"]["values"][1] += 1e-6  # one digit moved
+    earlier.write_text(json.dumps(first))
+    res = report.build(tmp_path / "runs", [0, 1, 2], "cmd", None, earlier)
+    assert res["earlier_arm"]["short_repeated"] is False
+    assert "NOT repeated here" in report.markdown(res, [])
+    # the README's lines state the two reward-model-share claims, with per-seed values
+    block = report.readme_block(res)
+    assert "helps more when the sentence reward is noisier" in block and "per seed" in block
+    assert block.count("\n  - ") == 2
