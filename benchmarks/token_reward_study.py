@@ -16,11 +16,14 @@ another; folders run side by side (--workers), each pipeline in its own process 
 so an interrupted study resumes where it stopped and a rerun repeats the numbers on the same
 machine type. The task is the same for every seed (seed 0); the seed changes all trained on it.
 
-The reward-model-share arm with the DPO model on the same share (unit rm_same), beside the same
-design with the DPO model on all pairs and the earlier report's arm, in its own report:
+The reward-model-share arm with the DPO model on the same share (unit rm_same), beside the
+study's arm (the DPO model on all pairs) from its report, in a report of its own:
 
-    python benchmarks/token_reward_study.py --units short rm_same rm_data --stem token_reward_rm_share \
+    python benchmarks/token_reward_study.py --units short rm_same --stem token_reward_rm_share \
         --earlier benchmarks/results/token_reward_study.json --workers 3
+
+The report says whether the earlier report's all-pairs runs are repeated to the last digit (then
+its rm_data arm stands for today's code; add `rm_data` to --units to run that arm again here).
 
 Outputs: benchmarks/results/token_reward_study.{json,md} (or STEM.{json,md}) and three plots
 beside them.

@@ -128,3 +128,12 @@ def test_the_readme_states_the_group_study_as_its_results_file() -> None:
     assert len(res["seeds"]) == 3 and all(
         c["verdict"] in ("yes", "weak", "no", "partly", "n/a") for c in res["claims"]
     )
+
+
+def test_the_readme_states_the_paper_miniature_as_its_results_file() -> None:
+    mini = load_script("paper_miniature")
+    res = mini.json.loads((ROOT / "benchmarks" / "results" / "paper_miniature.json").read_text())
+    assert mini.readme_with(res, README) == README, (
+        "run python benchmarks/paper_miniature.py --report-only"
+    )
+    assert len(res["seeds"]) == 3 and res["claims"]
