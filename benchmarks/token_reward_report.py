@@ -529,12 +529,13 @@ def earlier_note(arm: dict | None, pts: dict) -> list[str]:
     if not arm:
         return []
     rows = []
+    rerun = any(p in pts for p, sh in design.RM_POINTS.items() if sh < 1)  # unit rm_data ran here
     for p, share in design.RM_POINTS.items():
         same = next((q for q, sh in design.RM_SAME_POINTS.items() if sh == share), None)
         cols = [fmt_seeds(arm["equal_kl"][p]) if p in arm["equal_kl"] else "",
-                fmt_seeds(pts[p]["equal_kl"]) if p in pts else "",
+                (fmt_seeds(pts[p]["equal_kl"]) if p in pts else "") if rerun else None,
                 fmt_seeds(pts[same]["equal_kl"]) if same in pts else ""]  # fmt: skip
-        rows.append(f"| {share:g} | " + " | ".join(cols) + " |")
+        rows.append(f"| {share:g} | " + " | ".join(c for c in cols if c is not None) + " |")
     verdict = arm.get("verdict") or {}
     repeated = arm.get("short_repeated")
     check = (
@@ -552,12 +553,15 @@ def earlier_note(arm: dict | None, pts: dict) -> list[str]:
         "RTO - PPO's frontier at RTO's KL (gold reward), mean (per seed), by the share of the pairs "
         f"the reward model saw. *Earlier arm*: `{arm['file']}`, the study's registered arm, its "
         "DPO model trained on all the pairs whatever the reward model's share (its verdict there: "
-        f"{verdict.get('verdict', 'n/a')}). {check}*DPO on all pairs*: that design run again here "
-        "(unit rm_data), where it ran; *DPO on the same share*: unit rm_same, where RTO has no more "
-        "preference data than PPO. At share 1 the arms are the same runs.",
+        f"{verdict.get('verdict', 'n/a')}). {check}"
+        + ("*DPO on all pairs, run here*: that design again (unit rm_data); " if rerun else "")
+        + "*DPO on the same share*: unit rm_same, where RTO has no more preference data than PPO. "
+        "At share 1 the arms are the same runs.",
         "",
-        "| share | earlier arm (DPO on all pairs) | DPO on all pairs, run here | DPO on the same share |",
-        "|---|---|---|---|",
+        "| share | earlier arm (DPO on all pairs) |"
+        + (" DPO on all pairs, run here |" if rerun else "")
+        + " DPO on the same share |",
+        "|---|---|---|" + ("---|" if rerun else ""),
         *rows,
         "",
     ]

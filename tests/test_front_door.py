@@ -137,3 +137,16 @@ def test_the_readme_states_the_paper_miniature_as_its_results_file() -> None:
         "run python benchmarks/paper_miniature.py --report-only"
     )
     assert len(res["seeds"]) == 3 and res["claims"]
+
+
+def test_the_readme_states_the_reward_model_share_report_as_its_results_file() -> None:
+    report = load_script("token_reward_report")
+    res = report.json.loads(
+        (ROOT / "benchmarks" / "results" / "token_reward_rm_share.json").read_text()
+    )
+    assert report.readme_with(res, README) == README, (
+        "run python benchmarks/token_reward_study.py --units short rm_same "
+        "--stem token_reward_rm_share --earlier benchmarks/results/token_reward_study.json --report-only"
+    )
+    assert len(res["seeds"]) == 3
+    assert "rm_noise_same_share" in {c["id"] for c in res["claims"]}
