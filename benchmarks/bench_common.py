@@ -127,6 +127,15 @@ def above_ppo_frontier(
     return None if at is None else res[name][metric] - at
 
 
+def claims_block(header: str, claims: list[dict], verdict_text: dict) -> str:
+    """A README block from a study's results: its header line, then one line per claim (the
+    claim, its verdict as `verdict_text` writes it, the evidence)."""
+    lines = [header]
+    for c in claims:
+        lines.append(f"  - {c['claim']} {verdict_text.get(c['verdict'], c['verdict'])}: {c['evidence']}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def replace_marked(text: str, start: str, end: str, block: str, where: str) -> str:
     """`text` with what lies between the markers `start` and `end` replaced by `block` (a README
     section written from a results file); SystemExit naming `where` when a marker is missing."""

@@ -53,6 +53,7 @@ from bench_common import (
     BASE_RECIPE,
     VERDICT_TEXT,
     above_ppo_frontier,
+    claims_block,
     made_on,
     mean_sd,
     replace_marked,
@@ -511,13 +512,9 @@ START, END = "<!-- group study -->", "<!-- end group study -->"
 def readme_block(res: dict) -> str:
     """The README's lines on this study (between START and END), from its results."""
     hours = res["study_cost"]["cpu_hours"]
-    lines = [f"- **Group estimators and an online token-reward model** ([report](benchmarks/results/group_study.md); "
-             f"`python benchmarks/group_study.py --workers 3`, then `--cost`; {hours} CPU hours):"]  # fmt: skip
-    for c in res["claims"]:
-        lines.append(
-            f"  - {c['claim']} {VERDICT_TEXT.get(c['verdict'], c['verdict'])}: {c['evidence']}"
-        )
-    return "\n".join(lines)
+    header = (f"- **Group estimators and an online token-reward model** ([report](benchmarks/results/group_study.md); "
+              f"`python benchmarks/group_study.py --workers 3`, then `--cost`; {hours} CPU hours):")  # fmt: skip
+    return claims_block(header, res["claims"], VERDICT_TEXT)
 
 
 def readme_with(res: dict, text: str) -> str:

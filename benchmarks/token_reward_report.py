@@ -189,12 +189,10 @@ START, END = "<!-- reward-model share -->", "<!-- end reward-model share -->"
 
 def readme_block(res: dict) -> str:
     """The README's lines on the reward-model-share report (between START and END)."""
-    lines = [f"- **Less reward-model data** ([report](benchmarks/results/{RM_SHARE_STEM}.md); "
-             f"`{res['command']} --workers 3`):"]  # fmt: skip
-    for c in res["claims"]:
-        if c["id"].startswith("rm_noise"):
-            lines.append(f"  - {c['claim']} {VERDICT_TEXT.get(c['verdict'], c['verdict'])}: {c['evidence']}")  # fmt: skip
-    return "\n".join(lines)
+    header = (f"- **Less reward-model data** ([report](benchmarks/results/{RM_SHARE_STEM}.md); "
+              f"`{res['command']} --workers 3`):")  # fmt: skip
+    claims = [c for c in res["claims"] if c["id"].startswith("rm_noise")]
+    return common.claims_block(header, claims, VERDICT_TEXT)
 
 
 def readme_with(res: dict, text: str) -> str:
