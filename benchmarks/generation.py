@@ -173,7 +173,7 @@ def rollouts(name: str, inputs: dict[str, Path], repeats: int, eager: bool) -> d
 def rl_args(inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int) -> list[str]:
     return [
         "--preset", "ppo", "--model.path", str(inputs["base"]), "--model.dtype", "float32",
-        "--data.path", str(inputs["prompts"]), "--reward_fn", "sentiment", "--rl.score_coef", "0",
+        "--data.path", str(inputs["prompts"]), "--reward_fn", "sentiment", "--rl.score.coef", "0",
         "--rl.advantage_estimator", "reinforce_pp", "--train.max_steps", str(iters),
         "--rl.rollout_batch_size", str(prompts), "--train.batch_size", str(prompts),
         "--generate.batch_size", str(prompts), "--generate.max_new_tokens", str(new_tokens),

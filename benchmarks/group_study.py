@@ -102,7 +102,7 @@ COEF = 0.1  # the recipe's KL coefficient: the single-point runs
 # sentence reward (the reward model's score is unbounded), PRIME's update after scoring, one step
 # per rollout: the option defaults.
 ONLINE_LR = 1.0e-4
-ONLINE = {"token_reward_update": "online", "token_reward_lr": ONLINE_LR}
+ONLINE = {"online_dpo": {"enabled": True, "lr": ONLINE_LR}}
 
 CLAIMS = [
     {
@@ -120,7 +120,7 @@ CLAIMS = [
     {
         "id": "online",
         "claim": "A token-reward model that keeps learning online beats a frozen one.",
-        "measure": "Per seed: the gold reward of rto_grpo with rl.token_reward_update online "
+        "measure": "Per seed: the gold reward of rto_grpo with rl.online_dpo.enabled "
         "(0.1) minus the frozen rto_grpo frontier read at the online run's KL.",
         "rule": "As for one estimator above.",
     },
@@ -160,11 +160,11 @@ def runs_of_seed() -> dict[str, tuple[str, dict]]:
     out = {}
     for preset, coefs in KL_COEFS.items():
         for c in coefs:
-            spec = {"stage": "rl", "preset": preset, "rl": {"kl_coef": c}}
+            spec = {"stage": "rl", "preset": preset, "rl": {"kl": {"coef": c}}}
             out[f"rl_{preset}_kl_{coef_tag(c)}"] = (f"{preset}_kl{c}", spec)
     out["rl_rto_grpo_online"] = (
         "rto_grpo_online",
-        {"stage": "rl", "preset": "rto_grpo", "rl": {"kl_coef": COEF, **ONLINE}},
+        {"stage": "rl", "preset": "rto_grpo", "rl": {"kl": {"coef": COEF}, **ONLINE}},
     )
     out["rl_rto"] = ("rto", {"stage": "rl", "preset": "rto"})
     return out

@@ -50,7 +50,7 @@ RL_SIZES = [
     "--train.max_steps", "2", "--rl.rollout_batch_size", "8", "--train.batch_size", "8",
     "--train.micro_batch_size", "4", "--rl.forward_batch_size", "8", "--generate.batch_size", "8",
     "--generate.max_new_tokens", "48", "--data.max_prompt_length", "64", "--train.lr", "1e-6",
-    "--rl.critic_lr", "1e-6", "--rl.score_normalization", "running", "--log.progress", "false",
+    "--rl.critic_lr", "1e-6", "--rl.score.normalization", "running", "--log.progress", "false",
 ]  # fmt: skip
 
 

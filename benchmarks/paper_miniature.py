@@ -109,9 +109,13 @@ def recipe_for(seed: int, out: Path) -> dict:
                 "train": {"max_steps": max(1, steps // frac)},
             }
     for beta in BETAS:
-        new[beta_stage(beta)] = {"stage": "rl", "preset": "rto", "rl": {"dpo_reward_scale": beta}}
+        new[beta_stage(beta)] = {
+            "stage": "rl",
+            "preset": "rto",
+            "rl": {"dpo_reward": {"scale": beta}},
+        }
     for coef in PPO_KL_COEFS:
-        new[kl_stage(coef)] = {"stage": "rl", "preset": "ppo", "rl": {"kl_coef": coef}}
+        new[kl_stage(coef)] = {"stage": "rl", "preset": "ppo", "rl": {"kl": {"coef": coef}}}
     new[f"rl_rto_{DPO_EARLIER}"] = {"stage": "rl", "preset": "rto",
                                    "dpo_model": f"{{{DPO_EARLIER}}}"}  # fmt: skip
     policies = ["sft={sft}"] + [f"{n}={{{n}}}" for n in [*DIRECT, DPO_EARLIER]]

@@ -23,7 +23,7 @@ unchanged except the response budget of the longer reviews):
            claim rm_noise_same_share below is rm_noise read on this unit, its rule unchanged.
            rm_same shares rm_data's reward models and PPO runs (same stages, same fingerprints).
   oracle   in short's folder: PPO and RTO with the gold reward itself as the sentence reward
-           (`rto rl --reward_fn sentiment --rl.score_coef 0`, weighted like the reward model's
+           (`rto rl --reward_fn sentiment --rl.score.coef 0`, weighted like the reward model's
            normalised score; ORACLE_FN below)
 """
 
@@ -71,7 +71,7 @@ FOLDER = {
     "long": "long",
 }
 # The oracle's sentence reward: the gold reward through `rto rl --reward_fn sentiment` in place of
-# the reward model's score (rl.score_coef 0), weighted by 1 / its sd over the training pairs'
+# the reward model's score (rl.score.coef 0), weighted by 1 / its sd over the training pairs'
 # responses, as the reward model's score is normalised by its sd over the same responses
 # (reward_stats.json), so that beta1 and the KL coefficient weigh the same against the sentence
 # reward in every condition. (reward_fn is added without centring: the gold reward's mean over
@@ -100,7 +100,7 @@ def oracle_weight(folder: Path) -> float:
 def oracle_spec(folder: Path) -> dict:
     """What the oracle's RL runs change: the sentence reward."""
     return {"reward_fn": ORACLE_FN,
-            "rl": {"score_coef": 0.0, "reward_fn_coef": oracle_weight(folder)}}  # fmt: skip
+            "rl": {"score": {"coef": 0.0}, "reward_fn": {"coef": oracle_weight(folder)}}}  # fmt: skip
 
 
 # Condition point -> (unit whose eval holds its runs, tag in their names)
@@ -248,7 +248,7 @@ def rto_policy(tag: str) -> str:
 
 
 def recipe_kl_coef() -> float:
-    return yaml.safe_load(BASE_RECIPE.read_text())["defaults"]["rl"]["rl"]["kl_coef"]
+    return yaml.safe_load(BASE_RECIPE.read_text())["defaults"]["rl"]["rl"]["kl"]["coef"]
 
 
 # --------------------------------------------------------------------------- the plan
@@ -331,7 +331,9 @@ def rl_runs(
         return {"stage": "rl", "preset": preset, "reward_model": reward_model,
                 **{k: v for k, v in extra.items() if k != "rl"}, "rl": {**rl, **extra.get("rl", {})}}  # fmt: skip
 
-    runs = {ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl_coef": c})) for c in coefs}
+    runs = {
+        ppo_stage(tag, c): (ppo_policy(tag, c), spec("ppo", {"kl": {"coef": c}})) for c in coefs
+    }
     rto = spec("rto", {})
     if dpo_model:
         rto["dpo_model"] = dpo_model

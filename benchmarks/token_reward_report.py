@@ -109,7 +109,9 @@ def oracle_check(runs: Path, seeds: list[int]) -> dict | None:
             f, cfg = stage / "metrics.jsonl", stage / "config.yaml"
             if not (f.is_file() and cfg.is_file()):
                 continue
-            weight = (yaml.safe_load(cfg.read_text()).get("rl") or {}).get("reward_fn_coef")
+            weight = ((yaml.safe_load(cfg.read_text()).get("rl") or {}).get("reward_fn") or {}).get(
+                "coef"
+            )
             weights.add(weight)
             for r in (json.loads(x) for x in f.read_text().splitlines() if x.strip()):
                 with_score += "reward/score_sum" in r

@@ -124,7 +124,7 @@ def test_every_output_folder_has_a_card_whose_code_loads_the_model(pipeline: dic
         assert card.startswith("---\nlibrary_name: transformers") and f"rto {stage}" in card
         assert "## Reproduce" in card
     card = (root / "rl" / "README.md").read_text()
-    assert str(root / "sft") in card and "rl.dpo_reward_scale" in card and "rollout/kl" in card
+    assert str(root / "sft") in card and "rl.dpo_reward.scale" in card and "rollout/kl" in card
     for stage in ("rl", "rm"):
         code = re.search(r"```python\n(.*?)```", (root / stage / "README.md").read_text(), re.S)
         scope: dict = {}

@@ -90,7 +90,7 @@ class World:
         return ["rl", "--out", out, "--preset", "ppo", "--model.path", self.base, "--reward_model", self.classifier,
                 "--data.path", self.task / "prompts_train.jsonl", "--rl.rollout_batch_size", "8",
                 "--train.batch_size", "8", "--train.micro_batch_size", "8", "--train.max_steps", "1",
-                "--generate.max_new_tokens", "8", "--rl.score_normalization", "none",
+                "--generate.max_new_tokens", "8", "--rl.score.normalization", "none",
                 "--data.max_prompt_length", "32", "--log.progress", "false", *extra]  # fmt: skip
 
     def eval(self, out: Path, *extra: object) -> list:
@@ -218,10 +218,10 @@ CASES = [
     ("lr-nan-resume", lambda w: w.sft(R(w), "--resume", "--train.lr", "nan"), ["'train.lr'", "finite", "nan"]),
     ("lr-nan-yaml", lambda w: w.sft(w.new, "--config", w.bad / "nan_lr.yaml"), ["'train.lr'", "nan_lr.yaml"]),
     ("dpo-beta-inf", lambda w: w.preference("dpo", w.new, "--beta", "inf"), ["'beta'", "finite"]),
-    ("rl-kl-nan", lambda w: w.rl(w.new, "--rl.kl_coef", "nan"), ["'rl.kl_coef'", "finite"]),
-    ("rl-tis-without-vllm", lambda w: w.rl(w.new, "--rl.sampler_correction", "tis"),
-     ["'rl.sampler_correction'", "generate.backend vllm"]),
-    ("rl-tis-cap-below-one", lambda w: w.rl(w.new, "--rl.tis_cap", "0.5"), ["'rl.tis_cap'", "out of range"]),
+    ("rl-kl-nan", lambda w: w.rl(w.new, "--rl.kl.coef", "nan"), ["'rl.kl.coef'", "finite"]),
+    ("rl-tis-without-vllm", lambda w: w.rl(w.new, "--rl.sampler.correction", "tis"),
+     ["'rl.sampler.correction'", "generate.backend vllm"]),
+    ("rl-tis-cap-below-one", lambda w: w.rl(w.new, "--rl.sampler.tis_cap", "0.5"), ["'rl.sampler.tis_cap'", "out of range"]),
     ("pairs-temperature-inf", lambda w: w.pairs(w.new, "--temperature", "1e999"), ["'temperature'", "finite"]),
     ("lr-negative", lambda w: w.sft(R(w), "--overwrite", "--train.lr", "-1"), ["'train.lr'", "out of range"]),
     ("unknown-option", lambda w: w.sft(R(w), "--overwrite", "--train.lrr", "1"), ["--train.lrr", "--train.lr"]),
@@ -527,7 +527,7 @@ def test_a_dpo_model_that_gives_nan_is_named_as_frozen_or_learning(
     model.save_pretrained(nan_dpo)
     AutoTokenizer.from_pretrained(world.base).save_pretrained(nan_dpo)
     args = world.rl(tmp_path / "o", "--preset", "rto_rloo", "--rl.rollout_batch_size", "4",
-                    "--dpo_model", nan_dpo, "--rl.token_reward_update", update)  # fmt: skip
+                    "--dpo_model", nan_dpo, "--rl.online_dpo.enabled", str(update == "online"))  # fmt: skip
     assert rto(*args) == 2
     err = capsys.readouterr().err
     assert (
@@ -535,7 +535,7 @@ def test_a_dpo_model_that_gives_nan_is_named_as_frozen_or_learning(
         in err
     )
     if update == "online":
-        assert "learns online" in err and "rl.token_reward_lr" in err and "is frozen" not in err
+        assert "learns online" in err and "rl.online_dpo.lr" in err and "is frozen" not in err
     else:
         assert "is frozen" in err and "not the learning rate" in err
     assert not (tmp_path / "o" / "model.safetensors").exists()
@@ -609,6 +609,39 @@ def test_a_real_full_disk_says_where_and_resumes(
     assert rto(*world.sft(moved, *steps, "--resume")) == 0
     assert f"resumed from {moved / 'checkpoints' / 'step-1'} (step 1)" in capsys.readouterr().err
     assert json.loads((moved / "summary.json").read_text())["steps"] == int(steps[1])
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+         "out of memory while loading the causal language model from"),
+        (PermissionError(13, "Permission denied", "model.safetensors"),
+         "Permission denied (model.safetensors); check the permissions of that path"),
+        (ValueError("this checkpoint is broken"),
+         "could not load the causal language model from"),
+    ],
+)  # fmt: skip
+def test_a_model_that_fails_to_load_says_why_in_the_causes_words(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    failure: Exception, said: str,
+) -> None:  # fmt: skip
+    """Running out of memory, or a file the user may not read, is not reported as a bad model;
+    every loading error keeps its cause's words, and the command writes nothing."""
+    import transformers
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    out = tmp_path / "o"
+    assert rto(*world.sft(out)) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    assert str(failure).split(":")[-1].strip() in err or isinstance(failure, PermissionError)
+    if not isinstance(failure, ValueError):
+        assert "could not load" not in err  # not blamed on the model
+    assert not out.exists()
 
 
 def test_judges_are_named_with_what_they_returned() -> None:

@@ -10,7 +10,7 @@ import yaml
 
 from rto.cli import build_parser, main
 from rto.config import core
-from rto.config.stages import SFTConfig
+from rto.config.stages import RLConfig, SFTConfig
 from rto.errors import ConfigError
 
 
@@ -122,16 +122,38 @@ def test_a_gguf_file_is_accepted_as_the_model_path_or_as_a_full_gguf_path(tmp_pa
         ModelSection(path="elsewhere", gguf_file=str(tmp_path / "m.gguf")).check()
 
 
-def test_a_config_written_by_an_earlier_version_still_loads(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize(
+    ("old", "value", "new"),
+    [
+        ("rl.dpo_reward_scale", "0.1", "rl.dpo_reward.scale"),
+        ("rl.kl_coef", "0.2", "rl.kl.coef"),
+        ("rl.token_reward_update", "online", "rl.online_dpo.enabled"),
+        ("rl.token_reward_fn_clip", "0.5", "rl.token_reward_fn.clip"),
+        ("rl.tis_cap", "3", "rl.sampler.tis_cap"),
+        ("log.tensorboard", "true", "log.report_to"),
+        ("log.wandb_project", "mine", "log.project"),
+    ],
+)
+def test_a_key_of_an_earlier_version_is_refused_naming_the_new_one(
+    old: str, value: str, new: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """A run folder's config.yaml from before `log.wandb_project` became `log.project` is read,
-    with a note naming both keys (so that run can be resumed or repeated)."""
+    """No silent aliasing: an old key, in a config file, on the command line or in a pipeline's
+    --set, stops the command with one line that names the key to use instead."""
+    head, leaf = old.split(".")
     f = tmp_path / "config.yaml"
-    f.write_text("out: x\nmodel: {path: m}\ndata: {path: d.jsonl}\nlog: {wandb_project: mine}\n")
-    cfg = core.build(SFTConfig, file_values=core.load_yaml(f), file_name=str(f), cli_values={})
-    assert cfg.log.project == "mine"
-    assert "'log.wandb_project'" in capsys.readouterr().err
+    f.write_text(f"{head}:\n  {leaf}: {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        core.build(RLConfig, file_values=core.load_yaml(f), file_name=str(f), cli_values={})
+    assert str(caught.value) == f"config key '{old}' (in {f}) was renamed: use '{new}'" + (
+        " (true for online, false for frozen)" if leaf == "token_reward_update" else
+        " (add tensorboard to the list)" if leaf == "tensorboard" else ""
+    )  # fmt: skip
+    assert main(["rl", f"--{old}", value, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"option '--{old}' was renamed: use '--{new}'" in err[0]
+    assert main(["pipeline", "--config", "sentiment_quick", "--check", "--out", str(tmp_path / "p"),
+                 "--set", f"rl_rto.{old}={value}"]) == 2  # fmt: skip
+    assert f"config key '{old}'" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
 def test_the_committed_config_reference_is_current(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def recipe(task: Path, out: Path) -> dict:
                          "reward_model": "{rm}", "dpo_model": "{dpo}", "log": {"progress": False},
                          "data": {"path": str(task / "prompts_train.jsonl"), "max_prompt_length": 32},
                          "rl": {"rollout_batch_size": 8, "samples_per_prompt": 4,
-                                "token_reward_update": "online", "token_reward_lr": 1e-4},
+                                "online_dpo": {"enabled": True, "lr": 1e-4}},
                          "train": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 4, "max_steps": 2},
                          "generate": {"max_new_tokens": 24, "batch_size": 16}},
             "eval": {"stage": "eval", "policies": ["sft={sft}", "rto={rl}"], "ref_model": "{sft}",
@@ -192,6 +192,88 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_weights(
     assert [r["step"] for r in metric_rows(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6, 6]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def same_run(a: Path, b: Path) -> None:
+    """Two stage folders hold the same results: the same files, every weights file byte for
+    byte, every metrics line and summary value but wall-clock times and the folder's own path."""
+    volatile = ("time/", "seconds", "per_second", "environment", "token_reward_model")
+
+    def clean(row: dict) -> dict:
+        return {k: v for k, v in row.items() if not any(x in k for x in volatile)}
+
+    def read(d: Path, f: Path) -> list[dict]:  # each folder's pipeline root written as ROOT
+        text = (d / f).read_text().replace(str(d.parent), "ROOT")
+        return (
+            [clean(json.loads(x)) for x in text.splitlines()]
+            if f.suffix == ".jsonl"
+            else [clean(json.loads(text))]
+        )
+
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f.suffix == ".safetensors":
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+        elif f.name in ("metrics.jsonl", "summary.json"):
+            assert read(a, f) == read(b, f), f
+
+
+def test_two_nodes_on_one_machine_run_as_two_processes(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`torchrun --nnodes 2 --nproc_per_node 1` twice, joined by a local rendezvous, as two
+    machines of one process each would start it: each node's process has local rank 0, and
+    the pipeline writes what `torchrun --nproc_per_node 2` wrote, to the last bit."""
+    recipe_file = tmp_path / "two_nodes.yaml"
+    recipe = yaml.safe_load((runs["two"].parent / "two.yaml").read_text())
+    recipe_file.write_text(
+        yaml.safe_dump({**recipe, "out": str(tmp_path / "nodes")}, sort_keys=False)
+    )
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "rto-two-nodes",
+           "-m", "rto", "pipeline", "--config", str(recipe_file)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]  # fmt: skip
+    for node in nodes:
+        _, err = node.communicate(timeout=900)
+        assert node.returncode == 0, err[-3000:]
+    for stage in ("sft", "rm", "dpo", "rl", "rl_group"):
+        same_run(runs["two"] / stage, tmp_path / "nodes" / stage)
+    for name in ("pairs_train.jsonl", "pairs_eval.jsonl"):
+        assert (runs["two"] / "pairs" / name).read_text() == (
+            tmp_path / "nodes" / "pairs" / name
+        ).read_text()
+    assert json.loads((tmp_path / "nodes" / "rl" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_fsdp_on_cpus_is_refused_naming_what_runs_there(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """accelerate runs FSDP on GPUs only; on CPUs it would quietly fall back to DDP. rto says so
+    and names the configs that do run on CPUs, before writing anything."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "rto", "sft",
+           "--config", str(runs["two"] / "sft" / "config.yaml"), "--out", str(tmp_path / "fsdp")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0
+    assert "FSDP, which accelerate runs on GPUs only" in done.stderr
+    # one line from rto (the launcher then reports its child's exit status in its own words)
+    assert "rto sft: error: the accelerate config asks for FSDP" in done.stderr
+    assert "configs/accelerate/ddp.yaml" in done.stderr
+    assert not (tmp_path / "fsdp").exists()
+
+
 def test_processes_that_do_not_form_one_job_are_refused(tiny_task: Path, tmp_path: Path) -> None:
     # what happened before: something built accelerate's state before rto could join the
     # processes, so each of N launched processes would have trained alone into one folder
@@ -249,10 +331,9 @@ def test_the_update_does_not_depend_on_the_micro_batch_size(
         assert max_difference(outs[0], out) < 0.02 * lr
 
 
-# ------------------------------------------------------------------ DeepSpeed (slow: not in CI)
+# ------------------------------------------------------------------ DeepSpeed
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_deepspeed_configs_run_on_two_cpu_processes(
     runs: dict[str, Path], tmp_path: Path, config: str

@@ -125,9 +125,7 @@ def test_the_readme_states_the_group_study_as_its_results_file() -> None:
     assert study.readme_with(res, README) == README, (
         "run python benchmarks/group_study.py --report-only"
     )
-    assert len(res["seeds"]) == 3 and all(
-        c["verdict"] in ("yes", "weak", "no", "partly", "n/a") for c in res["claims"]
-    )
+    assert len(res["seeds"]) == 3  # the README speaks of three seeds
 
 
 def test_the_readme_states_the_paper_miniature_as_its_results_file() -> None:

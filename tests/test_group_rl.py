@@ -49,7 +49,7 @@ def test_rto_grpo_with_beta1_zero_is_plain_grpo(run, tmp_path: Path) -> None:
         tmp_path / "rto0",
         "--preset",
         "rto_grpo",
-        "--rl.dpo_reward_scale",
+        "--rl.dpo_reward.scale",
         "0",
         "--train.max_steps",
         "2",
@@ -82,16 +82,16 @@ def test_online_with_lr_zero_is_frozen_and_only_online_moves_the_dpo_model(
     assert len(set(seen)) == 1
     seen.clear()
     for order in ("after", "before"):
-        zero = run(tmp_path / f"zero_{order}", *common, "--rl.token_reward_update", "online",
-                   "--rl.token_reward_lr", "0", "--rl.token_reward_update_order", order)  # fmt: skip
+        zero = run(tmp_path / f"zero_{order}", *common, "--rl.online_dpo.enabled", "true",
+                   "--rl.online_dpo.lr", "0", "--rl.online_dpo.order", order)  # fmt: skip
         assert comparable(zero) == comparable(frozen), order
         assert same_weights(tmp_path / "frozen", tmp_path / f"zero_{order}")
         assert len(set(seen)) == 1
         steps = [r for r in zero if "source/dpo/loss" in r]
         assert len(steps) == 3 and all(r["source/dpo/reward_drift"] == 0.0 for r in steps)
         seen.clear()
-    online = run(tmp_path / "online", *common, "--rl.token_reward_update", "online",
-                 "--rl.token_reward_lr", "1e-3", "--rl.token_reward_steps", "2")  # fmt: skip
+    online = run(tmp_path / "online", *common, "--rl.online_dpo.enabled", "true",
+                 "--rl.online_dpo.lr", "1e-3", "--rl.online_dpo.steps", "2")  # fmt: skip
     assert len(set(seen)) == 4  # the DPO model as loaded, then a new one after each rollout
     steps = [r for r in online if "source/dpo/loss" in r]
     assert all(
@@ -111,7 +111,7 @@ def test_a_stopped_online_run_resumes_to_the_uninterrupted_one(
     run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     extra = ["--preset", "rto_rloo", "--train.max_steps", "3", "--train.save_every", "1",
-             "--rl.token_reward_update", "online", "--rl.token_reward_lr", "1e-3"]  # fmt: skip
+             "--rl.online_dpo.enabled", "true", "--rl.online_dpo.lr", "1e-3"]  # fmt: skip
     whole = run(tmp_path / "whole", *extra)
     monkeypatch.setenv("RTO_FAULT", "disk_full_during_save:2")
     run(tmp_path / "stopped", *extra, code=2)
@@ -123,6 +123,6 @@ def test_a_stopped_online_run_resumes_to_the_uninterrupted_one(
 
 
 def test_online_is_refused_without_a_dpo_reward(run, tmp_path: Path, capsys) -> None:
-    run(tmp_path / "o", "--preset", "grpo", "--rl.token_reward_update", "online", code=2)
-    assert "config key 'rl.token_reward_update'" in capsys.readouterr().err
+    run(tmp_path / "o", "--preset", "grpo", "--rl.online_dpo.enabled", "true", code=2)
+    assert "config key 'rl.online_dpo.enabled'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was written

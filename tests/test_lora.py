@@ -311,7 +311,7 @@ def test_an_adapter_refuses_a_base_that_changed(
         rto_causal_lm(changed / "dpo")
     # and `rto rl` stops with that error instead of training with a wrong DPO model
     code = rto("rl", "--out", tmp_path / "rl", "--preset", "rto", "--model.path", changed / "sft",
-               "--rl.score_coef", "0", "--rl.critic_init", "policy", "--dpo_model", changed / "dpo",
+               "--rl.score.coef", "0", "--rl.critic_init", "policy", "--dpo_model", changed / "dpo",
                "--data.path", tiny_task / "prompts_train.jsonl", "--rl.rollout_batch_size", "16",
                "--train.batch_size", "16", *QUIET)  # fmt: skip
     assert code == 2

@@ -190,12 +190,15 @@ def test_pairs_rm_and_dpo_on_the_tiny_task(
     assert pairs["pairs_train"] > 100 and 0.7 < pairs["gold_accuracy_eval"] <= 1.0
     row = json.loads((pairs_data / "pairs_train.jsonl").read_text().splitlines()[0])
     assert set(row) == {"prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"}
+    # held-out accuracy better than a coin's by two standard errors on these pairs (the exact
+    # number moves with the CPU's float rounding; the gold reward's own, the ceiling, is ~0.75)
     rm = json.loads((reward_model / "summary.json").read_text())
-    assert rm["eval/accuracy"] > 0.6 and "eval/gold_accuracy" in rm
+    n = rm["data"]["eval"]["rows"]
+    assert rm["eval/accuracy"] > 0.5 + 2 * (0.25 / n) ** 0.5 and "eval/gold_accuracy" in rm
     stats = json.loads((reward_model / "reward_stats.json").read_text())
     assert stats["std"] > 0
     dpo = json.loads((dpo_model / "summary.json").read_text())
-    assert dpo["eval/rewards/accuracies"] > 0.6 and dpo["beta"] == 0.1
+    assert dpo["eval/rewards/accuracies"] > 0.5 + 2 * (0.25 / n) ** 0.5 and dpo["beta"] == 0.1
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(reward_model).config.num_labels == 1

@@ -123,7 +123,7 @@ def test_rl_and_eval_with_a_chat_reward_model_on_another_tokenizer(
 ) -> None:  # fmt: skip
     out = tmp_path / "rto"
     rto_ok(*rl_args(tiny_task, sft_model, chat_rm, dpo_model, out, "--preset", "rto", "--train.max_steps", "2",
-                    "--rl.score_normalization", "running"))  # fmt: skip
+                    "--rl.score.normalization", "running"))  # fmt: skip
     err = capsys.readouterr().err
     assert "critic starts from the policy" in err and "its own tokenizer" in err
     assert "re-rendered with its chat template" in err
@@ -162,7 +162,7 @@ def test_a_reward_function_as_the_sentence_reward(
     registered name, as for judges), and no reward model."""
     out = tmp_path / "oracle"
     rto_ok(*rl_args(tiny_task, sft_model, "", dpo_model, out, "--preset", "rto", "--reward_fn", "sentiment",
-                    "--rl.reward_fn_coef", "2", "--eval.gold_reward", "sentiment", "--train.max_steps", "2"))  # fmt: skip
+                    "--rl.reward_fn.coef", "2", "--eval.gold_reward", "sentiment", "--train.max_steps", "2"))  # fmt: skip
     assert "there is no reward model" in capsys.readouterr().err
     for row in rows(out / "metrics.jsonl"):  # the reward is the gold reward of the same responses
         assert row["reward/reward_fn_sum"] == pytest.approx(
@@ -203,7 +203,7 @@ def test_rto_with_a_user_token_function_as_its_only_reward(
     from test_rl_stage import same_weights
 
     only = tmp_path / "function_only"
-    rto_ok(*rl_args(tiny_task, sft_model, "", "", only, "--rl.dpo_reward_scale", "0", "--rl.score_coef", "0",
+    rto_ok(*rl_args(tiny_task, sft_model, "", "", only, "--rl.dpo_reward.scale", "0", "--rl.score.coef", "0",
                     "--token_reward_fn", user_module, "--train.max_steps", "2"))  # fmt: skip
     metrics = rows(only / "metrics.jsonl")[-1]
     assert metrics["reward/function_share"] > 0 and "reward/dpo_sum" not in metrics
@@ -214,7 +214,7 @@ def test_rto_with_a_user_token_function_as_its_only_reward(
     common = ["--preset", "ppo", "--train.max_steps", "2"]
     rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, tmp_path / "ppo", *common))
     rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, tmp_path / "fn0", *common,
-                    "--token_reward_fn", user_module, "--rl.token_reward_fn_scale", "0"))  # fmt: skip
+                    "--token_reward_fn", user_module, "--rl.token_reward_fn.scale", "0"))  # fmt: skip
     assert same_weights(tmp_path / "ppo", tmp_path / "fn0")
 
 

@@ -358,7 +358,7 @@ def test_clipped_policy_and_value_losses_match_slow_loop() -> None:
 
 
 def test_truncated_importance_sampling_matches_slow_loop() -> None:
-    """rl.sampler_correction tis: each token's clipped policy term times
+    """rl.sampler.correction tis: each token's clipped policy term times
     w = min(pi_old / pi_vllm, C), the weight without gradient; C caps it."""
     mask, _, _, _, _ = make_batch()
     g = torch.Generator().manual_seed(9)

@@ -79,7 +79,7 @@ def test_beta1_zero_is_bit_identical_to_ppo(models: dict[str, Path], tmp_path: P
             tmp_path / "rto0",
             "--preset",
             "rto",
-            "--rl.dpo_reward_scale",
+            "--rl.dpo_reward.scale",
             "0",
             "--train.max_steps",
             "3",

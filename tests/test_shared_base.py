@@ -209,7 +209,7 @@ def on_sft(sft_model: Path, tmp_path_factory) -> dict:
 
 SHARED_RUN = ["--lora.r", "4", "--train.max_steps", "2", "--rl.rollout_batch_size", "16",
               "--train.batch_size", "16", "--generate.max_new_tokens", "16",
-              "--rl.score_normalization", "running", "--save_critic", "true"]  # fmt: skip
+              "--rl.score.normalization", "running", "--save_critic", "true"]  # fmt: skip
 
 
 def metric_rows(folder: Path) -> list[dict]:
@@ -226,7 +226,7 @@ def test_beta1_zero_on_the_shared_base_is_shared_base_ppo(
 ) -> None:
     run = lambda out, *extra: rto(*rl_args(tiny_task, sft_model, on_sft["rm"], on_sft["dpo"],  # noqa: E731
                                            tmp_path / out, *SHARED_RUN, *extra))  # fmt: skip
-    assert run("rto0", "--preset", "rto", "--rl.dpo_reward_scale", "0") == 0
+    assert run("rto0", "--preset", "rto", "--rl.dpo_reward.scale", "0") == 0
     assert "[rto] roles: one shared base" in capsys.readouterr().err
     assert run("ppo", "--preset", "ppo") == 0
     for folder in (Path("."), Path("critic")):
@@ -286,7 +286,7 @@ def test_killed_shared_base_run_resumes_to_the_same_adapters(
 def test_the_dpo_adapter_learns_online_on_the_shared_base(
     tiny_task: Path, sft_model: Path, on_sft: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """rl.token_reward_update online with the DPO model an adapter of the shared base: at a
+    """rl.online_dpo.enabled with the DPO model an adapter of the shared base: at a
     learning rate of 0 the run is the frozen one and the saved adapter the given one, bit for
     bit; learning, only the DPO adapter moves apart from the policy's, it stays out of the
     policy's checkpoints, and a killed run resumes to the uninterrupted one."""
@@ -294,16 +294,16 @@ def test_the_dpo_adapter_learns_online_on_the_shared_base(
               "--rl.rollout_batch_size", "8", "--train.max_steps", "3"]  # fmt: skip
     args = lambda out, *extra: rl_args(tiny_task, sft_model, on_sft["rm"], on_sft["dpo"],  # noqa: E731
                                        tmp_path / out, *common, *extra)  # fmt: skip
-    online = ["--rl.token_reward_update", "online"]
+    online = ["--rl.online_dpo.enabled", "true"]
     assert rto(*args("frozen")) == 0
-    assert rto(*args("zero", *online, "--rl.token_reward_lr", "0")) == 0
+    assert rto(*args("zero", *online, "--rl.online_dpo.lr", "0")) == 0
     assert "[rto] roles: one shared base" in capsys.readouterr().err
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("source/")} for r in rows]  # noqa: E731
     assert strip(metric_rows(tmp_path / "zero")) == strip(metric_rows(tmp_path / "frozen"))
     given, zero = adapters_of(on_sft["dpo"]), adapters_of(tmp_path / "zero" / "token_reward_model")
     assert given.keys() == zero.keys() and all(torch.equal(given[k], zero[k]) for k in given)
 
-    learn = [*online, "--rl.token_reward_lr", "1e-2", "--train.save_every", "1"]
+    learn = [*online, "--rl.online_dpo.lr", "1e-2", "--train.save_every", "1"]
     for out, env in (("full", {}), ("cut", {"RTO_FAULT": "kill_after_step:2"})):
         done = rto_subprocess(*args(out, *learn), env=env)
         assert done.returncode == (0 if out == "full" else -9), done.stderr

@@ -37,10 +37,10 @@ def test_units_are_valid_pipelines_that_reuse_shared_stages(tmp_path: Path) -> N
     # the recipe's settings, with the better defaults (DPO lr 1e-3, reward model 8 epochs)
     assert short["dpo"].config.train.lr == 1e-3 and short["rm"].config.train.epochs == 8
     assert short["task"].config.seed == 0 and short["sft"].config.seed == 0
-    coefs = {s: p.config.rl.kl_coef for s, p in short.items() if s.startswith("rl_ppo")}
+    coefs = {s: p.config.rl.kl.coef for s, p in short.items() if s.startswith("rl_ppo")}
     assert sorted(coefs.values()) == sorted(design.PPO_KL_COEFS)
-    assert short["rl_rto"].config.rl.kl_coef == design.recipe_kl_coef() == 0.1
-    assert short["rl_rto"].config.rl.dpo_reward_scale == 0.05
+    assert short["rl_rto"].config.rl.kl.coef == design.recipe_kl_coef() == 0.1
+    assert short["rl_rto"].config.rl.dpo_reward.scale == 0.05
     policies = dict(e.split("=", 1) for e in short["eval_short"].config.policies)
     assert set(policies) == {"sft", "dpo", "rto", *(f"ppo_kl{c}" for c in design.PPO_KL_COEFS)}
     # each share of the pairs: its own reward model, the sentence reward and critic start of its runs
@@ -124,7 +124,7 @@ def test_longer_reviews_get_room_for_their_responses(length: str, tmp_path: Path
     # length), each run evaluated beside RTO
     coefs = sorted(design.PPO_KL_COEFS + design.EXTRA_KL_COEFS.get(length, ()))
     assert length == "medium" or len(coefs) > len(design.PPO_KL_COEFS)
-    ppo = {s: p.config.rl.kl_coef for s, p in stages.items() if s.startswith("rl_ppo")}
+    ppo = {s: p.config.rl.kl.coef for s, p in stages.items() if s.startswith("rl_ppo")}
     assert sorted(ppo.values()) == coefs
     policies = dict(e.split("=", 1) for e in stages[f"eval_{length}"].config.policies)
     assert {p for p in policies if p.startswith("ppo")} == {f"ppo_kl{c}" for c in coefs}
@@ -153,8 +153,8 @@ def test_oracle_unit_uses_the_gold_reward_alone_as_sentence_reward(tmp_path: Pat
         # the gold reward in place of the reward model's score, weighted as the score is
         # normalised; the reward model still starts the critic
         assert cfg.reward_fn == "sentiment" and cfg.reward_sources()[-1] == "reward_fn"
-        assert "score" not in cfg.reward_sources() and cfg.rl.score_coef == 0.0
-        assert cfg.rl.reward_fn_coef == 2.425
+        assert "score" not in cfg.reward_sources() and cfg.rl.score.coef == 0.0
+        assert cfg.rl.reward_fn.coef == 2.425
         assert cfg.reward_model.endswith("/rm") and cfg.rl.critic_init == "reward_model"
     from rto.stages.rl import critic_source
 
@@ -232,7 +232,7 @@ def fake_study(runs: Path, seeds: list[int]) -> None:
                 (folder / stage / "metrics.jsonl").write_text(
                     "".join(json.dumps(r) + "\n" for r in rows)
                 )
-                rl = {"reward_fn_coef": 2.5, "score_coef": 0.0} if tag == "oracle" else {}
+                rl = {"reward_fn": {"coef": 2.5}, "score": {"coef": 0.0}} if tag == "oracle" else {}
                 (folder / stage / "config.yaml").write_text(yaml.safe_dump({"rl": rl}))
         for unit, methods in evals.items():
             out = design.unit_folder(runs, seed, unit) / f"eval_{unit}"

@@ -1,8 +1,9 @@
 """generate.backend vllm: what a user sees when vLLM generates instead of transformers.
 
-Every test but the first needs vLLM (`./install.sh vllm`), is marked `vllm` and skips with that
-reason without it; CI runs them in a second environment (`pytest -m vllm`). Engines start eager
-(`generate.vllm_eager`) so that each starts in seconds.
+Every test but the first two needs vLLM (`./install.sh vllm`), is marked `vllm` and skips with
+that reason without it; CI runs them all in a second environment (`pytest -m vllm`, with
+DeepSpeed for the ZeRO-3 test). Engines start eager (`generate.vllm_eager`) so that each starts
+in seconds.
 """
 
 from __future__ import annotations
@@ -73,6 +74,65 @@ def test_greedy_eval_equals_hf_token_for_token(
     assert not all(r["truncated"] for r in hf)  # the stop at EOS is part of what is compared
 
 
+def test_an_engine_error_shows_vllms_reason_and_the_key_that_fixes_it() -> None:
+    """What vLLM raises when its engine cannot start (pydantic's ValidationError first says how
+    many errors, then the reason): the message keeps the reason and names the config keys."""
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from rto.config.sections import GenerateSection
+    from rto.errors import ConfigError
+    from rto.models.vllm_engine import _engine_error, engine_reason
+
+    class ModelConfig(BaseModel):
+        max_model_len: int
+
+        @field_validator("max_model_len")
+        @classmethod
+        def fits(cls, v: int) -> int:
+            raise ValueError(f"User-specified max_model_len ({v}) is greater than the derived "
+                             "max_model_len (max_position_embeddings=128 in model's config.json)")  # fmt: skip
+
+    with pytest.raises(ValidationError) as caught:
+        ModelConfig(max_model_len=768)
+    assert "1 validation error for ModelConfig" in str(caught.value)
+    reason = engine_reason(caught.value)
+    assert reason.startswith("ValidationError: User-specified max_model_len (768) is greater")
+    assert "[type=" not in reason and "validation error for" not in reason
+    error = _engine_error(caught.value, GenerateSection(), "runs/sft")
+    assert isinstance(error, ConfigError)
+    assert "max_position_embeddings=128" in str(error) and "generate.vllm_max_model_len" in str(
+        error
+    )
+    assert "data.max_prompt_length" in str(error) and "generate.max_new_tokens" in str(error)
+
+
+@vllm_test
+def test_eval_of_a_model_with_fewer_positions_than_prompt_and_response(
+    sft_model: Path, tiny_task: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`rto eval` with the default lengths (prompt 512 + 256 new tokens) on a model of 96
+    positions: the engine serves the model's 96, says so in one line naming the keys, and
+    replies as transformers does; a vllm_max_model_len beyond the model's positions is
+    refused naming that key, before anything is written."""
+    args = ["eval", "--policies", f"sft={sft_model}", "--ref_model", sft_model, "--eval.prompts",
+            tiny_task / "prompts_eval.jsonl", "--eval.num_prompts", "16", "--generate.temperature", "0",
+            "--log.progress", "false"]  # fmt: skip
+    rto_ok(*args, "--out", tmp_path / "hf")
+    rto_ok(*args, "--out", tmp_path / "vllm", *VLLM)
+    err = capsys.readouterr().err
+    assert "(512 + 256 = 768) is more than the 96 positions" in err
+    assert "data.max_prompt_length" in err and "generate.max_new_tokens" in err
+    hf, vl = records(tmp_path / "hf", "sft"), records(tmp_path / "vllm", "sft")
+    assert [r["response"] for r in vl] == [r["response"] for r in hf]
+    assert (
+        rto(*args, "--out", tmp_path / "too_long", *VLLM, "--generate.vllm_max_model_len", "200")
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "config key 'generate.vllm_max_model_len' (200) is more than the 96 positions" in err
+    assert not (tmp_path / "too_long").exists()
+
+
 @vllm_test
 def test_eval_of_several_policies_reuses_one_engine_with_each_ones_weights(
     sft_model: Path, tiny_task: Path, tmp_path: Path
@@ -116,7 +176,6 @@ def test_seeded_pairs_do_not_depend_on_the_batch_size(
 
 
 @vllm_test
-@pytest.mark.slow  # needs the reward and DPO models: with -m vllm, not in CI's vLLM arm
 @pytest.mark.parametrize(
     "layout", ["full", "lora", "lora_served", "shared_base", "shared_base_served"]
 )
@@ -141,7 +200,7 @@ def test_rl_syncs_the_trained_policy_into_the_engine(
 
         dpo = make_adapter(sft_model, tmp_path / "dpo_adapter", score_head=False, seed=3)
         rm = make_adapter(sft_model, tmp_path / "rm_adapter", score_head=True, seed=4)
-        extra += ["--rl.score_normalization", "running"]
+        extra += ["--rl.score.normalization", "running"]
     out = tmp_path / "rl"
     rto_ok(*rl_args(tiny_task, sft_model, rm, dpo, out, "--train.max_steps", "2",
                     "--train.lr", "3e-3", *evals, *VLLM, *extra))  # fmt: skip
@@ -162,17 +221,16 @@ def test_rl_syncs_the_trained_policy_into_the_engine(
 
 
 @vllm_test
-@pytest.mark.slow
 def test_truncated_importance_sampling_runs_with_vllm_and_changes_only_the_policy_loss(
     sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path, tmp_path: Path
 ) -> None:
-    """rl.sampler_correction tis on vLLM rollouts: the same rollouts (same seeds), the weights
+    """rl.sampler.correction tis on vLLM rollouts: the same rollouts (same seeds), the weights
     near 1 (float32 samplers agree), none capped; the first update's loss moves by no more than
     the weights do."""
     runs = {}
     for name, extra in (
         ("plain", []),
-        ("tis", ["--rl.sampler_correction", "tis", "--rl.tis_cap", "1.5"]),
+        ("tis", ["--rl.sampler.correction", "tis", "--rl.sampler.tis_cap", "1.5"]),
     ):
         out = tmp_path / name
         rto_ok(*rl_args(tiny_task, sft_model, reward_model, dpo_model, out, "--train.max_steps", "1",
@@ -266,13 +324,12 @@ def test_chatml_replies_stop_at_im_end(qwen2_task: Path) -> None:
 
 
 @vllm_test
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["ppo", "rto"])
+@pytest.mark.parametrize("preset", ["rto"])  # ppo's rollout is rto's without the DPO model
 def test_a_killed_vllm_run_resumes_to_the_uninterrupted_one(
     preset: str, sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    """ppo and rto end to end with vLLM rollouts, killed (SIGKILL) after update 2 of 3 and
+    """rto end to end with vLLM rollouts, killed (SIGKILL) after update 2 of 3 and
     resumed: each response is a function of its seed, the engine gets the resumed policy's
     weights, so the run ends with the uninterrupted run's weights."""
     from test_rl_stage import same_weights
@@ -333,7 +390,6 @@ def test_two_processes_each_with_an_engine_write_the_same_pairs_as_one(
 
 
 @vllm_test
-@pytest.mark.slow
 def test_zero3_gathers_the_policy_into_each_processs_engine(
     sft_model: Path, reward_model: Path, dpo_model: Path, tiny_task: Path, tmp_path: Path
 ) -> None:

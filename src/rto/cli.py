@@ -210,6 +210,9 @@ def _suggest_unknown(unknown: list[str], cls: type) -> ConfigError:
     keys = [k for k, *_ in core.iter_leaves(cls)]
     flag = next((u for u in unknown if u.startswith("--")), unknown[0])
     name = flag.lstrip("-").split("=")[0]
+    renamed = core.renamed_key(cls, name)
+    if renamed is not None:  # an option of an earlier version: the one to use instead
+        return core.renamed_error(name, renamed[0], renamed[1], dashes="--")
     close = difflib.get_close_matches(name, keys, n=3)
     hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
     return ConfigError(f"unknown option {flag}.{hint} See the list with --help.")

@@ -90,16 +90,26 @@ def publish(cfg: Any) -> None:
         print(f"[rto] uploaded {cfg.out} to {push_to_hub(cfg.out, repo)}", flush=True)
 
 
-def run_stage(kind: str, cfg: Any, task: str | None = None) -> None:
+def run_stage(kind: str, cfg: Any, task: str | None = None, *,
+              on_begin: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Run one stage with its validated config, on the processes it runs on: a task stage and
     the MAIN_PROCESS_ONLY stages on the main process while the others wait, every other stage on
-    every process. Model loading is quietened before, and the output is published after."""
+    every process. Its output folder is checked first (`RunFolder.check`: nothing is written
+    yet); `on_begin` is called when the stage begins writing into it. Model loading is
+    quietened before, and the output is published after."""
+    from rto.engine.run import RunFolder
+
     quiet_loading(cfg)
+    folder = RunFolder.check(cfg, f"task {task}" if kind == "task" else kind)
+    folder.on_begin = on_begin
+    if folder.done:  # --resume of a run that finished with this config
+        folder.finished_summary()
+        return
     fn = find_stage(kind, task).run_function()
     if kind == "task" or kind in MAIN_PROCESS_ONLY:
         from rto.engine.distributed import on_main_process
 
-        on_main_process(fn, cfg, *([task] if kind == "task" else []))
+        on_main_process(fn, cfg, folder, *([task] if kind == "task" else []))
     else:
-        fn(cfg)
+        fn(cfg, folder)
     publish(cfg)

@@ -6,6 +6,8 @@ exits with status 2. A message says what was wrong, where (file, row, key) and w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -49,3 +51,44 @@ def not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
         f"file looks like {guess}. Save it as UTF-8, e.g. `iconv -f {iconv} -t UTF-8 {path} > "
         f"{path.with_name(path.stem + '.utf8' + path.suffix)}`"
     )
+
+
+# Words the allocators use when memory runs out (torch.OutOfMemoryError on GPUs; a RuntimeError
+# "DefaultCPUAllocator: can't allocate memory" on CPUs; MemoryError from Python itself).
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says that memory ran out (on a GPU or on the host)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _OUT_OF_MEMORY)
+
+
+@contextmanager
+def loading(what: str, source: str, hint: str = "") -> Iterator[None]:
+    """Explain a failure to load `what` (a model, a tokenizer, an adapter) from `source`,
+    keeping its cause: a file-system refusal (permissions, a full disk) stays the OSError it is,
+    which the command line reports as such; running out of memory says so, with what to change;
+    anything else says that `what` could not be loaded, in the cause's own words (+ `hint`)."""
+    try:
+        yield
+    except RtoError:
+        raise
+    except OSError as exc:
+        if isinstance(exc.errno, int) and not isinstance(exc, FileNotFoundError):
+            raise
+        raise ModelError(
+            f"could not load the {what} from {source}: {type(exc).__name__}: {exc}.{hint}"
+        ) from exc
+    except Exception as exc:
+        if out_of_memory(exc):
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            raise ModelError(
+                f"out of memory while loading the {what} from {source} ({type(exc).__name__}: "
+                f"{first}); free memory, load it in a smaller dtype (model.dtype bfloat16), train "
+                "adapters (lora.r 16), or use a machine with more memory"
+            ) from exc
+        raise ModelError(
+            f"could not load the {what} from {source}: {type(exc).__name__}: {exc}.{hint}"
+        ) from exc

@@ -35,7 +35,7 @@ import yaml
 
 from rto.commands import STAGES, TASK_STAGES, run_stage
 from rto.config import core
-from rto.engine.run import resolved_config, when_begun
+from rto.engine.run import resolved_config
 from rto.errors import ConfigError
 from rto.files import read_json, write_atomic, write_json
 
@@ -179,8 +179,10 @@ def plan(
                 f"pipeline stage '{name}': unknown stage kind {kind!r}; use task, {', '.join(kinds)}"
             )
         values = _merge(defaults.get(kind, {}) or {}, spec)
-        values.setdefault("seed", recipe.get("seed", 0))
-        if backend and any(f.name == "generate" for f in dataclasses.fields(cls)):
+        keys = {f.name for f in dataclasses.fields(cls)}
+        if "seed" in keys:
+            values.setdefault("seed", recipe.get("seed", 0))
+        if backend and "generate" in keys:
             values["generate"] = {**(values.get("generate") or {}), "backend": backend}
         deps: set[str] = set()
         values = _substitute(values, folders, f"stages.{name}", deps)
@@ -218,96 +220,102 @@ def run(
     overrides: list[str] | None = None,
     backend: str | None = None,
 ) -> dict[str, Any]:
-    from rto.engine.distributed import init_distributed
-
-    dist = init_distributed()  # under torchrun / accelerate launch: one job over every process;
-    main = dist.is_main_process  # each stage splits its work, except task and report (main only)
+    """Run the recipe's stages in order (module docstring); returns {stage: status, seconds}."""
     planned, resolved = plan(recipe_file, out=out, overrides=overrides, backend=backend)
     names = [p.name for p in planned]
     for f in force or []:
         if f not in names:
             raise ConfigError(f"--force {f}: no stage of that name (stages: {', '.join(names)})")
     forced_from = min((names.index(f) for f in force or []), default=len(names))
-    root = Path(resolved["out"])
-    recipe_written = False
+    return PipelineRun(planned, resolved, forced_from).run()
 
-    def write_recipe() -> None:
-        # once, when the first stage begins writing (or at the end if every stage is up to
-        # date): a pipeline that fails on its inputs leaves the earlier run's recipe in place
-        nonlocal recipe_written
-        if main and not recipe_written:
-            root.mkdir(parents=True, exist_ok=True)
-            write_atomic(root / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        recipe_written = True
 
-    rerun: set[str] = set()
-    report: dict[str, Any] = {}
-    for i, p in enumerate(planned):
-        dist.wait_for_everyone()
+class PipelineRun:
+    """One `rto pipeline` run over its planned stages. What it writes besides the stages' own
+    folders: OUT/pipeline.yaml (the resolved recipe, once the first stage begins writing, so a
+    pipeline that fails on its inputs leaves the earlier run's recipe in place), each stage's
+    OUT/<stage>/pipeline.json (its fingerprint; complete or not), OUT/pipeline_run.json."""
+
+    def __init__(self, planned: list[PlannedStage], resolved: dict[str, Any], forced_from: int):
+        from rto.engine.distributed import init_distributed
+
+        # under torchrun / accelerate launch: one job over every process; each stage splits its
+        # work, except task and report (main only)
+        self.dist = init_distributed()
+        self.main = self.dist.is_main_process
+        self.planned, self.resolved, self.forced_from = planned, resolved, forced_from
+        self.root = Path(resolved["out"])
+        self.recipe_written = False
+        self.rerun: set[str] = set()
+
+    def say(self, message: str) -> None:
+        if self.main:
+            print(f"[rto] pipeline: {message}", file=sys.stderr, flush=True)
+
+    def write_recipe(self) -> None:
+        if self.main and not self.recipe_written:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_atomic(
+                self.root / "pipeline.yaml", yaml.safe_dump(self.resolved, sort_keys=False)
+            )
+        self.recipe_written = True
+
+    def mark_started(self, stage: PlannedStage) -> None:
+        """The stage began writing into its folder (main process): from now on the folder holds
+        this run, unfinished, and resumes as it."""
+        self.write_recipe()
+        write_json(
+            Path(stage.config.out) / STATE_FILE,
+            {"fingerprint": stage.fingerprint, "complete": False},
+        )
+
+    def decide(self, i: int, p: PlannedStage) -> str | None:
+        """None when stage `p` is up to date (skipped); else why it runs, with its config set to
+        resume its interrupted run or to overwrite what its folder holds."""
         folder = Path(p.config.out)
         state = _state(folder)
         same = state.get("fingerprint") == p.fingerprint
-        upstream_rerun = any(d in rerun for d in p.deps)
-        if (
-            i < forced_from
-            and same
-            and state.get("complete")
-            and (folder / "summary.json").is_file()
-            and not upstream_rerun
-        ):
-            if main:
-                print(
-                    f"[rto] pipeline: {p.name} is up to date, skipped", file=sys.stderr, flush=True
-                )
-            report[p.name] = {"status": "skipped"}
-            continue
-        resumable = (
-            hasattr(p.config, "resume")
-            and same
-            and not upstream_rerun
-            and i < forced_from
-            and (folder / "checkpoints").is_dir()
-        )
-        if resumable:
+        upstream_rerun = any(d in self.rerun for d in p.deps)
+        forced = i >= self.forced_from
+        if not forced and same and state.get("complete") and (folder / "summary.json").is_file() \
+                and not upstream_rerun:  # fmt: skip
+            return None
+        if hasattr(p.config, "resume") and same and not upstream_rerun and not forced \
+                and (folder / "checkpoints").is_dir():  # fmt: skip
             p.config.resume = True
-            why = "resuming its interrupted run"
-        else:
-            p.config.overwrite = True
-            if i >= forced_from:
-                why = "forced"
-            elif not state:
-                why = "first run"
-            else:
-                why = (
-                    "its inputs were rerun"
-                    if upstream_rerun
-                    else "config changed"
-                    if not same
-                    else "incomplete"
-                )
-        if main:
-            print(
-                f"[rto] pipeline: running {p.name} ({p.kind}; {why})", file=sys.stderr, flush=True
-            )
-        dist.wait_for_everyone()
-        began = time.time()
+            return "resuming its interrupted run"
+        p.config.overwrite = True
+        if forced:
+            return "forced"
+        if not state:
+            return "first run"
+        if upstream_rerun:
+            return "its inputs were rerun"
+        return "config changed" if not same else "incomplete"
 
-        def mark_started(folder: Path = folder, fingerprint: str = p.fingerprint) -> None:
-            write_recipe()
-            write_json(folder / STATE_FILE, {"fingerprint": fingerprint, "complete": False})
-
-        # the stage's folder (this file included) changes only once its inputs are all loaded
-        # (RunFolder.begin calls mark_started on the main process)
-        with when_begun(folder, mark_started):
-            run_stage(p.kind, p.config, p.task)
-        dist.wait_for_everyone()
-        seconds = round(time.time() - began, 1)
-        if main:
-            write_json(folder / STATE_FILE,
-                       {"fingerprint": p.fingerprint, "complete": True, "seconds": seconds})  # fmt: skip
-        rerun.add(p.name)
-        report[p.name] = {"status": "ran", "seconds": seconds}
-    write_recipe()
-    if main:
-        write_json(root / "pipeline_run.json", report)
-    return report
+    def run(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for i, p in enumerate(self.planned):
+            self.dist.wait_for_everyone()
+            why = self.decide(i, p)
+            if why is None:
+                self.say(f"{p.name} is up to date, skipped")
+                report[p.name] = {"status": "skipped"}
+                continue
+            self.say(f"running {p.name} ({p.kind}; {why})")
+            self.dist.wait_for_everyone()
+            began = time.time()
+            # the stage's folder (its pipeline.json included) changes only once its inputs are
+            # all loaded: the stage calls back when it begins writing
+            run_stage(p.kind, p.config, p.task, on_begin=lambda p=p: self.mark_started(p))
+            self.dist.wait_for_everyone()
+            seconds = round(time.time() - began, 1)
+            if self.main:
+                write_json(Path(p.config.out) / STATE_FILE,
+                           {"fingerprint": p.fingerprint, "complete": True, "seconds": seconds})  # fmt: skip
+            self.rerun.add(p.name)
+            report[p.name] = {"status": "ran", "seconds": seconds}
+        self.write_recipe()
+        if self.main:
+            write_json(self.root / "pipeline_run.json", report)
+        return report

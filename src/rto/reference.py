@@ -14,7 +14,6 @@ from typing import Any
 from rto.commands import STAGES, TASK_STAGES, Stage
 from rto.config import core
 
-DEFAULT_OUT = "docs/config.md"
 HEADER = """# Config reference
 
 Every option of every command, as `rto <stage> --help` lists it: the dotted key (the same name

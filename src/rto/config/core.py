@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import sys
 import types
 import typing
 from dataclasses import MISSING, field, fields, is_dataclass
@@ -194,9 +193,30 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
 # ----------------------------------------------------------------------------- build / merge
 
 
-# Keys an earlier version wrote into config.yaml under another name: still read (so a config.yaml
-# that version wrote runs again), with a note to use the new name.
-RENAMED = {"log.wandb_project": "log.project"}
+def renamed_key(cfg: Any, key: str) -> tuple[str, str] | None:
+    """(the key to use instead, how a value carries over) when dotted `key` of config `cfg` (a
+    dataclass instance or class) is one an earlier version of rto had: each section lists its
+    own in a class attribute RENAMED = {old key: (new key, note)}, both relative to it."""
+    node = cfg() if isinstance(cfg, type) else cfg
+    parts, prefix = key.split("."), ""
+    for i, part in enumerate(parts):
+        table = getattr(type(node), "RENAMED", {})
+        rest = ".".join(parts[i:])
+        if rest in table:
+            new, note = table[rest]
+            return prefix + new, note
+        f = {f.name: f for f in fields(node)}.get(part)
+        if f is None or not f.metadata.get("section"):
+            return None
+        node, prefix = getattr(node, part), prefix + part + "."
+    return None
+
+
+def renamed_error(old: str, new: str, note: str, where: str = "", dashes: str = "") -> ConfigError:
+    """The one line for a key that was renamed (`dashes` "--" on the command line)."""
+    how = f" ({note})" if note else ""
+    kind = "option" if dashes else "config key"
+    return ConfigError(f"{kind} '{dashes}{old}'{where} was renamed: use '{dashes}{new}'{how}")
 
 
 def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
@@ -225,14 +245,10 @@ def apply(
             continue
         dotted = prefix + key
         f = by_name.get(key)
-        if f is None and dotted in RENAMED:
-            new_key = RENAMED[dotted]
-            print(f"[rto] config key '{dotted}'{where} is now '{new_key}'; read as that",
-                  file=sys.stderr)  # fmt: skip
-            apply(cfg, {new_key.removeprefix(prefix): value}, prefix=prefix, from_text=from_text,
-                  where=where)  # fmt: skip
-            continue
         if f is None:
+            renamed = renamed_key(cfg, key)
+            if renamed is not None:
+                raise renamed_error(dotted, prefix + renamed[0], renamed[1], where)
             raise _unknown_key(dotted, list(by_name), where)
         if f.metadata.get("section"):
             apply(getattr(cfg, key), value, prefix=dotted + ".", from_text=from_text, where=where)

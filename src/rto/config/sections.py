@@ -8,49 +8,114 @@ from dataclasses import dataclass
 from rto.config.core import option
 from rto.errors import ConfigError
 
+# Each option is declared once, by a function, and used by the sections that read it: a stage's
+# --help lists only options the stage reads.
 
-@dataclass
-class ModelSection:
-    path: str = option(
+
+def _model_path() -> str:
+    return option(
         "", "Hugging Face hub id or local folder of the model, or a .gguf file (required)."
     )
-    tokenizer: str | None = option(None, "Tokenizer hub id or folder; default: the model's.")
-    gguf_file: str | None = option(
+
+
+def _tokenizer() -> str | None:
+    return option(None, "Tokenizer hub id or folder; default: the model's.")
+
+
+def _gguf_file() -> str | None:
+    return option(
         None,
         "GGUF file to load through transformers (needs `gguf`): a file name inside `path`, or a "
         "path to the file.",
     )
-    revision: str | None = option(None, "Hub revision (branch, tag or commit) of the model.")
-    dtype: str = option(
+
+
+def _revision() -> str | None:
+    return option(None, "Hub revision (branch, tag or commit) of the model.")
+
+
+def _dtype() -> str:
+    return option(
         "auto",
         "Weights dtype; auto = bfloat16 on GPUs that support it, else float32.",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
-    trust_remote_code: bool = option(
-        False, "Allow model code from the hub (only for models you trust)."
-    )
-    gradient_checkpointing: bool = option(
-        False, "Recompute activations in the backward pass to save memory."
-    )
-    attn_implementation: str | None = option(
+
+
+def _trust_remote_code() -> bool:
+    return option(False, "Allow model code from the hub (only for models you trust).")
+
+
+def _attn_implementation() -> str | None:
+    return option(
         None, "Attention kernel: eager, sdpa, flash_attention_2 ... (default: transformers')."
     )
 
+
+def _gguf_as_folder(section: ModelSection | SamplingModelSection) -> None:
+    """A .gguf file given as `path` or as a path in `gguf_file` becomes folder + file name, the
+    form transformers loads (and the resolved config records)."""
+    if section.path.endswith(".gguf") and not section.gguf_file:
+        folder, name = os.path.split(section.path)
+        section.path, section.gguf_file = folder or ".", name
+    elif section.gguf_file and os.path.dirname(section.gguf_file):
+        folder, name = os.path.split(section.gguf_file)
+        if section.path and os.path.abspath(section.path) != os.path.abspath(folder):
+            raise ConfigError(
+                f"config key 'model.gguf_file' ({section.gguf_file}) is a file outside "
+                f"'model.path' ({section.path}); give the file alone as --model.path FILE.gguf, or "
+                "its folder as model.path and its name as model.gguf_file"
+            )
+        section.path, section.gguf_file = folder, name
+
+
+@dataclass
+class ModelSection:
+    """A model a stage trains (sft, rm, dpo, rl)."""
+
+    path: str = _model_path()
+    tokenizer: str | None = _tokenizer()
+    gguf_file: str | None = _gguf_file()
+    revision: str | None = _revision()
+    dtype: str = _dtype()
+    trust_remote_code: bool = _trust_remote_code()
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass to save memory."
+    )
+    attn_implementation: str | None = _attn_implementation()
+
     def check(self) -> None:
-        """A .gguf file given as `path` or as a path in `gguf_file` becomes folder + file name,
-        the form transformers loads (and the resolved config records)."""
-        if self.path.endswith(".gguf") and not self.gguf_file:
-            folder, name = os.path.split(self.path)
-            self.path, self.gguf_file = folder or ".", name
-        elif self.gguf_file and os.path.dirname(self.gguf_file):
-            folder, name = os.path.split(self.gguf_file)
-            if self.path and os.path.abspath(self.path) != os.path.abspath(folder):
-                raise ConfigError(
-                    f"config key 'model.gguf_file' ({self.gguf_file}) is a file outside "
-                    f"'model.path' ({self.path}); give the file alone as --model.path FILE.gguf, or "
-                    "its folder as model.path and its name as model.gguf_file"
-                )
-            self.path, self.gguf_file = folder, name
+        _gguf_as_folder(self)
+
+
+@dataclass
+class SamplingModelSection:
+    """A model a stage only samples from (pairs)."""
+
+    path: str = _model_path()
+    tokenizer: str | None = _tokenizer()
+    gguf_file: str | None = _gguf_file()
+    revision: str | None = _revision()
+    dtype: str = _dtype()
+    trust_remote_code: bool = _trust_remote_code()
+    attn_implementation: str | None = _attn_implementation()
+
+    def check(self) -> None:
+        _gguf_as_folder(self)
+
+
+@dataclass
+class LoadingSection:
+    """How a stage that takes several models by path loads each of them (eval)."""
+
+    dtype: str = _dtype()
+    trust_remote_code: bool = _trust_remote_code()
+    attn_implementation: str | None = _attn_implementation()
+
+    def model_section(self) -> ModelSection:
+        """These options as a model section without a path, which the loaders take."""
+        return ModelSection(dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                            attn_implementation=self.attn_implementation)  # fmt: skip
 
 
 @dataclass
@@ -102,12 +167,52 @@ class LoraSection:
             )
 
 
-@dataclass
-class DataSection:
-    path: str = option(
+def _data_path() -> str:
+    return option(
         "", "Dataset: hub id, dataset folder, or JSON/JSONL/Parquet/CSV file(s), comma-separated."
     )
-    split: str = option("train", "Split to train on (hub ids and dataset folders).")
+
+
+def _split() -> str:
+    return option("train", "Split to train on (hub ids and dataset folders).")
+
+
+def _max_rows() -> int | None:
+    return option(
+        None, "Use at most this many training rows (after shuffling with the seed).", min=1
+    )
+
+
+def _train_fraction(after: str) -> float:
+    return option(
+        1.0,
+        f"Use this share of the training rows (a seeded subset, taken after {after}; for one seed, "
+        "a smaller share's rows are among a larger one's).",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+    )
+
+
+def _max_prompt_length() -> int:
+    return option(512, "Most prompt tokens; longer prompts keep their end.", min=1)
+
+
+def _chat_prompts() -> str:
+    return option(
+        "auto",
+        "Render plain-string prompts (and responses) as a user turn (and an assistant reply) with the "
+        "chat template: auto = when the tokenizer has one, true, false.",
+        choices=["auto", "true", "false"],
+    )
+
+
+@dataclass
+class DataSection:
+    """Training rows with a held-out set (sft, rm, dpo)."""
+
+    path: str = _data_path()
+    split: str = _split()
     eval_path: str | None = option(
         None, "Held-out dataset (same forms as `path`); default: carve `eval_fraction` off `path`."
     )
@@ -117,31 +222,14 @@ class DataSection:
     eval_fraction: float = option(
         0.05, "Share of training rows held out when no eval set is given.", min=0.0, max=0.5
     )
-    max_rows: int | None = option(
-        None, "Use at most this many training rows (after shuffling with the seed).", min=1
-    )
-    train_fraction: float = option(
-        1.0,
-        "Use this share of the training rows (a seeded subset, taken after max_rows and after "
-        "holding out eval rows; for one seed, a smaller share's rows are among a larger one's).",
-        min=0.0,
-        max=1.0,
-        min_exclusive=True,
-    )
+    max_rows: int | None = _max_rows()
+    train_fraction: float = _train_fraction("max_rows and after holding out eval rows")
     max_eval_rows: int | None = option(1000, "Use at most this many held-out rows.", min=1)
     max_length: int = option(
         1024, "Most tokens of prompt + response; longer responses are cut at the end.", min=2
     )
-    max_prompt_length: int = option(
-        512, "Most prompt tokens; longer prompts keep their end.", min=1
-    )
-
-    chat_prompts: str = option(
-        "auto",
-        "Render plain-string prompts (and responses) as a user turn (and an assistant reply) with the "
-        "chat template: auto = when the tokenizer has one, true, false.",
-        choices=["auto", "true", "false"],
-    )
+    max_prompt_length: int = _max_prompt_length()
+    chat_prompts: str = _chat_prompts()
 
     def check(self) -> None:
         if self.max_prompt_length >= self.max_length:
@@ -149,6 +237,41 @@ class DataSection:
                 f"config key 'data.max_prompt_length' ({self.max_prompt_length}) must be smaller than "
                 f"'data.max_length' ({self.max_length}) so that a response fits"
             )
+
+
+@dataclass
+class PromptDataSection:
+    """Prompt rows a stage samples responses to (rl)."""
+
+    path: str = _data_path()
+    split: str = _split()
+    max_rows: int | None = _max_rows()
+    train_fraction: float = _train_fraction("max_rows")
+    max_prompt_length: int = _max_prompt_length()
+    chat_prompts: str = _chat_prompts()
+
+
+@dataclass
+class PairsDataSection:
+    """Prompt rows whose sampled pairs are split into training and held-out pairs (pairs)."""
+
+    path: str = _data_path()
+    split: str = _split()
+    eval_fraction: float = option(
+        0.05, "Share of the prompts whose pairs are held out (pairs_eval.jsonl).", min=0.0, max=0.5
+    )
+    max_rows: int | None = _max_rows()
+    train_fraction: float = _train_fraction("max_rows")
+    max_prompt_length: int = _max_prompt_length()
+    chat_prompts: str = _chat_prompts()
+
+
+@dataclass
+class PromptRenderingSection:
+    """How held-out prompts are rendered and cut (eval)."""
+
+    max_prompt_length: int = _max_prompt_length()
+    chat_prompts: str = _chat_prompts()
 
 
 @dataclass
@@ -311,22 +434,22 @@ class LogSection:
         "OUT/tensorboard), wandb, trackio, mlflow, or all (every one installed). Tags are "
         "namespaced (train/loss, eval/..., rollout/...).",
     )
-    tensorboard: bool = option(
-        False, "Also log to TensorBoard (the same as report_to tensorboard)."
-    )
-    wandb: bool = option(False, "Also log to Weights & Biases (the same as report_to wandb).")
     project: str = option("rto", "Project (wandb, trackio) or experiment (MLflow) name.")
     run_name: str | None = option(
         None, "Run name in the trackers (TensorBoard's folder); default: the output folder's name."
     )
 
+    # keys an earlier version had (see config.core.renamed_key)
+    RENAMED = {
+        "tensorboard": ("report_to", "add tensorboard to the list"),
+        "wandb": ("report_to", "add wandb to the list"),
+        "wandb_project": ("project", ""),
+    }
+
     def trackers(self) -> list[str]:
-        """The trackers asked for (report_to, plus the tensorboard / wandb switches), each once,
-        in order; "all" is every tracker installed."""
+        """The trackers asked for, each once, in order; "all" is every tracker installed."""
         out: list[str] = []
-        asked = [*self.report_to, *(["tensorboard"] if self.tensorboard else []),
-                 *(["wandb"] if self.wandb else [])]  # fmt: skip
-        for name in asked:
+        for name in self.report_to:
             for one in [n for n in TRACKERS if _installed(n)] if name == "all" else [name]:
                 if one not in out:
                     out.append(one)
@@ -342,11 +465,17 @@ class LogSection:
                 )
         for name in self.trackers():
             if not _installed(name):
-                key = f"log.{name}" if name in ("tensorboard", "wandb") else "log.report_to"
                 raise ConfigError(
-                    f"config key '{key}' asks for {name}, which is not installed: "
-                    f"pip install '{TRACKERS[name][1]}' (or drop it from {key})"
+                    f"config key 'log.report_to' asks for {name}, which is not installed: "
+                    f"pip install '{TRACKERS[name][1]}' (or drop it from log.report_to)"
                 )
+
+
+@dataclass
+class ProgressSection:
+    """The log section of a stage that writes no metrics (pairs, eval)."""
+
+    progress: bool = option(True, "Show a progress bar.")
 
 
 # experiment trackers: name -> (the module it needs, what to pip install)

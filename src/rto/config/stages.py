@@ -10,13 +10,20 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rto.config.core import option, section
+from rto.config.rl import PRESETS, RLSection
 from rto.config.sections import (
     DataSection,
     EvalSection,
     GenerateSection,
+    LoadingSection,
     LogSection,
     LoraSection,
     ModelSection,
+    PairsDataSection,
+    ProgressSection,
+    PromptDataSection,
+    PromptRenderingSection,
+    SamplingModelSection,
     TrainSection,
 )
 from rto.errors import ConfigError
@@ -204,12 +211,12 @@ class PairsConfig:
     drop_truncated: bool = option(
         True, "Skip pairs where a response hit max_new_tokens without EOS (not a finished text)."
     )
-    model: ModelSection = section(
-        ModelSection, "The policy that samples responses (usually the SFT model)."
+    model: SamplingModelSection = section(
+        SamplingModelSection, "The policy that samples responses (usually the SFT model)."
     )
-    data: DataSection = section(DataSection, "Prompt rows {prompt}.", eval_fraction=0.1)
+    data: PairsDataSection = section(PairsDataSection, "Prompt rows {prompt}.", eval_fraction=0.1)
     generate: GenerateSection = section(GenerateSection, "Sampling.")
-    log: LogSection = section(LogSection, "Logging.")
+    log: ProgressSection = section(ProgressSection, "Logging.")
 
     def check(self) -> None:
         _require(self.out, "out", "the folder to write the preference data to")
@@ -362,235 +369,6 @@ class DPOConfig:
 
 
 @dataclass
-class RLSection:
-    dpo_reward_scale: float = option(
-        0.05,
-        "beta1: weight of the DPO token reward (0 = standard PPO, exactly).",
-        min=0.0,
-        paper="beta1 0.05",
-    )
-    dpo_reward_clip: float | None = option(
-        None,
-        "Clamp each scaled DPO token reward to +-this (null = no clamp; the authors' code uses 0.05).",
-        min=0.0,
-        min_exclusive=True,
-    )
-    dpo_reward_granularity: str = option(
-        "token",
-        "Where DPO rewards land: token (rto), segment = summed per sentence (semi_rto), sequence = summed on the last token (ddpo).",
-        choices=["token", "segment", "sequence"],
-    )
-    dpo_reward_shaping: bool = option(
-        False, "Subtract the summed DPO reward at the last token: pure shaping (rs_ppo)."
-    )
-    segment_delimiters: list[str] = option(
-        [".", "!", "?", "\n"], "Tokens ending with one of these end a segment (semi_rto)."
-    )
-    token_reward_fn_scale: float = option(
-        1.0,
-        "Coefficient of the `function` token-reward source (token_reward_fn); 0 switches it off.",
-        min=0.0,
-    )
-    token_reward_fn_clip: float | None = option(
-        None,
-        "Clamp each scaled `function` token reward to +-this (null = no clamp).",
-        min=0.0,
-        min_exclusive=True,
-    )
-    token_reward_fn_granularity: str = option(
-        "token",
-        "Where `function` token rewards land: token, segment (summed per sentence), sequence (summed on the last token).",
-        choices=["token", "segment", "sequence"],
-    )
-    token_reward_fn_shaping: bool = option(
-        False, "Subtract the summed `function` token reward at the last token (pure shaping)."
-    )
-    kl_coef: float = option(
-        0.01, "beta2: per-token KL penalty to the reference.", min=0.0, paper="beta2 0.01"
-    )
-    kl_target: float | None = option(
-        None,
-        "Adapt kl_coef towards this per-response KL (null = fixed coefficient).",
-        min=0.0,
-        min_exclusive=True,
-    )
-    kl_horizon: int = option(10000, "Horizon (responses) of the adaptive KL controller.", min=1)
-    score_coef: float = option(
-        1.0,
-        "beta3: weight of the reward model's score on the last token.",
-        min=0.0,
-        paper="beta3 1",
-    )
-    reward_fn_coef: float = option(
-        1.0,
-        "Weight of the sentence reward function (reward_fn) on the last token, added unnormalised.",
-        min=0.0,
-    )
-    score_normalization: str = option(
-        "stored",
-        "Normalise the score with the reward model's stored mean/std (reward_stats.json), a running estimate, or not at all.",
-        choices=["stored", "running", "none"],
-    )
-    score_clamp: float | None = option(
-        10.0, "Clamp the normalised score to +-this (null = off).", min=0.0, min_exclusive=True
-    )
-    missing_eos_penalty: float | None = option(
-        None, "Subtract this from the normalised score of responses that end without EOS.", min=0.0
-    )
-    advantage_estimator: str = option(
-        "gae",
-        "gae (critic), reinforce_pp (critic-free, REINFORCE++), or a critic-free group estimator over each "
-        "prompt's rl.samples_per_prompt responses (>= 2): rloo (PRIME's leave-one-out on the sentence and, apart, "
-        "the dense reward), grpo (group-normalised, DeepSeekMath process supervision), reinforce_pp_baseline "
-        "(REINFORCE++ with the group's mean score as baseline).",
-        choices=["gae", "reinforce_pp", "rloo", "grpo", "reinforce_pp_baseline"],
-    )
-    group_std_normalization: bool = option(
-        True,
-        "grpo: divide by the group's standard deviation (GRPO); false = Dr. GRPO, subtract the group mean only.",
-        paper="GRPO std (DeepSeekMath 4.1.2-4.1.3)",
-    )
-    kl_in_loss: bool = option(
-        False,
-        "Put the KL to the reference in the policy loss as GRPO's k3 estimator (exp(l) - l - 1, l = log pi_ref - "
-        "log pi_theta, token mean), weighted by rl.kl_coef, instead of -rl.kl_coef x log-ratio in every token's "
-        "reward (RTO).",
-        paper="beta2 in the loss (DeepSeekMath eq. 4)",
-    )
-    token_reward_update: str = option(
-        "frozen",
-        "frozen: the DPO model stays as trained (RTO); online: it keeps learning on every rollout with PRIME's "
-        "cross-entropy loss -[y log sigmoid(beta1 sum_t x_t) + (1-y) log(1 - sigmoid(...))] (x_t its log-ratio to "
-        "the reference, beta1 = rl.dpo_reward_scale, y the label of rl.token_reward_label), its own AdamW.",
-        choices=["frozen", "online"],
-        paper="PRIME implicit PRM update (arXiv 2502.01456)",
-    )
-    token_reward_lr: float = option(
-        1e-6, "online: learning rate of the DPO model's updates (0 = computed but no change).", min=0.0,
-        paper="PRIME PRM lr 1e-6",
-    )  # fmt: skip
-    token_reward_steps: int = option(
-        1,
-        "online: optimiser steps of the DPO model per rollout, each on the whole rollout.",
-        min=1,
-        max=100,
-    )
-    token_reward_update_order: str = option(
-        "after",
-        "online: the DPO model learns after it scores a rollout (PRIME's single forward: the rewards are the "
-        "model's before it saw them) or before (the rewards come from the updated model; one more forward).",
-        choices=["after", "before"],
-    )
-    token_reward_label: str = option(
-        "group_mean",
-        "online: the label y of a response: group_mean = 1 when its sentence reward (rl.score_coef x the raw "
-        "score + rl.reward_fn_coef x reward_fn) is above its group's mean, else 0 (groups of equal rewards "
-        "are left out; for unbounded reward-model scores; needs rl.samples_per_prompt >= 2); value = the "
-        "sentence reward as it is, which must lie in [0, 1] (a verifiable reward_fn).",
-        choices=["group_mean", "value"],
-    )
-    gamma: float = option(1.0, "Discount.", min=0.0, max=1.0, paper="gamma 1")
-    gae_lambda: float = option(0.95, "GAE lambda.", min=0.0, max=1.0, paper="lambda 0.95")
-    whiten_advantages: bool = option(True, "Normalise advantages over the rollout batch.")
-    critic_init: str = option(
-        "reward_model",
-        "Initialise the critic from the reward model (paper) or the policy (new head); a reward model with "
-        "another tokenizer than the policy's, or none, leaves the policy (with a note).",
-        choices=["reward_model", "policy"],
-    )
-    critic_lr: float = option(
-        9e-6, "Critic learning rate.", min=0.0, min_exclusive=True, paper="critic lr 9e-6"
-    )
-    rollout_batch_size: int = option(
-        1024,
-        "Prompts (not responses) per rollout (per iteration), across all devices; the rollout holds "
-        "this x rl.samples_per_prompt responses.",
-        min=1,
-        paper="rollout batch 1024",
-    )
-    samples_per_prompt: int = option(
-        1,
-        "Responses sampled per prompt (K), each with its own seed: a group, kept together on one process through "
-        "scoring, rewards and the group estimators.",
-        min=1,
-        paper="one sample per prompt",
-    )
-    ppo_epochs: int = option(
-        1, "Passes over each rollout; each pass makes rollout/train.batch_size updates.", min=1
-    )
-    clip_range: float = option(
-        0.2, "PPO ratio clip epsilon.", min=0.0, min_exclusive=True, paper="clip 0.2"
-    )
-    value_clip: float | None = option(
-        0.2, "Value clip (null = off).", min=0.0, min_exclusive=True, paper="value clip 0.2"
-    )
-    entropy_coef: float = option(0.0, "Entropy bonus weight.", min=0.0)
-    forward_batch_size: int = option(
-        16, "Sequences per forward pass when scoring a rollout.", min=1
-    )
-    sampler_correction: str = option(
-        "none",
-        "With generate.backend vllm, the engine's sampling log-probs pi_vllm are kept beside the trainer's pi_old "
-        "and their gap logged (rollout/sampler_gap_*); tis weighs each token's policy loss by "
-        "min(pi_old / pi_vllm, rl.tis_cap) (truncated importance sampling), none leaves it as it is.",
-        choices=["none", "tis"],
-        paper="truncated importance sampling (Yao et al. 2025; TRL, veRL)",
-    )
-    tis_cap: float = option(
-        2.0, "rl.sampler_correction tis: the cap C of the per-token weight min(pi_old / pi_vllm, C).",
-        min=1.0,
-    )  # fmt: skip
-
-
-_GROUP: dict[str, object] = {"rl.samples_per_prompt": 4}
-_RTO: dict[str, object] = {"rl.dpo_reward_scale": 0.05, "rl.dpo_reward_granularity": "token",
-                           "rl.dpo_reward_shaping": False}  # fmt: skip
-
-PRESETS: dict[str, dict[str, object]] = {
-    "ppo": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "gae"},
-    "rto": {
-        "rl.dpo_reward_scale": 0.05,
-        "rl.dpo_reward_granularity": "token",
-        "rl.dpo_reward_shaping": False,
-        "rl.advantage_estimator": "gae",
-    },
-    "rs_ppo": {
-        "rl.dpo_reward_scale": 0.05,
-        "rl.dpo_reward_granularity": "token",
-        "rl.dpo_reward_shaping": True,
-        "rl.advantage_estimator": "gae",
-    },
-    "semi_rto": {
-        "rl.dpo_reward_scale": 0.05,
-        "rl.dpo_reward_granularity": "segment",
-        "rl.dpo_reward_shaping": False,
-        "rl.advantage_estimator": "gae",
-    },
-    "ddpo": {
-        "rl.dpo_reward_scale": 0.05,
-        "rl.dpo_reward_granularity": "sequence",
-        "rl.dpo_reward_shaping": False,
-        "rl.advantage_estimator": "gae",
-    },
-    "rpp": {"rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "reinforce_pp"},
-    "rto_rpp": {
-        "rl.dpo_reward_scale": 0.05,
-        "rl.dpo_reward_granularity": "token",
-        "rl.dpo_reward_shaping": False,
-        "rl.advantage_estimator": "reinforce_pp",
-    },
-    # critic-free group estimators (K = 4 responses per prompt, as PRIME): without / with the DPO
-    # token reward; GRPO keeps the KL in its loss and its advantages unwhitened, RLOO in the reward
-    "grpo": {**_GROUP, "rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "grpo",
-             "rl.kl_in_loss": True, "rl.whiten_advantages": False},
-    "rto_grpo": {**_GROUP, **_RTO, "rl.advantage_estimator": "grpo", "rl.kl_in_loss": True,
-                 "rl.whiten_advantages": False},
-    "rloo": {**_GROUP, "rl.dpo_reward_scale": 0.0, "rl.advantage_estimator": "rloo"},
-    "rto_rloo": {**_GROUP, **_RTO, "rl.advantage_estimator": "rloo"},
-}  # fmt: skip
-
-
-@dataclass
 class RLConfig:
     PRESETS: ClassVar[dict[str, dict[str, object]]] = PRESETS
 
@@ -617,17 +395,17 @@ class RLConfig:
     reward_fn: str | None = option(
         None,
         "Sentence reward function f(prompts, responses) -> list[float], as module:function or a registered name "
-        "(sentiment), added to (or instead of) the reward model's score on the last token (rl.reward_fn_coef).",
+        "(sentiment), added to (or instead of) the reward model's score on the last token (rl.reward_fn.coef).",
     )
     dpo_model: str | None = option(
         None,
-        "DPO policy pi_dpo (from `rto dpo`, with the policy's tokenizer); needed when rl.dpo_reward_scale > 0.",
+        "DPO policy pi_dpo (from `rto dpo`, with the policy's tokenizer); needed when rl.dpo_reward.scale > 0.",
     )
     token_reward_fn: str | None = option(
         None,
         "Token reward function f(prompts, responses, tokens) as module:function: the `function` token-reward "
         "source; tokens[i] holds (text, start, end) per response token; it returns per response a reward per "
-        "token or (start, end, reward) character spans (rl.token_reward_fn_*).",
+        "token or (start, end, reward) character spans (rl.token_reward_fn.*).",
     )
     critic_model: str | None = option(
         None,
@@ -641,13 +419,7 @@ class RLConfig:
         "LoRA adapters for the trained roles, policy and critic (lora.r > 0); the critic's "
         "score head is trained whole."
     )
-    data: DataSection = section(
-        DataSection,
-        "Prompt rows {prompt}.",
-        eval_fraction=0.0,
-        max_length=1024,
-        max_prompt_length=512,
-    )
+    data: PromptDataSection = section(PromptDataSection, "Prompt rows {prompt}.")
     train: TrainSection = section(
         TrainSection,
         "Optimisation of the actor; batch_size = responses per update (paper: 128); a step is one rollout.",
@@ -669,8 +441,8 @@ class RLConfig:
     def reward_sources(self) -> list[str]:
         """The rewards this run uses: token sources, then sentence rewards."""
         rl = self.rl
-        used = {"dpo": rl.dpo_reward_scale > 0, "function": bool(self.token_reward_fn) and rl.token_reward_fn_scale > 0,
-                "score": bool(self.reward_model) and rl.score_coef > 0, "reward_fn": bool(self.reward_fn) and rl.reward_fn_coef > 0}  # fmt: skip
+        used = {"dpo": rl.dpo_reward.scale > 0, "function": bool(self.token_reward_fn) and rl.token_reward_fn.scale > 0,
+                "score": bool(self.reward_model) and rl.score.coef > 0, "reward_fn": bool(self.reward_fn) and rl.reward_fn.coef > 0}  # fmt: skip
         return [name for name, on in used.items() if on]
 
     def check(self) -> None:
@@ -678,19 +450,19 @@ class RLConfig:
         _require(self.model.path, "model.path", "the policy to start from (usually the SFT model)")
         _require(self.data.path, "data.path", "the RL prompts (rows {prompt})")
         rl = self.rl
-        if rl.dpo_reward_scale > 0 and not self.dpo_model:
+        if rl.dpo_reward.scale > 0 and not self.dpo_model:
             raise ConfigError(
-                "config key 'dpo_model' is required when rl.dpo_reward_scale > 0 (RTO's token reward needs pi_dpo)"
+                "config key 'dpo_model' is required when rl.dpo_reward.scale > 0 (RTO's token reward needs pi_dpo)"
             )
-        if rl.score_coef > 0 and not self.reward_model and not self.reward_fn:
+        if rl.score.coef > 0 and not self.reward_model and not self.reward_fn:
             raise ConfigError(
-                "config key 'reward_model' is required when rl.score_coef > 0 (give reward_fn for a programmatic "
-                "sentence reward, or set rl.score_coef 0 to train on token rewards only)"
+                "config key 'reward_model' is required when rl.score.coef > 0 (give reward_fn for a programmatic "
+                "sentence reward, or set rl.score.coef 0 to train on token rewards only)"
             )
         if not self.reward_sources():
             raise ConfigError(
-                "no reward to learn from: give reward_model (with rl.score_coef > 0), reward_fn, dpo_model (with "
-                "rl.dpo_reward_scale > 0) or token_reward_fn"
+                "no reward to learn from: give reward_model (with rl.score.coef > 0), reward_fn, dpo_model (with "
+                "rl.dpo_reward.scale > 0) or token_reward_fn"
             )
         _no_lora_dropout(self.lora, "rl")
         group = rl.advantage_estimator in ("rloo", "grpo", "reinforce_pp_baseline")
@@ -700,23 +472,23 @@ class RLConfig:
                 f"{rl.advantage_estimator} (a group estimator compares each prompt's responses with each other); "
                 "set rl.samples_per_prompt 4, say, or use gae / reinforce_pp"
             )
-        if rl.token_reward_update == "online":
-            if rl.dpo_reward_scale == 0:
+        if rl.online_dpo.enabled:
+            if rl.dpo_reward.scale == 0:
                 raise ConfigError(
-                    "config key 'rl.token_reward_update' is online but rl.dpo_reward_scale is 0: there is no DPO "
-                    "token reward to keep learning (set rl.dpo_reward_scale > 0 and dpo_model)"
+                    "config key 'rl.online_dpo.enabled' is true but rl.dpo_reward.scale is 0: there is no DPO "
+                    "token reward to keep learning (set rl.dpo_reward.scale > 0 and dpo_model)"
                 )
-            if rl.token_reward_label == "group_mean" and rl.samples_per_prompt < 2:
+            if rl.online_dpo.label == "group_mean" and rl.samples_per_prompt < 2:
                 raise ConfigError(
-                    "config key 'rl.samples_per_prompt' must be at least 2 for rl.token_reward_update online with "
-                    "rl.token_reward_label group_mean (the label compares a response with its group); or set "
-                    "rl.token_reward_label value for a sentence reward in [0, 1]"
+                    "config key 'rl.samples_per_prompt' must be at least 2 for rl.online_dpo.enabled with "
+                    "rl.online_dpo.label group_mean (the label compares a response with its group); or set "
+                    "rl.online_dpo.label value for a sentence reward in [0, 1]"
                 )
-        if rl.sampler_correction != "none" and self.generate.backend != "vllm":
+        if rl.sampler.correction != "none" and self.generate.backend != "vllm":
             raise ConfigError(
-                f"config key 'rl.sampler_correction' is {rl.sampler_correction}, which corrects for vLLM's sampler; "
+                f"config key 'rl.sampler.correction' is {rl.sampler.correction}, which corrects for vLLM's sampler; "
                 f"generate.backend is {self.generate.backend}, whose samples come from the policy itself: set "
-                "generate.backend vllm, or rl.sampler_correction none"
+                "generate.backend vllm, or rl.sampler.correction none"
             )
         n = rl.rollout_batch_size * rl.samples_per_prompt
         if n % self.train.batch_size:
@@ -752,13 +524,15 @@ class EvalConfig:
         "Also write generations for external judges: alpaca_eval, arena_hard.",
         choices=["alpaca_eval", "arena_hard"],
     )
-    model: ModelSection = section(
-        ModelSection, "Loading options for every policy (path is ignored)."
+    model: LoadingSection = section(
+        LoadingSection, "How every policy, the reference and the reward model are loaded."
     )
-    data: DataSection = section(DataSection, "Only max_prompt_length is used here.")
+    data: PromptRenderingSection = section(
+        PromptRenderingSection, "How the held-out prompts are rendered and cut."
+    )
     generate: GenerateSection = section(GenerateSection, "Sampling (the same for every policy).")
     eval: EvalSection = section(EvalSection, "Held-out prompts and judges.")
-    log: LogSection = section(LogSection, "Logging.")
+    log: ProgressSection = section(ProgressSection, "Logging.")
 
     def check(self) -> None:
         _require(self.out, "out", "the folder to write eval.json to")
@@ -793,7 +567,6 @@ class EvalConfig:
 @dataclass
 class ReportConfig:
     out: str = _out()
-    seed: int = _seed()
     overwrite: bool = _overwrite()
     eval: str = option("", "Folder of an `rto eval` run (its eval.json) (required).")
     curves: list[str] = option(

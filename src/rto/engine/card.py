@@ -30,7 +30,7 @@ SETTINGS = {
     "sft": ["train.lr", "train.batch_size", "train.epochs", "train.max_steps", "data.max_length"],
     "rm": ["train.lr", "train.batch_size", "train.epochs", "train.max_steps", "data.max_length"],
     "dpo": ["loss", "beta", "alpha", "train.lr", "train.batch_size", "train.epochs", "train.max_steps"],
-    "rl": ["preset", "rl.dpo_reward_scale", "rl.kl_coef", "rl.score_coef", "rl.advantage_estimator",
+    "rl": ["preset", "rl.dpo_reward.scale", "rl.kl.coef", "rl.score.coef", "rl.advantage_estimator",
            "rl.rollout_batch_size", "train.lr", "rl.critic_lr", "train.max_steps", "generate.max_new_tokens"],
     "pairs": ["gold_reward", "num_samples", "annotator", "temperature", "generate.max_new_tokens"],
 }  # fmt: skip

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rto.errors import RtoError
+from rto.models.placement import shards_weights
 
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -51,6 +52,16 @@ def init_distributed() -> Any:
         else:
             PartialState()
     state = PartialState()
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        and not torch.cuda.is_available()
+    ):
+        raise RtoError(
+            "the accelerate config asks for FSDP, which accelerate runs on GPUs only, and this "
+            "machine has none (accelerate would silently run DDP instead). On CPUs use "
+            "configs/accelerate/ddp.yaml, or DeepSpeed ZeRO (configs/accelerate/deepspeed_zero2.yaml, "
+            "deepspeed_zero3.yaml) to shard the trained models"
+        )
     launched = launched_processes()
     if launched > 1 and state.num_processes != launched:
         raise RtoError(
@@ -132,18 +143,6 @@ def max_over_processes(value: float) -> float:
 
 
 # --------------------------------------------------------------------------- whole weights
-
-
-def shards_weights(accelerator: Any) -> bool:
-    """True under DeepSpeed ZeRO-3 and FSDP, where no process holds a model's whole weights."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        return plugin is not None and plugin.zero_stage == 3
-    return False
 
 
 def load_models_whole(accelerator: Any) -> None:

@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,21 +85,6 @@ def resolved_config(cfg: Any) -> dict[str, Any]:
     return data
 
 
-# Callbacks run when the run in a folder begins writing (the pipeline marks its stage there).
-_ON_BEGIN: dict[Path, Callable[[], None]] = {}
-
-
-@contextmanager
-def when_begun(out: str | Path, callback: Callable[[], None]) -> Iterator[None]:
-    """Within this block, call `callback` (main process) when the run in `out` begins writing."""
-    key = Path(out).resolve()
-    _ON_BEGIN[key] = callback
-    try:
-        yield
-    finally:
-        _ON_BEGIN.pop(key, None)
-
-
 @dataclass
 class RunFolder:
     """What a stage run will do in its output folder (from `check`); `begin` does it.
@@ -112,6 +96,9 @@ class RunFolder:
     stage: str
     action: str
     config: dict[str, Any] = field(repr=False)
+    # called (main process) once the run begins writing, after config.yaml: the caller's own
+    # record of the run (the pipeline's stage state) goes in at the same moment
+    on_begin: Callable[[], None] | None = field(default=None, repr=False)
 
     @classmethod
     def check(cls, cfg: Any, stage: str) -> RunFolder:
@@ -199,9 +186,8 @@ class RunFolder:
                 )
         else:  # a continued run keeps its config.yaml until its checkpoint has loaded
             self.write_config()
-        callback = _ON_BEGIN.get(out.resolve())
-        if callback is not None:
-            callback()
+        if self.on_begin is not None:
+            self.on_begin()
         return out
 
     def write_config(self, *, is_main: bool = True) -> None:
@@ -345,7 +331,3 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [(prefix.rstrip("."), a, b)] if a != b else []
-
-
-def is_complete(out: str | Path) -> bool:
-    return (Path(out) / SUMMARY_FILE).is_file()

@@ -64,14 +64,6 @@ def causal_logits(
     return logits[:, -last:] if last > 0 else logits
 
 
-def next_token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B, L-1): log p(input_ids[:, t+1] | input_ids[:, :t+1])."""
-    logits = causal_logits(model, input_ids, attention_mask)
-    return gather_logprobs(logits[:, :-1], input_ids[:, 1:])
-
-
 def response_logits(
     model: Any,
     prompt_ids: torch.Tensor,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rto.errors import ModelError
+from rto.errors import ModelError, loading
 
 _QUIET = False
 
@@ -85,7 +85,7 @@ def _locate(section: Any, path: str | None = None) -> tuple[str, dict[str, Any]]
     may itself be a .gguf file) or the section's."""
     source = path or section.path
     kwargs: dict[str, Any] = {"trust_remote_code": section.trust_remote_code}
-    if section.revision:
+    if section.revision and source == section.path:  # the section's model's revision, not a role's
         kwargs["revision"] = section.revision
     if source.endswith(".gguf"):
         folder, name = os.path.split(source)
@@ -165,14 +165,14 @@ def check_not_classifier(source: str, what: str) -> None:
         )
 
 
-def _explain_load_error(what: str, path: str, exc: Exception) -> ModelError:
-    hint = ""
-    if not Path(path).exists():
-        hint = (
-            " It is not a local folder, so it was looked up on the Hugging Face hub: check the id, "
-            "your network, and `huggingface-cli login` for gated models."
-        )
-    return ModelError(f"could not load the {what} from {path}: {type(exc).__name__}: {exc}.{hint}")
+def _hub_hint(path: str) -> str:
+    """What to check when a path that is not a local folder failed to load from the hub."""
+    if Path(path).exists():
+        return ""
+    return (
+        " It is not a local folder, so it was looked up on the Hugging Face hub: check the id, "
+        "your network, and `huggingface-cli login` for gated models."
+    )
 
 
 def load_tokenizer(section: Any, path: str | None = None, role: str | None = None) -> Any:
@@ -189,10 +189,8 @@ def load_tokenizer(section: Any, path: str | None = None, role: str | None = Non
         return load_tokenizer(lora.base_section(section, base), base.base_model)
     what = "tokenizer" if section.tokenizer and not path else (role or "model")
     check_source(source, kwargs, what, tokenizer=True)
-    try:
+    with loading("tokenizer", source, _hub_hint(source)):
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
-    except Exception as exc:
-        raise _explain_load_error("tokenizer", source, exc) from None
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -212,32 +210,8 @@ def load_causal_lm(
     """A causal LM with dropout off (unless `keep_dropout`; see `disable_dropout`); `role`
     names it in error messages (policy, reference model ...). A peft adapter folder loads as its
     base with the adapter merged in (rto.models.lora)."""
-    from transformers import AutoModelForCausalLM
-
-    from rto.models import lora
-
-    if lora.is_adapter(path or section.path):
-        model = lora.load_adapter_folder(section, path or section.path, lambda base: load_causal_lm(
-            base, trainable=trainable, keep_dropout=keep_dropout, role=role))  # fmt: skip
-        model.requires_grad_(trainable)  # peft froze the base it merged into
-        _prepare(model, section, trainable, keep_dropout=keep_dropout)
-        return model
-    quiet_transformers()
-    source, kwargs = _locate(section, path)
-    check_source(source, kwargs, role, tokenizer=False)
-    check_not_classifier(source, role)
-    kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
-    if section.attn_implementation:
-        kwargs["attn_implementation"] = section.attn_implementation
-    try:
-        with _gguf_progress():
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except Exception as exc:
-        raise _explain_load_error(role, source, exc) from None
-    if kwargs.get("gguf_file"):
-        _detach_gguf_quantizer(model, source)
-    _prepare(model, section, trainable, keep_dropout=keep_dropout)
-    return model
+    return _load(_CausalLM(), section, path or section.path, trainable=trainable, role=role,
+                 keep_dropout=keep_dropout)  # fmt: skip
 
 
 def _detach_gguf_quantizer(model: Any, source: str) -> None:
@@ -269,74 +243,128 @@ def load_sequence_scorer(
     A peft adapter folder loads as its base with the adapter merged in; a reward model's or
     critic's adapter carries its score head (rto.models.lora).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    return _load(_Scorer(require_head), section, path, trainable=trainable, role=role)
 
+
+def _load(kind: Any, section: Any, path: str, *, trainable: bool, role: str,
+          keep_dropout: bool = False) -> Any:  # fmt: skip
+    """The one loading path of both kinds of model (`_CausalLM`, `_Scorer`): an adapter folder
+    loads its base this same way and merges the adapter in; a model folder, hub id or GGUF
+    file is located, checked, loaded by the kind's Auto class with the section's options, and
+    prepared (dropout off; trained, or frozen in eval mode). Failures keep their cause."""
     from rto.models import lora
 
     if lora.is_adapter(path):
-        base = lora.locate_base(path)
-        if require_head and not base.score_head:
+        kind.check_adapter(path, role)
+        model = lora.load_adapter_folder(section, path, lambda base: _load(
+            kind.for_base(), base, base.path, trainable=trainable, role=role, keep_dropout=keep_dropout))  # fmt: skip
+        model.requires_grad_(trainable)  # peft froze the base it merged into
+    else:
+        quiet_transformers()
+        source, kwargs = _locate(section, path)
+        check_source(source, kwargs, role, tokenizer=False)
+        kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
+        if section.attn_implementation:
+            kwargs["attn_implementation"] = section.attn_implementation
+        with loading(role, source, _hub_hint(source)):
+            model = kind.load(source, kwargs, role)
+        if kwargs.get("gguf_file"):
+            _detach_gguf_quantizer(model, source)
+        kind.check_loaded(model, source, role)
+    _prepare(model, section, trainable, keep_dropout=keep_dropout)
+    return model
+
+
+class _CausalLM:
+    """A causal language model (policy, reference, DPO model)."""
+
+    def check_adapter(self, path: str, role: str) -> None:
+        pass
+
+    def for_base(self) -> _CausalLM:
+        return self
+
+    def load(self, source: str, kwargs: dict[str, Any], role: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        check_not_classifier(source, role)
+        with _gguf_progress():
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+    def check_loaded(self, model: Any, source: str, role: str) -> None:
+        pass
+
+
+class _Scorer:
+    """A sequence classifier with one output (reward model, critic), its head kept from a reward
+    model's checkpoint or made new on a causal LM's (or refused, with `require_head`)."""
+
+    def __init__(self, require_head: bool):
+        self.require_head = require_head
+        self.fresh_head = False
+
+    def check_adapter(self, path: str, role: str) -> None:
+        from rto.models import lora
+
+        if self.require_head and not lora.locate_base(path).score_head:
             raise ModelError(
                 f"the {role} at {path} is a LoRA adapter without a score head (a language model's "
                 "adapter); train a reward model with `rto rm`"
             )
-        model = lora.load_adapter_folder(section, path, lambda b: load_sequence_scorer(
-            b, b.path, trainable=trainable, require_head=False, role=role))  # fmt: skip
-        model.requires_grad_(trainable)  # peft froze the base it merged into
-        _prepare(model, section, trainable)
-        return model
-    quiet_transformers()
-    path, kwargs = _locate(section, path)
-    check_source(path, kwargs, role, tokenizer=False)
-    try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    except Exception as exc:
-        raise _explain_load_error(role, path, exc) from None
-    if require_head:
-        archs = getattr(config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ModelError(
-                f"the {role} at {path} has no score head (its architecture is {', '.join(archs) or 'unknown'}); "
-                "train one with `rto rm`, or give a reward model saved as AutoModelForSequenceClassification"
-            )
-        if getattr(config, "num_labels", 1) != 1:
-            raise ModelError(
-                f"the {role} at {path} has {config.num_labels} outputs; rto needs a scalar score (num_labels=1)"
-            )
-    config.num_labels = 1
-    if getattr(config, "pad_token_id", None) is None:  # transformers' own pooling needs one
-        eos = getattr(config, "eos_token_id", None)
-        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    load_kwargs = dict(kwargs)
-    load_kwargs["dtype"] = resolve_dtype(section.dtype, trainable=trainable)
-    try:
+
+    def for_base(self) -> _Scorer:
+        return _Scorer(require_head=False)  # the adapter carries the head
+
+    def load(self, source: str, kwargs: dict[str, Any], role: str) -> Any:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config_kwargs = {
+            k: v for k, v in kwargs.items() if k not in ("dtype", "attn_implementation")
+        }
+        config = AutoConfig.from_pretrained(source, **config_kwargs)
+        if self.require_head:
+            archs = getattr(config, "architectures", None) or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs):
+                raise ModelError(
+                    f"the {role} at {source} has no score head (its architecture is {', '.join(archs) or 'unknown'}); "
+                    "train one with `rto rm`, or give a reward model saved as AutoModelForSequenceClassification"
+                )
+            if getattr(config, "num_labels", 1) != 1:
+                raise ModelError(
+                    f"the {role} at {source} has {config.num_labels} outputs; rto needs a scalar score (num_labels=1)"
+                )
+        config.num_labels = 1
+        if getattr(config, "pad_token_id", None) is None:  # transformers' own pooling needs one
+            eos = getattr(config, "eos_token_id", None)
+            config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         with _gguf_progress():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, output_loading_info=True, **load_kwargs
+                source, config=config, output_loading_info=True, **kwargs
             )
-    except Exception as exc:
-        raise _explain_load_error(role, path, exc) from None
-    if kwargs.get("gguf_file"):
-        _detach_gguf_quantizer(model, path)
-    missing = {k for k in info.get("missing_keys", set()) if "score" in k}
-    fresh_head = bool(missing)
-    if require_head and missing:
-        raise ModelError(
-            f"the {role} at {path} is missing its score head weights ({', '.join(sorted(missing))}); "
-            "train one with `rto rm`"
-        )
-    if not hasattr(model, "score"):
-        raise ModelError(
-            f"the {role} at {path} ({type(model).__name__}) has no linear `score` head; rto supports decoder "
-            "models whose sequence-classification head is called `score` (Llama, Mistral, Qwen, Gemma, GPT-2 ...)"
-        )
-    if fresh_head:  # a new head: start from small weights so that initial scores are near zero
-        with torch.no_grad():
-            torch.nn.init.normal_(model.score.weight, std=0.1 / model.score.weight.shape[1] ** 0.5)
-            if getattr(model.score, "bias", None) is not None:
-                model.score.bias.zero_()
-    _prepare(model, section, trainable)
-    return model
+        missing = {k for k in info.get("missing_keys", set()) if "score" in k}
+        if self.require_head and missing:
+            raise ModelError(
+                f"the {role} at {source} is missing its score head weights ({', '.join(sorted(missing))}); "
+                "train one with `rto rm`"
+            )
+        self.fresh_head = bool(missing)
+        return model
+
+    def check_loaded(self, model: Any, source: str, role: str) -> None:
+        if not hasattr(model, "score"):
+            raise ModelError(
+                f"the {role} at {source} ({type(model).__name__}) has no linear `score` head; rto supports decoder "
+                "models whose sequence-classification head is called `score` (Llama, Mistral, Qwen, Gemma, GPT-2 ...)"
+            )
+        if (
+            self.fresh_head
+        ):  # a new head: start from small weights so that initial scores are near zero
+            with torch.no_grad():
+                torch.nn.init.normal_(
+                    model.score.weight, std=0.1 / model.score.weight.shape[1] ** 0.5
+                )
+                if getattr(model.score, "bias", None) is not None:
+                    model.score.bias.zero_()
 
 
 def disable_dropout(model: Any) -> int:

@@ -18,6 +18,20 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
+# The run's random streams other than sampling, each derived from the run's seed by its own salt:
+# seed * salt + index (index: the epoch, the RL iteration). Salts are primes far apart, so two
+# streams of one run, or one stream of two nearby seeds, never share a seed in practice.
+STREAM_SALTS = {
+    "epoch_order": 1_000_003,  # the permutation of the training examples in each epoch
+    "minibatch_order": 100_003,  # the order of a rollout's responses in each PPO epoch
+}
+
+
+def stream_seed(seed: int, stream: str, index: int) -> int:
+    """The seed of random stream `stream` (STREAM_SALTS) at `index` for run seed `seed`."""
+    return seed * STREAM_SALTS[stream] + index
+
+
 def row_seed(*keys: int) -> int:
     """A 63-bit seed from integers (run seed, iteration, prompt index, sample ...)."""
     digest = hashlib.blake2b(repr(tuple(int(k) for k in keys)).encode(), digest_size=8).digest()

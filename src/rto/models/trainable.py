@@ -26,6 +26,7 @@ from rto.models.load import (
     resolve_dtype,
     save_pretrained,
 )
+from rto.models.placement import shards_weights
 
 
 def frozen_base(section: Any, lora: Any) -> Any:
@@ -65,7 +66,7 @@ class Trainable:
             unwrapped = getattr(unwrapped, part)
         peft_model = getattr(unwrapped, "hf", unwrapped)  # a TokenScorer's peft model
         if lora.merge:
-            if peft_lora.sharded(accelerator):
+            if shards_weights(accelerator):
                 accelerator.print(
                     "[rto] lora.merge is not supported under ZeRO-3 / FSDP (sharded weights); "
                     f"saved the adapter folder instead: merge it with peft's merge_and_unload ({out})"

@@ -13,6 +13,8 @@ generate.vllm_lora adapter, only the adapter, which vLLM serves on the frozen ba
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,7 @@ class VLLMGenerator(Generator):
             raise ConfigError(
                 "config key 'generate.vllm_sleep' frees GPU memory; there is no GPU here: set it false"
             )
-        max_len = settings.vllm_max_model_len or (max_prompt_length + settings.max_new_tokens)
+        max_len, note = engine_length(settings, folder, max_prompt_length)
         kwargs: dict[str, Any] = dict(
             model=folder, tokenizer=str(getattr(tokenizer, "name_or_path", "") or folder),
             dtype=engine_dtype(settings, model_cfg), gpu_memory_utilization=settings.vllm_memory,
@@ -92,6 +94,7 @@ class VLLMGenerator(Generator):
             seed=0, enable_prefix_caching=False, enforce_eager=settings.vllm_eager,
             logprobs_mode="processed_logprobs",  # after temperature: what the sampler drew from
         )  # fmt: skip
+        self.max_len = max_len
         if max_len:
             kwargs["max_model_len"] = max_len
         self.lora_rank = adapter_rank(model) if settings.vllm_lora == "adapter" else 0
@@ -104,10 +107,12 @@ class VLLMGenerator(Generator):
         self.llm, reused = _ENGINE.get(key), True
         if self.llm is None:
             _ENGINE.clear()  # an engine for another model: a second one would not find memory
+            if note:
+                print(note, file=sys.stderr, flush=True)
             try:
                 self.llm = vllm.LLM(**kwargs)
             except Exception as e:
-                raise _engine_error(e, settings, model_path) from None
+                raise _engine_error(e, settings, model_path) from e
             _ENGINE.put(key, self.llm)
             reused = False
         self._vllm = vllm
@@ -188,6 +193,13 @@ class VLLMGenerator(Generator):
     def sample(self, prompts: list[list[int]], seeds: list[int] | None) -> Samples:
         self._wake()
         seeds = seeds if seeds is not None else [None] * len(prompts)  # type: ignore[list-item]
+        longest = max((len(p) for p in prompts), default=0)
+        if self.max_len and longest >= self.max_len:
+            raise ConfigError(
+                f"a prompt of {longest} tokens leaves no room to generate in the vLLM engine's "
+                f"{self.max_len} positions (prompt + response): lower data.max_prompt_length (prompts "
+                "keep their end), or raise generate.vllm_max_model_len where the model has more positions"
+            )
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         try:
             outs = self.llm.generate(requests, [self.params(s) for s in seeds], use_tqdm=False,
@@ -288,18 +300,88 @@ def engine_key(folder: str, kwargs: dict[str, Any]) -> str:
     return json.dumps({"config": config, "settings": settings}, sort_keys=True, default=str)
 
 
+def model_positions(folder: str) -> int | None:
+    """The longest sequence the model in `folder` takes (its config's position count), or None
+    when its config does not say."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config = config.get("text_config", config)  # a multimodal model's language model
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return int(config[key])
+    return None
+
+
+def engine_length(settings: Any, folder: str, max_prompt_length: int) -> tuple[int, str | None]:
+    """The engine's max_model_len: generate.vllm_max_model_len, or data.max_prompt_length +
+    generate.max_new_tokens, never more than the model's positions; and a note when it had to
+    be capped. Asked for more than the model has, the engine serves what it has (a longer
+    response stops there), or, when generate.vllm_max_model_len asked for it, refuses, naming
+    the keys."""
+    asked = settings.vllm_max_model_len or (max_prompt_length + settings.max_new_tokens)
+    positions = model_positions(folder)
+    if not positions or not asked or asked <= positions:
+        return asked, None
+    if settings.vllm_max_model_len:
+        raise ConfigError(
+            f"config key 'generate.vllm_max_model_len' ({asked}) is more than the {positions} "
+            f"positions of the model at {folder}: set it to {positions} or less (or 0 for "
+            "data.max_prompt_length + generate.max_new_tokens, capped at the model's positions)"
+        )
+    note = (
+        f"[rto] vLLM: data.max_prompt_length + generate.max_new_tokens ({max_prompt_length} + "
+        f"{settings.max_new_tokens} = {asked}) is more than the {positions} positions of the model "
+        f"at {folder}: the engine serves {positions} (prompt and response together; a response "
+        "stops there). Lower data.max_prompt_length or generate.max_new_tokens to make them fit"
+    )
+    return positions, note
+
+
+_HEADER = re.compile(r"^\d+ validation errors? for \w+$")
+
+
+def engine_reason(e: Exception) -> str:
+    """The line of vLLM's error that says what is wrong: not the class alone (pydantic's
+    "1 validation error for ModelConfig" is followed by the reason), without pydantic's
+    "[type=...]" and "For further information" decorations."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and _HEADER.match(lines[0]):
+        lines = [line for line in lines[1:] if not line.startswith("For further information")]
+        lines = [
+            re.sub(r"^(Value|Assertion) error, ", "", re.sub(r"\s*\[type=.*$", "", x))
+            for x in lines
+        ]
+        lines = [x for x in lines if x and not re.fullmatch(r"[\w.]+", x)]  # the field name alone
+    reason = lines[0] if lines else ""
+    return f"{type(e).__name__}: {reason}"[:400]
+
+
 def _engine_error(e: Exception, settings: Any, model_path: str | None) -> Exception:
-    """A vLLM start-up failure as the config key that fixes it."""
-    text = f"{type(e).__name__}: {e}"
-    first = text.splitlines()[0][:400]
-    low = text.lower()
+    """A vLLM start-up failure in vLLM's own words, with the config key that fixes it."""
+    reason = engine_reason(e)
+    low = reason.lower()
+    if "max_model_len" in low or "maximum model length" in low or "max_seq_len" in low:
+        return ConfigError(
+            f"the vLLM engine could not start on {model_path} ({reason}); lower "
+            "generate.vllm_max_model_len, or data.max_prompt_length and generate.max_new_tokens"
+        )
     if "memory" in low or "kv cache" in low or "cache blocks" in low:
         return ConfigError(
             f"config key 'generate.vllm_memory' ({settings.vllm_memory}): the vLLM engine could not get "
-            f"its memory ({first}); lower or raise the share, or lower generate.vllm_max_model_len"
+            f"its memory ({reason}); lower or raise the share, or lower generate.vllm_max_model_len"
+        )
+    if "dtype" in low:
+        return ConfigError(
+            f"the vLLM engine could not start on {model_path} ({reason}); set generate.vllm_dtype"
+        )
+    if "tensor_parallel" in low or "tensor parallel" in low:
+        return ConfigError(
+            f"the vLLM engine could not start on {model_path} ({reason}); lower "
+            "generate.vllm_tensor_parallel_size"
         )
     if "architecture" in low or "not supported" in low or "unsupported" in low:
         return ModelError(
-            f"vLLM cannot serve the model {model_path} ({first}); set generate.backend hf for it"
+            f"vLLM cannot serve the model {model_path} ({reason}); set generate.backend hf for it"
         )
-    return ModelError(f"the vLLM engine could not start on {model_path} ({first})")
+    return ModelError(f"the vLLM engine could not start on {model_path} ({reason})")

@@ -26,7 +26,7 @@ each its group baseline, and sum the result from each token on (gamma = 1 in the
                            d'_{i,t} = (d_{i,t} - mean_g d) / (std_g d + eps)
                            std unbiased, eps = 1e-6; std_normalization False (Dr. GRPO, Liu et al.
                            2025, arXiv 2503.20783) subtracts the mean only. With no dense part
-                           (rl.dpo_reward_scale 0, KL in the loss) this is plain GRPO. Under the std
+                           (rl.dpo_reward.scale 0, KL in the loss) this is plain GRPO. Under the std
                            the dense part's weight (beta1) no longer scales it, only its shape does.
     reinforce_pp_baseline  REINFORCE++-baseline (Hu 2025, OpenRLHF): s'_i = s_i - mean_g s, the dense
                            part (KL, token rewards) as it is; then whitened over the batch.

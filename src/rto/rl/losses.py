@@ -1,11 +1,11 @@
 """PPO losses and diagnostics, over (B, T) response tokens with a mask.
 
     policy   L = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi/pi_old
-             (rl.sampler_correction tis: each term times w_t = min(pi_old / pi_vllm, C))
+             (rl.sampler.correction tis: each term times w_t = min(pi_old / pi_vllm, C))
     value    L = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - eps_v, V_old + eps_v) - R_t)^2)
-    kl       L = mean_t exp(l_t) - l_t - 1,  l_t = log pi_ref - log pi_theta  (rl.kl_in_loss: GRPO's
+    kl       L = mean_t exp(l_t) - l_t - 1,  l_t = log pi_ref - log pi_theta  (rl.kl.in_loss: GRPO's
              k3 estimator of KL(pi_theta || pi_ref), Schulman 2020; DeepSeekMath eq. 4), weighted
-             by beta2 = rl.kl_coef in the trainer
+             by beta2 = rl.kl.coef in the trainer
 
 The mean is over every real token of one optimiser step's minibatch: a micro-batch's losses are
 summed over its tokens and divided by `num_tokens`, the real tokens of the whole minibatch across
@@ -65,7 +65,7 @@ def policy_loss(
 
 
 def sampler_weights(logp_old: torch.Tensor, logp_sampler: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance sampling (rl.sampler_correction tis): w_t = min(pi_old / pi_sampler, C)
+    """Truncated importance sampling (rl.sampler.correction tis): w_t = min(pi_old / pi_sampler, C)
     per token, no gradient. The rollout was drawn from the sampler (vLLM), whose numbers differ
     from the trainer's pi_old; w corrects the policy gradient towards pi_old's, truncated at C to
     bound its variance (Yao et al. 2025, "Your efficient RL framework secretly brings you

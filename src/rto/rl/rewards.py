@@ -7,7 +7,7 @@ last token otherwise), RTO paper section 4:
         - beta2 * (log pi_theta(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h))                 KL penalty
         + [h == H] * beta3 * score(x, y)                                              sentence score
 
-with beta1 = dpo_reward_scale, beta2 = kl_coef, beta3 = score_coef and c = dpo_reward_clip (no
+with beta1 = rl.dpo_reward.scale, beta2 = rl.kl.coef, beta3 = rl.score.coef and c = rl.dpo_reward.clip (no
 clamp when None; the paper has none, the authors' code clamps at 0.05). The score is the reward
 model's, normalised (`normalize_score`). The variants only move the DPO term:
 
@@ -60,12 +60,12 @@ class RewardSettings:
 
     kl_coef: float = 0.01  # beta2
     score_coef: float = 1.0  # beta3
-    kl_in_reward: bool = True  # False (rl.kl_in_loss): the KL is a loss term, not in r_h at all
+    kl_in_reward: bool = True  # False (rl.kl.in_loss): the KL is a loss term, not in r_h at all
 
 
 @dataclass
 class RunningMoments:
-    """Running mean / std of reward-model scores (rl.score_normalization running)."""
+    """Running mean / std of reward-model scores (rl.score.normalization running)."""
 
     count: float = 0.0
     mean: float = 0.0

@@ -12,8 +12,8 @@ A layout also owns its models' lifecycle: `prepare` hands the trainable roles (p
 to accelerate as one module with one optimiser and from then on runs them through it;
 `generation_weights` gives the policy as generation needs it; `save` writes a trained role
 (full model, adapter folder, or an adapter of the shared base) as that layout stores it;
-`learnable_dpo` / `save_dpo` give the DPO model to an online token-reward model and save what it
-learned.
+`prepare_dpo` / `save_dpo` make the DPO model an optimised module of its own, for an online
+token-reward model, and save what it learned.
 
 A batch is a dict of the RL layout's tensors (`Rollout.take`): prompt_ids / prompt_mask (B, P)
 left-padded, response_ids / response_mask (B, T) right-padded.
@@ -21,8 +21,6 @@ left-padded, response_ids / response_mask (B, T) right-padded.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,16 @@ from typing import Any
 import torch
 
 from rto.engine.distributed import GenerationWeights
+from rto.engine.optimise import Optimised
 from rto.models.forward import gather_logprobs, response_logits
 from rto.models.load import save_pretrained
 from rto.models.trainable import Trainable
 
 LOGPROB_ROLES = ("policy", "ref", "dpo")
 TRAINED_ROLES = ("policy", "critic")
+# how the engine names the DPO model learning online (its step health, in checkpoints and errors)
+ONLINE_MODULE = {"name": "token_reward_model", "what": "online token-reward model",
+                 "lr_key": "rl.online_dpo.lr", "weight_decay": 0.0}  # fmt: skip
 
 
 class ActorCritic(torch.nn.Module):
@@ -101,7 +103,7 @@ class Roles:
         self._calls = dict(self._modules)  # how each role runs: through `prepared` once prepared
         self.reward_model = reward_model
         self.prepared: Any = None  # ActorCritic(policy, critic) as accelerate prepared it
-        self.trained_groups: list[list[Any]] = []  # per optimiser group: its parameters
+        self.prepared_dpo: Any = None  # the DPO model, when it learns online (prepare_dpo)
         self.generation_weights: GenerationWeights | None = None
 
     # the role modules as loaded (before `prepare` wraps the trained ones)
@@ -121,16 +123,25 @@ class Roles:
         """The trained `role` (policy or critic) into `out`, as this layout stores it."""
         raise NotImplementedError
 
-    def learnable_dpo(self) -> tuple[dict[str, Any], Callable[[], Any]]:
-        """The DPO model's parameters by name, for an online token-reward model that keeps
-        training it, and a context in which they take gradients (here: always)."""
-        named = dict(self._modules["dpo"].named_parameters())
-        for p in named.values():
-            p.requires_grad_(True)
-        return named, contextlib.nullcontext
+    def prepare_dpo(self, engine: Any, lr: float) -> Optimised:
+        """The DPO model as a second trained module, for an online token-reward model that keeps
+        training it: every parameter trains, with its own AdamW (learning rate `lr`, no weight
+        decay), prepared by accelerate; from then on the role runs through it."""
+        dpo = self._modules["dpo"].requires_grad_(True)
+        trained = engine.optimised(dpo, [(dpo, lr)], **ONLINE_MODULE)
+        self._calls["dpo"] = self.prepared_dpo = trained.module
+        return trained
+
+    def dpo_parameters(self) -> dict[str, Any]:
+        """The DPO model's trained parameters by name."""
+        return dict(self._modules["dpo"].named_parameters())
 
     def save_dpo(self, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
-        """The DPO model as it is now (after an online run: as it learned) into `out`."""
+        """The DPO model as it is now (after an online run: as it learned) into `out`; prepared,
+        its weights are gathered from their shards."""
+        if self.prepared_dpo is not None:
+            save_pretrained(self.prepared_dpo, tokenizer, out, accelerator)
+            return
         if accelerator.is_main_process:
             save_pretrained(self._modules["dpo"], tokenizer, out)
         accelerator.wait_for_everyone()
@@ -143,25 +154,24 @@ class Roles:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def prepare(self, engine: Any, policy_lr: float, critic_lr: float) -> Any:
+    def prepare(self, engine: Any, policy_lr: float, critic_lr: float) -> Optimised:
         """Wrap policy and critic into one module, prepared by accelerate with one optimiser (a
         parameter group each, as the layout says which parameters train); from then on the
-        trained roles run through it. Returns the prepared optimiser."""
+        trained roles run through it. Returns it as the engine steps it."""
         policy_params, critic_params = self.trained_parameters()
         groups = [(policy_params, policy_lr)]
         if self.has("critic"):
             groups.append((critic_params, critic_lr))
-        self.trained_groups = [params for params, _ in groups]
-        optimizer = engine.optimizer_for_groups(groups)
         wrapper = ActorCritic(self._modules["policy"], self._modules["critic"])
-        self.prepared, optimizer = engine.accelerator.prepare(wrapper, optimizer)
+        trained = engine.optimised(wrapper, groups)
+        self.prepared = trained.module
         for role in TRAINED_ROLES:
             if self.has(role):
                 self._calls[role] = partial(self.prepared, role)
         self.generation_weights = GenerationWeights(
             engine.accelerator, self.prepared, part="policy"
         )
-        return optimizer
+        return trained
 
     def trained_module(self, role: str, accelerator: Any) -> Any:
         """The module behind the prepared wrapper that trains `role` (policy or critic)."""

@@ -3,7 +3,7 @@
     policy        base + "policy" adapter (trained)
     reference     base with every adapter off (the SFT model is the base)
     DPO model     base + "dpo" adapter (frozen; the adapter `rto dpo --lora.r` wrote; trained
-                  only inside the online token-reward model's update, `learnable_dpo`)
+                  only inside the online token-reward model's update, `prepare_dpo`)
     reward model  base + "reward" adapter (frozen) read through its score head
     critic        base + "critic" adapter (trained) read through a value head (trained)
 
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rto.engine.optimise import Optimised
 from rto.errors import ModelError
 from rto.models import lora
 from rto.models.forward import backbone_of, head_scores
@@ -35,7 +36,7 @@ from rto.models.load import load_causal_lm
 from rto.models.lora import SharedAdapters
 from rto.models.reward_model import RewardModel
 from rto.models.trainable import frozen_base
-from rto.rl.roles import Roles
+from rto.rl.roles import ONLINE_MODULE, Roles
 
 
 class AdapterRole:
@@ -104,13 +105,20 @@ class SharedBase(Roles):
                 f"{', '.join(trained)} (trained), {', '.join(frozen) or 'none'} (frozen); "
                 "reference = adapters off")  # fmt: skip
 
-    def learnable_dpo(self) -> tuple[dict[str, Any], Any]:
-        """The DPO adapter's parameters by name, and the context in which they train: the
-        adapter stays frozen outside it (DDP and the checkpoints of the prepared policy module,
-        which holds every adapter, never see it train; the online source checkpoints it)."""
+    def prepare_dpo(self, engine: Any, lr: float) -> Optimised:
+        """The DPO adapter as a second trained module. It lives inside the policy's prepared
+        module, which cannot be wrapped twice, so the engine averages its gradients over the
+        processes itself; it trains only inside each step (`SharedAdapters.training`) and stays
+        frozen outside, so DDP and the policy's checkpoints never see it train (the online
+        source checkpoints it)."""
+        params = self.adapters.parameters("dpo")
+        return engine.optimised(None, [(params, lr)], context=lambda: self.adapters.training("dpo"),
+                                **ONLINE_MODULE)  # fmt: skip
+
+    def dpo_parameters(self) -> dict[str, Any]:
+        """The DPO adapter's parameters by name."""
         ids = {id(p) for p in self.adapters.parameters("dpo")}
-        named = {n: p for n, p in self.adapters.model.named_parameters() if id(p) in ids}
-        return named, lambda: self.adapters.training("dpo")
+        return {n: p for n, p in self.adapters.model.named_parameters() if id(p) in ids}
 
     def save_dpo(self, out: str | Path, tokenizer: Any, accelerator: Any, lora: Any) -> None:
         """The DPO adapter as it is now, as an adapter folder on the shared base (merged into

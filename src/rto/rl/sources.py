@@ -5,16 +5,16 @@ the rollout's response tokens; `rl/rewards.token_rewards` scales, clips and plac
 source's own settings (coefficient, clip, granularity, shaping) and adds it to the reward:
 
     dpo       x_h = log pi_dpo(y_h|x,y_<h) - log pi_ref(y_h|x,y_<h), at temperature 1; beta1 =
-              rl.dpo_reward_scale (RTO's dense reward); frozen, or with rl.token_reward_update
+              rl.dpo_reward.scale (RTO's dense reward); frozen, or with rl.online_dpo.enabled
               online learning on every rollout (`OnlineDPOSource`, rl/online_reward.py)
     function  the user's `f(prompts, responses, tokens)` (config key token_reward_fn): prompts
               as judges read them, decoded responses, and for each response one TokenSpan
               (text, start, end) per token (`data/spans.py`); it returns, per response, either
               one number per token or (start, end, reward) character spans, each placed on the
-              token that owns the span's last character; beta = rl.token_reward_fn_scale
+              token that owns the span's last character; beta = rl.token_reward_fn.scale
 
 A sentence reward function (config key reward_fn) is `f(prompts, responses) -> list[float]`,
-like a gold reward, added to the score on the last token with weight rl.reward_fn_coef.
+like a gold reward, added to the score on the last token with weight rl.reward_fn.coef.
 
 More sources: `register(name, builder)`, where `builder(cfg, ctx)` returns the source or None
 when the run's config switches it off (a source switched off is never computed). A source is
@@ -27,9 +27,13 @@ an object with
 and, for a source that keeps learning (an online token-reward model), optionally
     learn(r)      called once per iteration after the rewards and advantages are made, with
                   the whole rollout; returns metrics, logged as source/<name>/<key>
+    prepare(engine, iterations)
+                  called once before training (and before --resume loads a checkpoint): a
+                  source with a model of its own to train puts it on the engine's path
     state_dict() / load_state_dict(state)
-                  its state (weights, optimiser, counters), saved in every checkpoint and
-                  loaded on --resume (accelerate's register_for_checkpointing)
+                  its state (counters; weights and optimiser that accelerate does not hold),
+                  saved in every checkpoint and loaded on --resume (accelerate's
+                  register_for_checkpointing)
 The trainer only calls sources through this; the DPO source has no other door.
 """
 
@@ -77,6 +81,11 @@ def build_sources(cfg: Any, ctx: SourceContext) -> list[Any]:
     return [s for s in sources if s is not None]
 
 
+def source_settings(section: Any) -> SourceSettings:
+    """A source's settings from its config section (rl.dpo_reward, rl.token_reward_fn)."""
+    return SourceSettings(section.scale, section.clip, section.granularity, section.shaping)
+
+
 def response_token_ids(r: Rollout) -> list[list[int]]:
     """Each response's real tokens (up to and including the stop token)."""
     lengths = r.response_mask.sum(1).tolist()
@@ -118,8 +127,8 @@ class DPOSource:
 
 
 class OnlineDPOSource(DPOSource):
-    """The DPO source whose model keeps learning (rl.token_reward_update online): PRIME's update
-    (rl/online_reward.py) on every rollout, after it scores it (rl.token_reward_update_order
+    """The DPO source whose model keeps learning (rl.online_dpo.enabled): PRIME's update
+    (rl/online_reward.py) on every rollout, after it scores it (rl.online_dpo.order
     after) or before (the rollout is scored by the updated model). Logs source/dpo/loss and
     accuracy (before the update), labelled_share, updates and reward_drift: the mean over real
     tokens of |beta1 (x_after - x_before)|, how far this rollout's token rewards moved (one more
@@ -130,6 +139,10 @@ class OnlineDPOSource(DPOSource):
         super().__init__(settings, ctx, path)
         self.learner, self.order = learner, order
         self.metrics: dict[str, float] = {}
+
+    def prepare(self, engine: Any, iterations: int) -> None:
+        """Its DPO model on the engine's optimisation path (`OnlineTokenReward.prepare`)."""
+        self.learner.prepare(engine, iterations)
 
     def __call__(self, r: Rollout) -> torch.Tensor:
         if self.order == "after":
@@ -171,20 +184,19 @@ class OnlineDPOSource(DPOSource):
 
 def _dpo_builder(cfg: Any, ctx: SourceContext) -> DPOSource | None:
     rl = cfg.rl
-    if rl.dpo_reward_scale == 0.0:
+    if rl.dpo_reward.scale == 0.0:
         return None
-    settings = SourceSettings(rl.dpo_reward_scale, rl.dpo_reward_clip, rl.dpo_reward_granularity,
-                              rl.dpo_reward_shaping)  # fmt: skip
-    if rl.token_reward_update == "frozen":
+    settings = source_settings(rl.dpo_reward)
+    if not rl.online_dpo.enabled:
         return DPOSource(settings, ctx, cfg.dpo_model)
     weights = {
-        "score": rl.score_coef if ctx.roles.has("reward") else 0.0,
-        "reward_fn": rl.reward_fn_coef,
+        "score": rl.score.coef if ctx.roles.has("reward") else 0.0,
+        "reward_fn": rl.reward_fn.coef,
     }
-    learner = OnlineTokenReward(ctx.roles, beta=rl.dpo_reward_scale, lr=rl.token_reward_lr,
-                                steps=rl.token_reward_steps, label=rl.token_reward_label,
+    learner = OnlineTokenReward(ctx.roles, beta=rl.dpo_reward.scale, lr=rl.online_dpo.lr,
+                                steps=rl.online_dpo.steps, label=rl.online_dpo.label,
                                 batch_size=ctx.batch_size, sentence_weights=weights)  # fmt: skip
-    return OnlineDPOSource(settings, ctx, cfg.dpo_model, learner, rl.token_reward_update_order)
+    return OnlineDPOSource(settings, ctx, cfg.dpo_model, learner, rl.online_dpo.order)
 
 
 # --------------------------------------------------------------------------- function
@@ -217,11 +229,10 @@ class FunctionSource:
 
 def _function_builder(cfg: Any, ctx: SourceContext) -> FunctionSource | None:
     rl = cfg.rl
-    if not cfg.token_reward_fn or rl.token_reward_fn_scale == 0.0:
+    if not cfg.token_reward_fn or rl.token_reward_fn.scale == 0.0:
         return None
     fn = resolve_function(cfg.token_reward_fn, "token_reward_fn")
-    settings = SourceSettings(rl.token_reward_fn_scale, rl.token_reward_fn_clip, rl.token_reward_fn_granularity,
-                              rl.token_reward_fn_shaping)  # fmt: skip
+    settings = source_settings(rl.token_reward_fn)
     return FunctionSource(fn, cfg.token_reward_fn, settings, ctx)
 
 
@@ -256,9 +267,9 @@ class SentenceRewardFunction:
 
 
 def sentence_rewards(cfg: Any) -> list[SentenceRewardFunction]:
-    if not cfg.reward_fn or cfg.rl.reward_fn_coef == 0.0:
+    if not cfg.reward_fn or cfg.rl.reward_fn.coef == 0.0:
         return []
-    return [SentenceRewardFunction(cfg.reward_fn, cfg.rl.reward_fn_coef)]
+    return [SentenceRewardFunction(cfg.reward_fn, cfg.rl.reward_fn.coef)]
 
 
 def score_sources(r: Rollout, sources: list[Any], sentence: list[SentenceRewardFunction]) -> None:

@@ -10,7 +10,7 @@ One iteration (a "step" for logging, checkpoints and --resume):
                  REINFORCE++-baseline) over each prompt's rl.samples_per_prompt responses
                  (rl/advantages.py), then whitening;
   5. update      rl.ppo_epochs passes of minibatches of train.batch_size responses, clipped
-                 policy and value losses (rl/losses.py; with rl.kl_in_loss the k3 KL to the
+                 policy and value losses (rl/losses.py; with rl.kl.in_loss the k3 KL to the
                  reference as a loss term), one engine optimiser step each.
 The maths lives in rto.rl.{rewards, advantages, losses}; this file only moves data between them.
 
@@ -32,12 +32,12 @@ import torch
 
 from rto.data.spans import delimiter_token_ids
 from rto.engine.distributed import max_over_processes, sum_over_processes
-from rto.engine.step import OptimizerStep
+from rto.engine.optimise import Optimised, StepResult
 from rto.errors import ConfigError, ModelError, RtoError
 from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, stop_ids
 from rto.models.generators import make_generator
-from rto.models.seeded import row_seed
+from rto.models.seeded import row_seed, stream_seed
 from rto.rl.advantages import estimate, whiten
 from rto.rl.experience import Rollout, merge_samples, score_rollout, to_device
 from rto.rl.kl import KLController
@@ -79,7 +79,7 @@ class PPOTrainer:
         self.prompts, self.eval_prompts = prompts, eval_prompts
         self.score_stats = score_stats
         self.running = RunningMoments()
-        self.kl = KLController(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
+        self.kl = KLController(self.rl.kl.coef, self.rl.kl.target, self.rl.kl.horizon)
         self.eos = stop_ids(tokenizer, roles.policy)
         self.gold = (
             resolve(cfg.eval.gold_reward, "gold", "eval.gold_reward")
@@ -92,7 +92,7 @@ class PPOTrainer:
             cfg.generate, tokenizer=tokenizer, eos=self.eos, device=engine.device, model=roles.policy,
             model_cfg=cfg.model, model_path=cfg.model.path, max_prompt_length=cfg.data.max_prompt_length,
         )  # fmt: skip
-        # vLLM: its sampling log-probs kept beside pi_old (rl.sampler_correction, the gap's logs)
+        # vLLM: its sampling log-probs kept beside pi_old (rl.sampler.correction, the gap's logs)
         self.generator.report_logprobs = True
         context = SourceContext(roles, tokenizer, self.eos, self.rl.forward_batch_size, self.temperature)  # fmt: skip
         self.sources = build_sources(cfg, context)  # token-reward sources (rl/sources.py)
@@ -183,8 +183,8 @@ class PPOTrainer:
                 continue
             scored = "scored" if name == "reward model" else "gave log-probabilities of"
             why = (
-                f"the {name} learns online (rl.token_reward_update online), so its own updates may "
-                "have diverged: lower rl.token_reward_lr, or run with rl.token_reward_update frozen "
+                f"the {name} learns online (rl.online_dpo.enabled), so its own updates may "
+                "have diverged: lower rl.online_dpo.lr, or run with rl.online_dpo.enabled false "
                 "to check the model as loaded"
                 if learning
                 else f"the {name} is frozen, so its weights (or its score head) are broken, not the "
@@ -200,21 +200,21 @@ class PPOTrainer:
     def normalized_score(self, r: Rollout) -> torch.Tensor:
         rl = self.rl
         mean, std = 0.0, 1.0
-        if rl.score_normalization == "stored" and self.score_stats is not None:
+        if rl.score.normalization == "stored" and self.score_stats is not None:
             mean, std = self.score_stats["mean"], self.score_stats["std"]
-        elif rl.score_normalization == "running":
+        elif rl.score.normalization == "running":
             self.running.update(self.acc.gather(r.score).float())
             mean, std = self.running.mean, self.running.std
-        return normalize_score(r.score, mean=mean, std=std, clamp=rl.score_clamp, truncated=r.truncated,
-                               missing_eos_penalty=rl.missing_eos_penalty)  # fmt: skip
+        return normalize_score(r.score, mean=mean, std=std, clamp=rl.score.clamp, truncated=r.truncated,
+                               missing_eos_penalty=rl.score.missing_eos_penalty)  # fmt: skip
 
     def rewards(self, r: Rollout) -> dict[str, torch.Tensor]:
         """r.rewards, (B, T); returns the reward's parts (for the logs)."""
         segment_end = None
         if self.segment_ids is not None:
             segment_end = torch.isin(r.response_ids, self.segment_ids.to(r.response_ids.device))
-        settings = RewardSettings(kl_coef=self.kl.value, score_coef=self.rl.score_coef,
-                                  kl_in_reward=not self.rl.kl_in_loss)  # fmt: skip
+        settings = RewardSettings(kl_coef=self.kl.value, score_coef=self.rl.score.coef,
+                                  kl_in_reward=not self.rl.kl.in_loss)  # fmt: skip
         sources = {s.name: (r.token_sources[s.name], s.settings) for s in self.sources}
         sentence = {f.name: (r.sentence[f.name], f.weight) for f in self.sentence}
         r.rewards, parts = token_rewards(r.response_mask, r.logp_old, r.logp_ref, self.normalized_score(r), settings,
@@ -248,25 +248,27 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ 5: update
 
-    def update(self, r: Rollout, iteration: int, step: OptimizerStep, total_updates: int,
+    def update(self, r: Rollout, iteration: int, trained: Optimised, total_updates: int,
                per_iter: int) -> dict[str, float]:  # fmt: skip
         """rl.ppo_epochs passes over the rollout in minibatches of train.batch_size responses (this
-        process: its share), one optimiser step each."""
+        process: its share), one optimiser step of the actor-critic (`trained`) each."""
         eng = self.engine
         sums: dict[str, float] = defaultdict(float)
         grad_norms: list[float] = []
         minibatches, lr = 0, 0.0
         update_index = iteration * per_iter
-        generator = torch.Generator().manual_seed(eng.seed * 100_003 + iteration)
+        generator = torch.Generator().manual_seed(
+            stream_seed(eng.seed, "minibatch_order", iteration)
+        )
         mb_local = self.cfg.train.batch_size // eng.world
         for _ in range(self.rl.ppo_epochs):
             order = torch.randperm(len(r), generator=generator)
             for start in range(0, len(r), mb_local):
-                lr = step.start(update_index, total_updates)
-                self.train_minibatch(r, order[start : start + mb_local], step, sums)
-                if step.grad_norm is not None:  # of the synced gradient: global
-                    grad_norms.append(step.grad_norm)
-                step.finish(iteration + 1)  # as metrics.jsonl counts
+                result = self.train_minibatch(r, order[start : start + mb_local], trained, update_index,
+                                              total_updates, iteration + 1, sums)  # fmt: skip
+                lr = result.lr
+                if result.grad_norm is not None:  # of the synced gradient: global
+                    grad_norms.append(result.grad_norm)
                 update_index += 1
                 minibatches += 1
         # each term is a share of its minibatch's global token mean: sum over processes, then
@@ -276,24 +278,18 @@ class PPOTrainer:
         out["lr"] = lr
         return out
 
-    def train_minibatch(self, r: Rollout, rows: torch.Tensor, step: OptimizerStep,
-                        sums: dict[str, float]) -> None:  # fmt: skip
-        """One optimiser step on rollout rows `rows`, in micro-batches. Each loss is the token
-        mean over the whole minibatch: summed per micro-batch, divided by the minibatch's real
-        tokens on all processes (transformers' num_items_in_batch)."""
-        eng, acc = self.engine, self.acc
+    def train_minibatch(self, r: Rollout, rows: torch.Tensor, trained: Optimised, index: int, total: int,
+                        label: int, sums: dict[str, float]) -> StepResult:  # fmt: skip
+        """Optimiser step `index` of `total` on rollout rows `rows`, in micro-batches (its terms
+        summed into `sums`). Each loss is the token mean over the whole minibatch: summed per
+        micro-batch, divided by the minibatch's real tokens on all processes (transformers'
+        num_items_in_batch), so it is already its share of the step's mean."""
+        eng = self.engine
         local_tokens = float(r.response_mask[rows.to(r.response_mask.device)].sum())
         tokens = sum_over_processes({"tokens": local_tokens})["tokens"]
-        for micro in rows.split(eng.micro_batch_size):
-            b = r.take(micro.to(r.response_ids.device))
-            with acc.accumulate(self.roles.prepared):
-                with acc.autocast():
-                    loss, stats = self.losses(b, tokens)
-                # the terms are already shares of the minibatch mean: undo accelerate's division
-                # by the accumulation steps and DDP's average over processes
-                step.backward(loss * eng.micro_loss_factor)
-            for k, v in stats.items():
-                sums[k] += float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        micro = [r.take(m.to(r.response_ids.device)) for m in rows.split(eng.micro_batch_size)]
+        return trained.step(index, total, micro, lambda b: self.losses(b, tokens),
+                            scale=eng.micro_loss_factor, label=label, sums=sums)  # fmt: skip
 
     def losses(
         self, b: dict[str, torch.Tensor], tokens: float
@@ -302,8 +298,8 @@ class PPOTrainer:
         rl, mask = self.rl, b["response_mask"]
         logp, logits = self.roles.logprobs_and_logits("policy", b, self.temperature)
         weights = None
-        if rl.sampler_correction == "tis" and "logp_sampler" in b:
-            weights = sampler_weights(b["logp_old"], b["logp_sampler"], rl.tis_cap)
+        if rl.sampler.correction == "tis" and "logp_sampler" in b:
+            weights = sampler_weights(b["logp_old"], b["logp_sampler"], rl.sampler.tis_cap)
         pl, pstats = policy_loss(
             logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens, weights
         )
@@ -314,7 +310,7 @@ class PPOTrainer:
         loss = pl - rl.entropy_coef * entropy
         stats = {"policy/loss": pl, "policy/entropy": entropy, "policy/clipfrac": pstats["clipfrac"],
                  "policy/approx_kl": pstats["approx_kl"]}  # fmt: skip
-        if rl.kl_in_loss:  # GRPO's k3 KL to the reference, weighted by beta2 (rl.kl_coef)
+        if rl.kl.in_loss:  # GRPO's k3 KL to the reference, weighted by beta2 (rl.kl.coef)
             kl = kl_loss(logp, b["logp_ref"], mask, tokens)
             loss = loss + self.kl.value * kl
             stats["policy/kl_loss"] = kl
@@ -343,10 +339,14 @@ class PPOTrainer:
         # per-response means, weighted by this process's responses (a share is a ratio of sums
         # over this process's tokens: the mean over processes, exact with one process)
         in_reward = (
-            parts if not self.rl.kl_in_loss else {k: v for k, v in parts.items() if k != "kl"}
+            parts if not self.rl.kl.in_loss else {k: v for k, v in parts.items() if k != "kl"}
         )
         for name, (total, share) in reward_breakdown(in_reward, self.kl.value).items():
-            if name == "score" and not self.roles.has("reward") and not self.rl.missing_eos_penalty:
+            if (
+                name == "score"
+                and not self.roles.has("reward")
+                and not self.rl.score.missing_eos_penalty
+            ):
                 continue  # no reward model: no score to report
             sums[f"reward/{name}_sum"] = total * len(r)
             sums[f"reward/{name}_share"] = share * len(r)
@@ -356,7 +356,7 @@ class PPOTrainer:
         if r.logp_sampler is not None:  # vLLM sampled: how far its log-probs are from pi_old's
             gap = (r.logp_old - r.logp_sampler).masked_fill(~r.response_mask.bool(), 0.0)
             sampler = {"tokens": float(mask.sum()), "gap": float(gap.sum()), "gap_abs": float(gap.abs().sum()),
-                       "capped": float((gap > math.log(self.rl.tis_cap)).sum())}  # fmt: skip
+                       "capped": float((gap > math.log(self.rl.sampler.tis_cap)).sum())}  # fmt: skip
             sums.update({f"_sampler/{k}": v for k, v in sampler.items()})
         sums = sum_over_processes(sums)
         n = sums.pop("n")
@@ -408,9 +408,10 @@ class PPOTrainer:
         eng, rl, t = self.engine, self.rl, self.cfg.train
         iterations, per_iter = self.plan()
         total_updates = iterations * per_iter
-        optimizer = self.roles.prepare(eng, t.lr, rl.critic_lr)
-        step = OptimizerStep(eng, optimizer, list(zip(self.roles.trained_groups, [t.lr, rl.critic_lr])),
-                             whole=self.roles.prepared)  # fmt: skip
+        trained = self.roles.prepare(eng, t.lr, rl.critic_lr)
+        for source in self.sources:  # a learning source's model is optimised on the same path
+            if hasattr(source, "prepare"):
+                source.prepare(eng, iterations)
         state = eng.resume_or_start(self.cfg.resume)
         start = state["step"]
         self.restore(state)
@@ -433,7 +434,7 @@ class PPOTrainer:
             t2 = time.time()
             rollout_stats = {**self.rollout_metrics(r, parts), **learned}
             self.kl.update(rollout_stats["rollout/kl"], len(r) * eng.world)
-            train_stats = self.update(r, it, step, total_updates, per_iter)
+            train_stats = self.update(r, it, trained, total_updates, per_iter)
             t3 = time.time()
             self.samples_seen += len(r) * eng.world
             counts = sum_over_processes({"generated": float(r.response_mask.sum()),

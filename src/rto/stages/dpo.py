@@ -138,10 +138,9 @@ def held_out(
     return {k: v / len(examples) for k, v in totals.items()}
 
 
-def run(cfg: DPOConfig) -> dict[str, Any]:
-    folder = RunFolder.check(cfg, "dpo")  # writes nothing; the folder changes at engine.begin()
-    if folder.done:
-        return folder.finished_summary()
+def run(cfg: DPOConfig, folder: RunFolder) -> dict[str, Any]:
+    """Run the stage into `folder` (checked by the caller, not yet begun: the folder changes at
+    engine.begin())."""
     engine = Engine.for_stage(
         cfg, folder, progress_keys=("loss", "rewards/accuracies", "rewards/margins")
     )

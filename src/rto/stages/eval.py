@@ -100,32 +100,32 @@ def format_table(methods: dict[str, dict[str, Any]], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: EvalConfig) -> dict[str, Any]:
+def run(cfg: EvalConfig, folder: RunFolder) -> dict[str, Any]:
     """Each process samples and judges its share of the prompts (seeded per prompt, so the
     generations do not depend on the number of processes); the main process writes, and only
     once every policy is judged."""
     dist = init_distributed()
     main = dist.is_main_process
-    folder = RunFolder.check(cfg, "eval")  # writes nothing; the folder changes at the end
     began = time.time()
     device = dist.device
     policies = cfg.named_policies()
+    loading = cfg.model.model_section()  # how every model is loaded (each has its own path)
     first_name, first_path = policies[0]
-    tokenizer = load_tokenizer(cfg.model, first_path, f"policy {first_name}")
+    tokenizer = load_tokenizer(loading, first_path, f"policy {first_name}")
     resolve_judges(cfg.eval)
     for name, path in policies[1:] + ([("reference", cfg.ref_model)] if cfg.ref_model else []):
         role = f"policy {name}" if name != "reference" else "reference model"
         check_same_tokenizer(
             tokenizer,
             f"policy {first_name}",
-            load_tokenizer(cfg.model, path, role),
+            load_tokenizer(loading, path, role),
             role,
         )
     prompts = load_eval_prompts(
         cfg.eval, tokenizer, cfg.data.max_prompt_length, cfg.seed, first_path, cfg.data.chat_prompts
     )
     ref = (
-        load_causal_lm(cfg.model, path=cfg.ref_model, trainable=False, role="reference model").to(
+        load_causal_lm(loading, path=cfg.ref_model, trainable=False, role="reference model").to(
             device
         )
         if cfg.ref_model
@@ -133,7 +133,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     )
     rm = None
     if cfg.reward_model:  # may have its own tokenizer: it then reads re-rendered text
-        rm = load_reward_model(cfg.model, cfg.reward_model, tokenizer, chat_prompts=cfg.data.chat_prompts,
+        rm = load_reward_model(loading, cfg.reward_model, tokenizer, chat_prompts=cfg.data.chat_prompts,
                                device=device)  # fmt: skip
         rm.check_prompts([p["prompt_value"] for p in prompts])
         if main:
@@ -142,10 +142,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     methods: dict[str, dict[str, Any]] = {}
     all_records: dict[str, list[dict[str, Any]]] = {}
     for name, path in policies:
-        policy = load_causal_lm(cfg.model, path=path, trainable=False, role=f"policy {name}")
+        policy = load_causal_lm(loading, path=path, trainable=False, role=f"policy {name}")
         policy = policy.to(device)
         generator = make_generator(cfg.generate, tokenizer=tokenizer, eos=stop_ids(tokenizer, policy), device=device,
-                                   model=policy, model_cfg=cfg.model, model_path=path,
+                                   model=policy, model_cfg=loading, model_path=path,
                                    max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
         try:
             metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=device,

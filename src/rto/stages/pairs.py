@@ -97,13 +97,12 @@ def pairs_of_prompt(
     return made, skipped
 
 
-def run(cfg: PairsConfig) -> dict[str, Any]:
+def run(cfg: PairsConfig, folder: RunFolder) -> dict[str, Any]:
     """Each process samples, judges and labels its share of the prompts; every prompt's
     responses and labels come from seeds of its own (run seed, prompt index), so the pairs do
     not depend on the number of processes. The main process writes the files, and only once
     every response is judged."""
     dist = init_distributed()
-    folder = RunFolder.check(cfg, "pairs")  # writes nothing; the folder changes at the end
     began = time.time()
     device = dist.device
     judge = resolve(cfg.gold_reward, "gold", "gold_reward")

@@ -155,8 +155,7 @@ def markdown(
     return "\n".join(lines)
 
 
-def run(cfg: ReportConfig) -> dict[str, Any]:
-    folder = RunFolder.check(cfg, "report")  # writes nothing until every input is read
+def run(cfg: ReportConfig, folder: RunFolder) -> dict[str, Any]:
     eval_file = Path(cfg.eval) / "eval.json"
     if not eval_file.is_file():
         raise DataError(

@@ -8,7 +8,7 @@ model and the critic read the policy's token ids, so they must share its tokeniz
 before loading); a reward model may have its own (it then reads re-rendered text, and the critic
 starts from the policy). Presets name the paper's methods: ppo, rto, rs_ppo, semi_rto, ddpo,
 rpp, rto_rpp, and the critic-free group estimators grpo, rto_grpo, rloo, rto_rloo (`--preset`);
-every estimator but gae loads no critic. With rl.token_reward_update online the DPO model (or
+every estimator but gae loads no critic. With rl.online_dpo.enabled the DPO model (or
 the shared base's DPO adapter) keeps learning and is saved as it learned in --out/token_reward_model.
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 
 from rto.config.stages import RLConfig
 from rto.data.tokenize import load_prompts
-from rto.engine.distributed import shards_weights
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.errors import ModelError
@@ -31,6 +30,7 @@ from rto.models.load import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
+from rto.models.placement import shards_weights
 from rto.models.reward_model import load_reward_model
 from rto.models.trainable import load_trainable_lm, load_trainable_scorer
 from rto.rl.roles import SeparateModels
@@ -43,17 +43,17 @@ TOKEN_REWARD_MODEL = "token_reward_model"  # the online DPO model as it learned,
 
 
 def reward_stats(cfg: RLConfig) -> dict[str, float] | None:
-    if not cfg.reward_model or cfg.rl.score_normalization != "stored":
+    if not cfg.reward_model or cfg.rl.score.normalization != "stored":
         return None
     path = Path(cfg.reward_model) / STATS_FILE
     if not path.is_file():
         raise ModelError(
-            f"rl.score_normalization is 'stored' but {path} does not exist (reward models from `rto rm` write it); "
-            "set rl.score_normalization to running or none for other reward models"
+            f"rl.score.normalization is 'stored' but {path} does not exist (reward models from `rto rm` write it); "
+            "set rl.score.normalization to running or none for other reward models"
         )
     stats = read_json(path)
     if not stats.get("std"):
-        raise ModelError(f"{path} has no usable 'std'; set rl.score_normalization running")
+        raise ModelError(f"{path} has no usable 'std'; set rl.score.normalization running")
     return stats
 
 
@@ -73,18 +73,17 @@ def critic_source(cfg: RLConfig, rm_same_tokenizer: bool) -> tuple[str, bool, st
     return cfg.model.path, False, note
 
 
-def run(cfg: RLConfig) -> dict[str, Any]:
-    folder = RunFolder.check(cfg, "rl")  # writes nothing; the folder changes at engine.begin()
-    if folder.done:
-        return folder.finished_summary()
+def run(cfg: RLConfig, folder: RunFolder) -> dict[str, Any]:
+    """Run the stage into `folder` (checked by the caller, not yet begun: the folder changes at
+    engine.begin())."""
     engine = Engine.for_stage(
         cfg, folder, progress_keys=("rollout/gold_reward", "rollout/score", "rollout/kl")
     )
     rl = cfg.rl
     tokenizer = load_tokenizer(cfg.model)
     ref_path = cfg.ref_model or cfg.model.path
-    use_dpo = rl.dpo_reward_scale > 0
-    use_rm = rl.score_coef > 0 and bool(cfg.reward_model)
+    use_dpo = rl.dpo_reward.scale > 0
+    use_rm = rl.score.coef > 0 and bool(cfg.reward_model)
     own = cfg.model.tokenizer or cfg.model.path
     dpo_reason = ("the DPO model's rewards are per policy token (log pi_dpo - log pi_ref of the policy's own "
                   "tokens), so it must share the policy's tokenizer")  # fmt: skip
@@ -146,7 +145,7 @@ def run(cfg: RLConfig) -> dict[str, Any]:
     if cfg.save_critic and roles.has("critic"):
         roles.save("critic", out / "critic", tokenizer, engine.accelerator, cfg.lora)
     learned = {}
-    if use_dpo and rl.token_reward_update == "online":  # what the DPO model learned online
+    if use_dpo and rl.online_dpo.enabled:  # what the DPO model learned online
         roles.save_dpo(out / TOKEN_REWARD_MODEL, tokenizer, engine.accelerator, cfg.lora)
         learned = {"token_reward_model": str(out / TOKEN_REWARD_MODEL)}
         engine.say(
@@ -173,11 +172,12 @@ def separate_models(cfg: RLConfig, engine: Engine, tokenizer: Any, *, use_dpo: b
     policy = load_trainable_lm(cfg.model, cfg.lora, role="policy")
     ref = load_causal_lm(cfg.model, path=ref_path, trainable=False, role="reference model")
     ref = ref.to(device)
-    dpo = (
-        load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=False, role="DPO model").to(device)
-        if use_dpo
-        else None
-    )
+    dpo = None
+    if use_dpo:  # learning online, it loads as a trained model does (float32 weights under auto)
+        online = cfg.rl.online_dpo.enabled
+        dpo = load_causal_lm(cfg.model, path=cfg.dpo_model, trainable=online, role="DPO model").to(
+            device
+        )
     reward_model = None
     if use_rm:
         reward_model = load_reward_model(cfg.model, cfg.reward_model, tokenizer,

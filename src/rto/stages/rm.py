@@ -87,10 +87,9 @@ def score_pairs(
     return chosen, rejected
 
 
-def run(cfg: RMConfig) -> dict[str, Any]:
-    folder = RunFolder.check(cfg, "rm")  # writes nothing; the folder changes at engine.begin()
-    if folder.done:
-        return folder.finished_summary()
+def run(cfg: RMConfig, folder: RunFolder) -> dict[str, Any]:
+    """Run the stage into `folder` (checked by the caller, not yet begun: the folder changes at
+    engine.begin())."""
     engine = Engine.for_stage(cfg, folder, progress_keys=("loss", "accuracy"))
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_train_eval(cfg.data, cfg.seed)

@@ -89,10 +89,9 @@ def unigram_perplexity(
     return math.exp(nll / max(n, 1))
 
 
-def run(cfg: SFTConfig) -> dict[str, Any]:
-    folder = RunFolder.check(cfg, "sft")  # writes nothing; the folder changes at engine.begin()
-    if folder.done:
-        return folder.finished_summary()
+def run(cfg: SFTConfig, folder: RunFolder) -> dict[str, Any]:
+    """Run the stage into `folder` (checked by the caller, not yet begun: the folder changes at
+    engine.begin())."""
     engine = Engine.for_stage(cfg, folder, progress_keys=("loss", "lr"))
     tokenizer = load_tokenizer(cfg.model)
     source = cfg.model.tokenizer or cfg.model.path

@@ -11,8 +11,8 @@ from rto.engine.run import RunFolder
 from rto.tasks import TASKS
 
 
-def run(cfg: Any, name: str = "sentiment") -> dict[str, Any]:
-    out = RunFolder.check(cfg, f"task {name}").begin()  # a task has no inputs to check first
+def run(cfg: Any, folder: RunFolder, name: str = "sentiment") -> dict[str, Any]:
+    out = folder.begin()  # a task has no inputs to check first
     began = time.time()
     info = importlib.import_module(TASKS[name]).build(cfg)
     summary = {"stage": "task", **info, "seconds": round(time.time() - began, 1)}

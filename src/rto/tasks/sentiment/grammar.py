@@ -128,8 +128,6 @@ def generate_text(rng: random.Random, review_length: str = "short") -> list[str]
 
 # --------------------------------------------------------------------------- prompts
 
-CLAUSE_STARTS = {"the", "i", "it", "overall"}
-
 
 def prompt_cuts(words: list[str]) -> list[int]:
     """Places where a prompt may end, so that the response starts a phrase of its own: before an

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("llama", "gpt2", "qwen2")
-
 
 @dataclass(frozen=True)
 class TemplateSpec:
