@@ -98,6 +98,28 @@ def test_help_lists_every_option_with_type_and_default() -> None:
     assert "paper: 3% warm-up" in text
 
 
+@pytest.mark.parametrize(
+    ("stage", "unread"),
+    [
+        ("eval", ["--model.path", "--model.tokenizer", "--data.path", "--data.max_length",
+                  "--data.eval_fraction", "--log.report_to", "--model.gradient_checkpointing"]),
+        ("pairs", ["--data.max_length", "--data.eval_path", "--data.max_eval_rows",
+                   "--model.gradient_checkpointing", "--log.report_to"]),
+        ("rl", ["--data.max_length", "--data.eval_path", "--data.eval_fraction",
+                "--data.max_eval_rows", "--log.tensorboard", "--log.wandb"]),
+        ("report", ["--seed"]),
+    ],
+)  # fmt: skip
+def test_a_stage_offers_no_option_it_does_not_read(stage: str, unread: list[str]) -> None:
+    """What `rto eval --help` once listed and nothing read (the policies come from `policies`,
+    only the prompts' rendering of `data`), and the like in the other stages."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    flags = {s for a in sub.choices[stage]._actions for s in a.option_strings}
+    assert not flags & set(unread)
+    assert "--data.max_prompt_length" in flags or stage == "report"
+
+
 def test_top_level_help_lists_stages(capsys: pytest.CaptureFixture) -> None:
     assert main([]) == 0
     out = capsys.readouterr().out

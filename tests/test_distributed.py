@@ -339,17 +339,19 @@ def test_deepspeed_configs_run_on_two_cpu_processes(
     runs: dict[str, Path], tmp_path: Path, config: str
 ) -> None:
     """The shipped DeepSpeed configs with 2 CPU processes (needs `pip install deepspeed`): SFT ends
-    where DDP ends, and RL (one engine for policy and critic; under ZeRO-3 the policy's weights
-    gathered once per rollout for generation) runs the same first rollout."""
+    where DDP ends, RL (one engine for policy and critic; under ZeRO-3 the policy's weights
+    gathered once per rollout for generation) runs the same first rollout, and so does RL with
+    the DPO model learning online (a second DeepSpeed engine: under ZeRO-3 sharded, its update
+    read from the same rollout as DDP's), which saves what it learned whole."""
     pytest.importorskip("deepspeed")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(Path(__file__).resolve().parent.parent / "configs" / "accelerate" / f"{config}.yaml"),
               "--num_processes", "2", "--main_process_port", "0", "-m", "rto"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for stage in ("sft", "rl"):
+    for stage in ("sft", "rl", "rl_group"):
         cmd = [
             *launch,
-            stage,
+            stage.removesuffix("_group"),
             "--config",
             str(runs["two"] / stage / "config.yaml"),
             "--out",
@@ -362,3 +364,9 @@ def test_deepspeed_configs_run_on_two_cpu_processes(
     assert max_difference(runs["two"] / "sft", tmp_path / "sft") < 0.02 * 1e-2  # lr 1e-2
     ddp, ds = metric_rows(runs["two"] / "rl"), metric_rows(tmp_path / "rl")
     assert ds[1]["rollout/score"] == pytest.approx(ddp[1]["rollout/score"], rel=1e-5)
+    ddp, ds = metric_rows(runs["two"] / "rl_group"), metric_rows(tmp_path / "rl_group")
+    for k in ("rollout/score", "rollout/dpo_reward_sum", "source/dpo/loss", "source/dpo/accuracy"):
+        assert ds[0][k] == pytest.approx(ddp[0][k], rel=1e-5), k
+    assert ds[-1]["source/dpo/updates"] == 2.0 and ds[-1]["source/dpo/skipped_steps"] == 0.0
+    learned = weights(tmp_path / "rl_group" / "token_reward_model")
+    assert learned.keys() == weights(runs["two"] / "rl_group" / "token_reward_model").keys()

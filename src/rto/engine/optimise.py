@@ -17,10 +17,10 @@ micro-batches and a function that returns each micro-batch's loss:
 Three kinds of module take this path: the supervised stages' model (`Engine.fit`), the RL
 stage's actor-critic (rl/trainer.py), and the online token-reward model (rl/online_reward.py).
 Each is prepared by accelerate, so DDP averages its gradients and DeepSpeed / FSDP shard it
-(a second module under DeepSpeed is a second DeepSpeed engine, stepped through its own wrapper).
-The one exception is an adapter inside another prepared module (the shared base's DPO adapter):
+(a second module under DeepSpeed is a second DeepSpeed engine, which accumulates, clips and steps
+itself). The one exception is an adapter inside another prepared module (the shared base's DPO adapter):
 it cannot be wrapped twice, so its gradients are averaged over processes here. This file holds
-the only `optimizer.step()` of rto.
+rto's only call of an optimiser's step.
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ update. Logged metrics are the same global means.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -135,7 +137,8 @@ class Engine:
         the groups are parameters inside a module prepared already (see engine/optimise.py)."""
         optimizer = adamw(self.train, groups, weight_decay)
         if module is not None:
-            module, optimizer = self.accelerator.prepare(module, optimizer)
+            with _no_second_engine_note():
+                module, optimizer = self.accelerator.prepare(module, optimizer)
         health = self.health
         if name is not None:
             health = StepHealth(what, lr_key, self.train.max_nonfinite, self.say, self.checkpoints)
@@ -311,3 +314,23 @@ class Engine:
             **self.identical_on_every_process(model),
         })  # fmt: skip
         return model, final
+
+
+class _SecondEngineNote(logging.Filter):
+    """accelerate warns, when it prepares a second model under DeepSpeed, that its `backward`
+    will still drive the first one; rto steps each DeepSpeed engine itself (engine/optimise.py),
+    so the note says nothing to an rto user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "wrapped DeepSpeed engine reference" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_second_engine_note() -> Iterator[None]:
+    logger = logging.getLogger("accelerate.accelerator")
+    note = _SecondEngineNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)

@@ -243,6 +243,11 @@ class PPOTrainer:
                 metrics.update({f"source/{source.name}/{k}": float(v) for k, v in learned.items()})
         return metrics
 
+    def learned_modules(self) -> list[Any]:
+        """The modules the sources train besides the policy (the online DPO model, prepared)."""
+        learners = [getattr(s, "learner", None) for s in self.sources]
+        return [lr.module for lr in learners if lr is not None and lr.module is not None]
+
     def _reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(x, reduction="sum") if self.acc.num_processes > 1 else x
 
@@ -459,5 +464,5 @@ class PPOTrainer:
         summary.update(final)
         summary.update({"iterations": iterations, "updates": total_updates, "samples": self.samples_seen,
                         "skipped_steps": eng.skipped_steps, "train_seconds": round(time.time() - began, 1),
-                        **eng.identical_on_every_process(self.roles.prepared)})  # fmt: skip
+                        **eng.identical_on_every_process(self.roles.prepared, *self.learned_modules())})  # fmt: skip
         return summary
