@@ -107,6 +107,31 @@ def test_online_with_lr_zero_is_frozen_and_only_online_moves_the_dpo_model(
     assert summary["token_reward_model"] == str(tmp_path / "online" / "token_reward_model")
 
 
+def test_a_nan_in_the_online_loss_skips_that_update_and_leaves_the_dpo_model_as_it_was(
+    run, dpo_model: Path, sft_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    """A NaN injected into the online model's loss in `rto rl`: its update is skipped and said,
+    the DPO model saved after the run is the one given, bit for bit; the policy trains on."""
+    from rto.rl import online_reward
+
+    real = online_reward.prime_loss
+
+    def poisoned(z, y, w, n):  # noqa: ANN001, ANN202
+        loss, correct = real(z, y, w, n)
+        return loss * float("nan"), correct
+
+    monkeypatch.setattr(online_reward, "prime_loss", poisoned)
+    rows = run(tmp_path / "nan", "--preset", "rto_rloo", "--train.max_steps", "2",
+               "--rl.online_dpo.enabled", "true", "--rl.online_dpo.lr", "1e-3")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient in the online token-reward model; update skipped" in err
+    assert [r["source/dpo/skipped_steps"] for r in rows if "source/dpo/loss" in r] == [1.0, 2.0]
+    assert same_weights(tmp_path / "nan" / "token_reward_model", dpo_model)
+    assert not same_weights(tmp_path / "nan", sft_model)  # the policy's own updates were taken
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())["skipped_steps"] == 0
+
+
 def test_a_stopped_online_run_resumes_to_the_uninterrupted_one(
     run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
