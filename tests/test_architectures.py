@@ -172,10 +172,10 @@ def test_a_users_own_readme_is_never_replaced(tmp_path: Path) -> None:
 def test_response_log_probs_skip_the_prompts_logits_without_changing_them(
     request: pytest.FixtureRequest, task: str
 ) -> None:
-    """RL's passes put only the response's positions through the output layer (a model's own
-    `logits_to_keep`): the log-probs and logits equal those read from the whole sequence's
-    logits, with either padding; a model whose forward lacks `logits_to_keep` gets the slice."""
-    from rto.models.forward import causal_logits, gather_logprobs, response_logits
+    """The padded pass puts only the response's positions through the output layer (a model's
+    own `logits_to_keep`): its log-probs equal those read from the whole sequence's logits,
+    with either padding; a model whose forward lacks `logits_to_keep` gets the slice."""
+    from rto.models.forward import PADDED, causal_logits, gather_logprobs, response_logprobs
 
     model = load_causal_lm(ModelSection(path=str(request.getfixturevalue(task) / "base_model")))
     gen = torch.Generator().manual_seed(0)
@@ -188,15 +188,16 @@ def test_response_log_probs_skip_the_prompts_logits_without_changing_them(
     ids, mask = torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1)
     with torch.no_grad():
         whole = causal_logits(model, ids, mask)[:, 6:-1]
-        cut = response_logits(model, prompt, prompt_mask, response, response_mask)
-        assert cut.shape == whole.shape == (3, 5, model.config.vocab_size)
-        torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-6)  # equal bit for bit on CPU
-        torch.testing.assert_close(gather_logprobs(cut, response), gather_logprobs(whole, response))
+        cut, _ = response_logprobs(
+            model, prompt, prompt_mask, response, response_mask, layout=PADDED
+        )
+        expected = gather_logprobs(whole, response) * response_mask
+        torch.testing.assert_close(cut, expected, rtol=1e-6, atol=1e-6)  # equal bit for bit on CPU
 
         class NoKeep(torch.nn.Module):  # a forward without logits_to_keep
             def forward(self, input_ids, attention_mask, position_ids, use_cache):  # type: ignore[no-untyped-def]
                 return model(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, use_cache=use_cache)  # fmt: skip
 
-        sliced = response_logits(NoKeep(), prompt, prompt_mask, response, response_mask)
+        sliced = causal_logits(NoKeep(), ids, mask, last=6)[:, :-1]
         torch.testing.assert_close(sliced, whole, rtol=0, atol=0)

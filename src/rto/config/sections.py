@@ -52,6 +52,25 @@ def _attn_implementation() -> str | None:
     )
 
 
+def _padding_free() -> bool:
+    return option(
+        True,
+        "Run every scoring and training pass on real tokens only: the sequences of a batch packed "
+        "into rows as wide as its longest, positions restarting per sequence (an architecture that "
+        "does not read packed rows correctly is said once and padded). false: padded rectangles.",
+    )
+
+
+def _logit_chunk() -> int:
+    return option(
+        256,
+        "Token log-probs and entropies from the hidden states this many positions at a time: the "
+        "output layer is applied per chunk and again in backward, so no (tokens x vocabulary) "
+        "logits are held whole. 0: the model's own output layer over every position at once.",
+        min=0,
+    )
+
+
 def _gguf_as_folder(section: ModelSection | SamplingModelSection) -> None:
     """A .gguf file given as `path` or as a path in `gguf_file` becomes folder + file name, the
     form transformers loads (and the resolved config records)."""
@@ -83,6 +102,8 @@ class ModelSection:
         False, "Recompute activations in the backward pass to save memory."
     )
     attn_implementation: str | None = _attn_implementation()
+    padding_free: bool = _padding_free()
+    logit_chunk: int = _logit_chunk()
 
     def check(self) -> None:
         _gguf_as_folder(self)
@@ -111,11 +132,14 @@ class LoadingSection:
     dtype: str = _dtype()
     trust_remote_code: bool = _trust_remote_code()
     attn_implementation: str | None = _attn_implementation()
+    padding_free: bool = _padding_free()
+    logit_chunk: int = _logit_chunk()
 
     def model_section(self) -> ModelSection:
         """These options as a model section without a path, which the loaders take."""
         return ModelSection(dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                            attn_implementation=self.attn_implementation)  # fmt: skip
+                            attn_implementation=self.attn_implementation, padding_free=self.padding_free,
+                            logit_chunk=self.logit_chunk)  # fmt: skip
 
 
 @dataclass

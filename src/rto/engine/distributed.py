@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rto.errors import RtoError
+from rto.models.forward import Runner
 from rto.models.placement import shards_weights
 
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -176,6 +177,8 @@ class GenerationWeights:
         generates (the policy inside the RL stage's actor-critic wrapper)."""
         self.accelerator = accelerator
         self.model = model
+        if part is None and isinstance(accelerator.unwrap_model(model), Runner):
+            part = "model"  # a model trained through ops: the causal LM is its submodule
         self.part = part
         self.sharded = shards_weights(accelerator)
         self._copy: Any = None

@@ -15,7 +15,7 @@ import torch
 from rto.data.tokenize import load_prompts
 from rto.engine.distributed import gather_ordered, rank_and_world, share
 from rto.files import write_jsonl
-from rto.models.forward import response_logprobs
+from rto.models.forward import PADDED, Layout, response_logprobs, run_op
 from rto.models.generate import Generator, HFGenerator, decode_responses, stop_ids
 from rto.models.generators import make_generator
 from rto.models.seeded import row_seed
@@ -102,6 +102,7 @@ def sampled_metrics(
     ref: Any | None = None,
     reward_model: Any | None = None,
     generator: Generator | None = None,
+    passes: Layout = PADDED,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(metrics, records): one sampled response per held-out prompt, judged.
 
@@ -111,7 +112,7 @@ def sampled_metrics(
     KL (with `ref`) is the sum over response tokens of log pi(y_h) - log pi_ref(y_h), the
     standard Monte-Carlo estimate of KL(pi || pi_ref) for one response. `generator` samples
     (with `model`'s weights; default: transformers' generate on `model`); `model` is the policy
-    the KL reads."""
+    the KL reads, in forward passes laid out by `passes`."""
     rank, world = rank_and_world()
     mine = share(len(prompts), rank, world)
     eos = stop_ids(tokenizer, model)
@@ -131,7 +132,10 @@ def sampled_metrics(
             extra: dict[str, list[float]] = {}
             if ref is not None:
                 args = (s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask)
-                kl = response_logprobs(model, *args) - response_logprobs(ref, *args)
+                kl = (
+                    run_op(model, response_logprobs, *args, layout=passes)[0]
+                    - run_op(ref, response_logprobs, *args, layout=passes)[0]
+                )
                 extra["kl"] = kl.sum(1).tolist()
             if reward_model is not None:  # a models.reward_model.RewardModel
                 values = [p.get("prompt_value", p["prompt"]) for p in chunk]

@@ -17,7 +17,7 @@ import torch
 
 from rto.data.formats import ChatRenderer
 from rto.data.tokenize import encode_scored, pad
-from rto.models.forward import TokenScorer, sequence_scores
+from rto.models.forward import Layout, TokenScorer, sequence_scores
 from rto.models.load import load_sequence_scorer, load_tokenizer, tokenizer_fingerprint
 
 
@@ -90,5 +90,5 @@ def load_reward_model(section: Any, path: str, policy_tokenizer: Any, *, chat_pr
     hf = load_sequence_scorer(
         section, path, trainable=False, require_head=True, role="reward model"
     )
-    return RewardModel(TokenScorer(hf).to(device), tokenizer, same_tokenizer=same, path=path,
+    return RewardModel(TokenScorer(hf, Layout.of(section)).to(device), tokenizer, same_tokenizer=same, path=path,
                        chat_prompts=chat_prompts)  # fmt: skip

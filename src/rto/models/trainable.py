@@ -19,7 +19,7 @@ from typing import Any
 
 from rto.files import write_json
 from rto.models import lora as peft_lora
-from rto.models.forward import TokenScorer
+from rto.models.forward import Layout, TokenScorer
 from rto.models.load import (
     load_causal_lm,
     load_sequence_scorer,
@@ -117,4 +117,4 @@ def load_trainable_scorer(section: Any, lora: Any, source: str, *, require_head:
     if pad_token_id is not None:
         hf.config.pad_token_id = pad_token_id
     trainable = make_trainable(hf, section, lora, score_head=True, source=source)
-    return Trainable(TokenScorer(trainable.model), trainable.base)
+    return Trainable(TokenScorer(trainable.model, Layout.of(section)), trainable.base)

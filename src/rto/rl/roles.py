@@ -29,7 +29,7 @@ import torch
 
 from rto.engine.distributed import GenerationWeights
 from rto.engine.optimise import Optimised
-from rto.models.forward import gather_logprobs, response_logits
+from rto.models.forward import PADDED, Layout, Runner, response_logprobs
 from rto.models.load import save_pretrained
 from rto.models.trainable import Trainable
 
@@ -61,31 +61,39 @@ class ActorCritic(torch.nn.Module):
         ]
         return sorted(set(names))
 
-    def forward(self, role: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, role)(*args, **kwargs)
+    def forward(self, role: str, op: Any, *args: Any, **kwargs: Any) -> Any:
+        """`op(role's module, *args)`, inside the wrapper's forward (models/forward.run_op)."""
+        return op(getattr(self, role), *args, **kwargs)
 
 
-def policy_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) log-probs of the sampled tokens and the (B, T, V) logits they came from."""
-    logits = response_logits(model, batch["prompt_ids"], batch["prompt_mask"],
-                             batch["response_ids"], batch["response_mask"])  # fmt: skip
-    logp = gather_logprobs(logits, batch["response_ids"], temperature) * batch["response_mask"]
-    return logp, logits
+def call_module(module: Any, *args: Any) -> Any:
+    """The op that runs a module's own forward (a critic's, through the wrapper)."""
+    return module(*args)
 
 
-def critic_values(
-    critic: Any,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
+def direct(module: Any) -> Any:
+    """How an unwrapped role runs an op: `op(module, *args)` directly."""
+    return partial(_apply, module)
+
+
+def _apply(module: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    return op(module, *args, **kwargs)
+
+
+def policy_logprobs(call: Any, batch: dict[str, torch.Tensor], temperature: float, passes: Layout,
+                    entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(B, T) log-probs of the sampled tokens (and their entropies: `entropy` "value" or
+    "grad"), the pass run by `call` (how the role runs an op) laid out by `passes`."""
+    return call(response_logprobs, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                batch["response_mask"], temperature, passes, entropy)  # fmt: skip
+
+
+def critic_values(call: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """(B, T) V(s_h): the critic's output at the position that predicts response token h."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask, response_mask], dim=1)
-    out = critic(ids, mask)
+    out = call(call_module, ids, mask)
     p = prompt_ids.shape[1]
     return out[:, p - 1 : -1] * response_mask
 
@@ -98,9 +106,13 @@ class Roles:
     layout = ""
 
     def __init__(self, *, policy: Any, ref: Any, dpo: Any | None, critic: Any | None,
-                 reward_model: Any | None):  # fmt: skip
+                 reward_model: Any | None, passes: Layout = PADDED):  # fmt: skip
         self._modules = {"policy": policy, "ref": ref, "dpo": dpo, "critic": critic}
-        self._calls = dict(self._modules)  # how each role runs: through `prepared` once prepared
+        # how each role runs an op (models/forward.run_op): directly, through `prepared` once
+        # prepared, or with the shared base's adapter active
+        self._calls = {role: m if callable(m) and not isinstance(m, torch.nn.Module) else direct(m)
+                       for role, m in self._modules.items() if m is not None}  # fmt: skip
+        self.passes = passes  # how the forward passes lay out their batches (padded or packed)
         self.reward_model = reward_model
         self.prepared: Any = None  # ActorCritic(policy, critic) as accelerate prepared it
         self.prepared_dpo: Any = None  # the DPO model, when it learns online (prepare_dpo)
@@ -128,8 +140,8 @@ class Roles:
         training it: every parameter trains, with its own AdamW (learning rate `lr`, no weight
         decay), prepared by accelerate; from then on the role runs through it."""
         dpo = self._modules["dpo"].requires_grad_(True)
-        trained = engine.optimised(dpo, [(dpo, lr)], **ONLINE_MODULE)
-        self._calls["dpo"] = self.prepared_dpo = trained.module
+        trained = engine.optimised(Runner(dpo), [(dpo, lr)], **ONLINE_MODULE)
+        self._calls["dpo"] = self.prepared_dpo = trained.module  # runs ops in its forward
         return trained
 
     def dpo_parameters(self) -> dict[str, Any]:
@@ -140,7 +152,7 @@ class Roles:
         """The DPO model as it is now (after an online run: as it learned) into `out`; prepared,
         its weights are gathered from their shards."""
         if self.prepared_dpo is not None:
-            save_pretrained(self.prepared_dpo, tokenizer, out, accelerator)
+            save_pretrained(self.prepared_dpo, tokenizer, out, accelerator, part="model")
             return
         if accelerator.is_main_process:
             save_pretrained(self._modules["dpo"], tokenizer, out)
@@ -183,15 +195,15 @@ class Roles:
         self, role: str, batch: dict[str, torch.Tensor], temperature: float = 1.0
     ) -> torch.Tensor:
         """(B, T) log-probs of the response tokens under `role` at `temperature`."""
-        return self.logprobs_and_logits(role, batch, temperature)[0]
+        return self.logprobs_and_entropy(role, batch, temperature, "none")[0]
 
-    def logprobs_and_logits(
-        self, role: str, batch: dict[str, torch.Tensor], temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) log-probs and the (B, T, V) logits they came from (the update's entropy)."""
+    def logprobs_and_entropy(self, role: str, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                             entropy: str = "value") -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """(B, T) log-probs and entropies (`entropy`: "value" without gradient, "grad" with,
+        "none") of the response tokens under `role` (the update's entropy)."""
         if role not in LOGPROB_ROLES or not self.has(role):
             raise ValueError(f"no log-probs for role {role!r} in this run")
-        return policy_logprobs(self._calls[role], batch, temperature)
+        return policy_logprobs(self._calls[role], batch, temperature, self.passes, entropy)
 
     def values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) critic values V(s_h), read at the position that predicts response token h."""
@@ -214,15 +226,16 @@ class SeparateModels(Roles):
     layout = "separate models"
 
     def __init__(self, *, policy: Trainable | Any, ref: Any, dpo: Any | None = None,
-                 critic: Trainable | Any | None = None, reward_model: Any | None = None):  # fmt: skip
+                 critic: Trainable | Any | None = None, reward_model: Any | None = None,
+                 passes: Layout = PADDED):  # fmt: skip
         self._trainables = {
             role: model if isinstance(model, Trainable) else Trainable(model)
             for role, model in (("policy", policy), ("critic", critic))
             if model is not None
         }
         modules = {role: t.model for role, t in self._trainables.items()}
-        super().__init__(policy=modules["policy"], ref=ref, dpo=dpo,
-                         critic=modules.get("critic"), reward_model=reward_model)  # fmt: skip
+        super().__init__(policy=modules["policy"], ref=ref, dpo=dpo, critic=modules.get("critic"),
+                         reward_model=reward_model, passes=passes)  # fmt: skip
 
     def describe(self) -> str:
         return "separate models, one per role"

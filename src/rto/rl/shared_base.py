@@ -31,7 +31,7 @@ from torch import nn
 from rto.engine.optimise import Optimised
 from rto.errors import ModelError
 from rto.models import lora
-from rto.models.forward import backbone_of, head_scores
+from rto.models.forward import PADDED, Layout, backbone_of, head_scores
 from rto.models.load import load_causal_lm
 from rto.models.lora import SharedAdapters
 from rto.models.reward_model import RewardModel
@@ -40,15 +40,15 @@ from rto.rl.roles import ONLINE_MODULE, Roles
 
 
 class AdapterRole:
-    """A frozen causal-LM role of the shared base (reference: adapter None; DPO model), called
-    like a model; no_grad is the caller's."""
+    """A frozen causal-LM role of the shared base (reference: adapter None; DPO model), which
+    runs an op (models/forward.run_op) with its adapter active; no_grad is the caller's."""
 
     def __init__(self, adapters: SharedAdapters, adapter: str | None):
         self.adapters, self.adapter = adapters, adapter
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, op: Any, *args: Any, **kwargs: Any) -> Any:
         with self.adapters.using(self.adapter):
-            return self.adapters.model(*args, **kwargs)
+            return op(self.adapters.model, *args, **kwargs)
 
 
 class HeadScorer(nn.Module):
@@ -56,19 +56,24 @@ class HeadScorer(nn.Module):
     head(last hidden state with `adapter` active), like `models.forward.TokenScorer`. Only the
     head is a submodule: the base is the policy's."""
 
-    def __init__(self, adapters: SharedAdapters, adapter: str, head: nn.Linear):
+    def __init__(self, adapters: SharedAdapters, adapter: str, head: nn.Linear,
+                 passes: Layout = PADDED):  # fmt: skip
         super().__init__()
         self.head = head
         self.adapter = adapter
         self.adapters = adapters  # a plain object, not a submodule
+        self.passes = passes
 
     @property
     def config(self) -> Any:
         return self.adapters.hf.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hf = self.adapters.hf
         with self.adapters.using(self.adapter):
-            return head_scores(backbone_of(self.adapters.hf), self.head, input_ids, attention_mask)
+            return head_scores(
+                backbone_of(hf), self.head, input_ids, attention_mask, self.passes, hf
+            )
 
 
 def new_value_head(adapters: SharedAdapters) -> nn.Linear:
@@ -84,11 +89,11 @@ class SharedBase(Roles):
     layout = "one shared base"
 
     def __init__(self, adapters: SharedAdapters, *, reward_model: Any | None = None,
-                 critic: HeadScorer | None = None):  # fmt: skip
+                 critic: HeadScorer | None = None, passes: Layout = PADDED):  # fmt: skip
         has_dpo = "dpo" in adapters.trains
         super().__init__(policy=adapters.model, ref=AdapterRole(adapters, None),
                          dpo=AdapterRole(adapters, "dpo") if has_dpo else None, critic=critic,
-                         reward_model=reward_model)  # fmt: skip
+                         reward_model=reward_model, passes=passes)  # fmt: skip
         self.adapters = adapters
 
     def trained_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -199,6 +204,7 @@ def load_shared_base(cfg: Any, tokenizer: Any, *, use_dpo: bool, use_rm: bool,
     model's and the reward model's adapters (frozen), and the critic's adapter: a trainable copy
     of the reward model's (adapter and head) when `critic_from` is the reward model, new with
     cfg.lora and a new value head when it is the policy, none when None (no critic)."""
+    passes = Layout.of(cfg.model)
     base = load_causal_lm(frozen_base(cfg.model, cfg.lora), role="policy")
     found = lora.fingerprint(base)
     for role, folder in adapter_roles(cfg, use_dpo=use_dpo, use_rm=use_rm, critic_from=critic_from).items():  # fmt: skip
@@ -219,7 +225,7 @@ def load_shared_base(cfg: Any, tokenizer: Any, *, use_dpo: bool, use_rm: bool,
     reward_model = None
     if use_rm:
         head = with_head("reward", cfg.reward_model, False)
-        scorer = HeadScorer(adapters, "reward", head.to(device))
+        scorer = HeadScorer(adapters, "reward", head.to(device), passes)
         reward_model = RewardModel(scorer, tokenizer, same_tokenizer=True, path=cfg.reward_model,
                                    chat_prompts=cfg.data.chat_prompts)  # fmt: skip
     critic = None
@@ -229,5 +235,5 @@ def load_shared_base(cfg: Any, tokenizer: Any, *, use_dpo: bool, use_rm: bool,
         else:
             adapters.add("critic", lora.lora_config(cfg.lora, score_head=False), trainable=True)
             value_head = new_value_head(adapters)
-        critic = HeadScorer(adapters, "critic", value_head.float().requires_grad_(True))
-    return SharedBase(adapters, reward_model=reward_model, critic=critic)
+        critic = HeadScorer(adapters, "critic", value_head.float().requires_grad_(True), passes)
+    return SharedBase(adapters, reward_model=reward_model, critic=critic, passes=passes)

@@ -34,7 +34,6 @@ from rto.data.spans import delimiter_token_ids
 from rto.engine.distributed import max_over_processes, sum_over_processes
 from rto.engine.optimise import Optimised, StepResult
 from rto.errors import ConfigError, ModelError, RtoError
-from rto.models.forward import entropy_from_logits
 from rto.models.generate import decode_responses, stop_ids
 from rto.models.generators import make_generator
 from rto.models.seeded import row_seed, stream_seed
@@ -301,17 +300,17 @@ class PPOTrainer:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The PPO loss of one micro-batch (policy, entropy bonus, value) and its terms."""
         rl, mask = self.rl, b["response_mask"]
-        logp, logits = self.roles.logprobs_and_logits("policy", b, self.temperature)
+        # without an entropy bonus the entropy is only reported: made outside the graph
+        logp, token_entropy = self.roles.logprobs_and_entropy(
+            "policy", b, self.temperature, "grad" if rl.entropy_coef > 0 else "value"
+        )
         weights = None
         if rl.sampler.correction == "tis" and "logp_sampler" in b:
             weights = sampler_weights(b["logp_old"], b["logp_sampler"], rl.sampler.tis_cap)
         pl, pstats = policy_loss(
             logp, b["logp_old"], b["advantages"], mask, rl.clip_range, tokens, weights
         )
-        # without an entropy bonus the entropy is only reported: made outside the graph, its
-        # (B, T, V) temporaries are not kept
-        with torch.set_grad_enabled(rl.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = token_mean(entropy_from_logits(logits, self.temperature), mask, tokens)
+        entropy = token_mean(token_entropy, mask, tokens)
         loss = pl - rl.entropy_coef * entropy
         stats = {"policy/loss": pl, "policy/entropy": entropy, "policy/clipfrac": pstats["clipfrac"],
                  "policy/approx_kl": pstats["approx_kl"]}  # fmt: skip
@@ -390,6 +389,7 @@ class PPOTrainer:
             metrics, _ = sampled_metrics(
                 policy, self.tokenizer, self.eval_prompts, self.cfg.eval, self.cfg.generate,
                 device=self.engine.device, seed=self.cfg.seed, ref=self.roles.ref, generator=self.generator,
+                passes=self.roles.passes,
             )  # fmt: skip
         self.generator.sleep()
         return {f"eval/{k}": v for k, v in metrics.items()}

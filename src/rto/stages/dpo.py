@@ -21,7 +21,15 @@ from rto.evaluation.preference import add_held_out_accuracy
 from rto.evaluation.sampled import load_eval_inputs, report_samples
 from rto.files import write_json
 from rto.models import lora
-from rto.models.forward import causal_logits, gather_logprobs
+from rto.models.forward import (
+    Layout,
+    Runner,
+    causal_logits,
+    gather_logprobs,
+    hf_of,
+    run_op,
+    token_logprobs,
+)
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
 from rto.models.trainable import load_trainable_lm
 from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, sequential_kl
@@ -29,14 +37,24 @@ from rto.preference.losses import REFERENCE_FREE, PairStats, preference_loss, se
 INFO_FILE = "dpo.json"
 
 
-def sequence_logps(
-    model: Any, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed response log-probs (2B,), response lengths (2B,), response logits (2B, L-1, V))."""
-    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    mask = batch["response_mask"][:, 1:].float()
-    logps = gather_logprobs(logits, batch["input_ids"][:, 1:]) * mask
-    return logps.sum(-1), mask.sum(-1), logits
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor], passes: Layout,
+                   with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(summed response log-probs (2B,), response lengths (2B,), and with `with_logits` the
+    (2B, L-1, V) logits of every position, else None). TDPO's sequential KL reads both models'
+    whole distributions, so it asks for the logits: those come from the padded full-logit pass."""
+    ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    lengths = mask[:, 1:].float().sum(-1)
+    if with_logits:
+        logits = run_op(model, _all_logits, ids, attention)
+        logps = gather_logprobs(logits, ids[:, 1:]) * mask[:, 1:].float()
+        return logps.sum(-1), lengths, logits
+    logps, _ = run_op(model, token_logprobs, ids, attention, mask, passes)
+    return logps.sum(-1), lengths, None
+
+
+def _all_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """An op: (B, L-1, V) logits predicting every next token."""
+    return causal_logits(hf_of(model), input_ids, attention_mask)[:, :-1]
 
 
 class PreferenceObjective:
@@ -55,9 +73,11 @@ class PreferenceObjective:
         self.alpha = cfg.resolved_alpha
         self.gamma = cfg.resolved_gamma
         self.ref = ref
+        self.passes = Layout.of(cfg.model)
 
     def stats(self, model: Any, batch: dict[str, torch.Tensor]) -> PairStats:
-        pi, n, logits = sequence_logps(model, batch)
+        tdpo = self.kind == "tdpo"
+        pi, n, logits = sequence_logps(model, batch, self.passes, with_logits=tdpo)
         half = pi.shape[0] // 2
         s = PairStats(
             pi_w=pi[:half], pi_l=pi[half:], n_w=n[:half].clamp(min=1), n_l=n[half:].clamp(min=1)
@@ -68,9 +88,9 @@ class PreferenceObjective:
             s.ref_w, s.ref_l = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             return s
         with torch.no_grad():
-            ref_pi, _, ref_logits = sequence_logps(self.ref, batch)
+            ref_pi, _, ref_logits = sequence_logps(self.ref, batch, self.passes, with_logits=tdpo)
         s.ref_w, s.ref_l = ref_pi[:half], ref_pi[half:]
-        if self.kind == "tdpo":
+        if tdpo:
             kl = sequential_kl(logits, ref_logits, batch["response_mask"][:, 1:].float())
             s.kl_w, s.kl_l = kl[:half], kl[half:]
         return s
@@ -93,14 +113,13 @@ class PreferenceObjective:
 
 
 @torch.no_grad()
-def precompute_reference(
-    ref: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any
-) -> None:
+def precompute_reference(ref: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
+                         device: Any, passes: Layout) -> None:  # fmt: skip
     """Store the reference's summed log-probs in each example, so training needs no reference."""
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        pi, _, _ = sequence_logps(ref, batch)
+        pi, _, _ = sequence_logps(ref, batch, passes)
         half = len(chunk)
         for e, w, l_ in zip(chunk, pi[:half].tolist(), pi[half:].tolist()):
             e["ref_chosen_logps"], e["ref_rejected_logps"] = w, l_
@@ -113,7 +132,7 @@ def ready_reference(
     (precompute_ref_logps)."""
     if not cfg.precompute_ref_logps:
         return ref
-    precompute_reference(ref, examples, pad_id, bs, engine.device)
+    precompute_reference(ref, examples, pad_id, bs, engine.device, Layout.of(cfg.model))
     engine.say("[rto] reference log-probs precomputed; training needs no reference pass")
     return None
 
@@ -186,10 +205,14 @@ def run(cfg: DPOConfig, folder: RunFolder) -> dict[str, Any]:
 
     out = engine.begin()
     policy, final = engine.fit(
-        policy, train, lambda ex: collate_pairs(ex, pad_id), objective, resume=cfg.resume,
+        Runner(policy),
+        train,
+        lambda ex: collate_pairs(ex, pad_id),
+        objective,
+        resume=cfg.resume,
         evaluate=evaluate if evals else None,
-    )  # fmt: skip
-    trainable.save(policy, tokenizer, out, engine.accelerator, cfg.lora)
+    )  # fmt: skip  (trained through ops: models/forward.run_op)
+    trainable.save(policy, tokenizer, out, engine.accelerator, cfg.lora, part="model")
     info = {
         "loss": cfg.loss,
         "beta": objective.beta,

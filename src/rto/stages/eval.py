@@ -23,6 +23,7 @@ from rto.engine.logger import write_summary
 from rto.engine.run import RunFolder
 from rto.evaluation.sampled import load_eval_prompts, resolve_judges, sampled_metrics
 from rto.files import write_atomic, write_json, write_jsonl
+from rto.models.forward import Layout
 from rto.models.generate import stop_ids
 from rto.models.generators import make_generator
 from rto.models.load import check_same_tokenizer, load_causal_lm, load_tokenizer
@@ -149,7 +150,8 @@ def run(cfg: EvalConfig, folder: RunFolder) -> dict[str, Any]:
                                    max_prompt_length=cfg.data.max_prompt_length)  # fmt: skip
         try:
             metrics, records = sampled_metrics(policy, tokenizer, prompts, cfg.eval, cfg.generate, device=device,
-                                               seed=cfg.seed, ref=ref, reward_model=rm, generator=generator)  # fmt: skip
+                                               seed=cfg.seed, ref=ref, reward_model=rm, generator=generator,
+                                               passes=Layout.of(loading))  # fmt: skip
         finally:
             generator.close()
         texts = [r["response"] for r in records]

@@ -24,6 +24,7 @@ from rto.engine.trainer import Engine
 from rto.errors import ModelError
 from rto.evaluation.sampled import load_eval_inputs
 from rto.files import read_json
+from rto.models.forward import Layout
 from rto.models.load import (
     check_same_tokenizer,
     load_causal_lm,
@@ -186,4 +187,11 @@ def separate_models(cfg: RLConfig, engine: Engine, tokenizer: Any, *, use_dpo: b
     if critic_from is not None:
         critic = load_trainable_scorer(cfg.model, cfg.lora, critic_from, require_head=require_head,
                                        role="critic")  # fmt: skip
-    return SeparateModels(policy=policy, ref=ref, dpo=dpo, critic=critic, reward_model=reward_model)
+    return SeparateModels(
+        policy=policy,
+        ref=ref,
+        dpo=dpo,
+        critic=critic,
+        reward_model=reward_model,
+        passes=Layout.of(cfg.model),
+    )

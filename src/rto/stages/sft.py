@@ -15,7 +15,6 @@ from collections import Counter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from rto.config.stages import SFTConfig
 from rto.data.sources import load_train_eval
@@ -23,22 +22,21 @@ from rto.data.tokenize import IGNORE, build_sft, collate_sft
 from rto.engine.run import RunFolder
 from rto.engine.trainer import Engine
 from rto.evaluation.sampled import load_eval_inputs, report_samples
-from rto.models.forward import causal_logits
+from rto.models.forward import Layout, Runner, run_op, token_logprobs
 from rto.models.load import load_tokenizer
 from rto.models.trainable import load_trainable_lm
 
 
-def token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL, number of target tokens) of the labelled tokens."""
-    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
+def token_nll(
+    model: Any, batch: dict[str, torch.Tensor], passes: Layout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, number of target tokens) of the labelled tokens (labels aligned with the
+    ids: a token is predicted from the one before it); `passes` lays out the forward pass."""
+    targets = batch["labels"] != IGNORE
+    logp, _ = run_op(
+        model, token_logprobs, batch["input_ids"], batch["attention_mask"], targets, passes
     )
-    return nll, (labels != IGNORE).sum()
+    return -logp.sum(), targets[:, 1:].sum()
 
 
 class SFTObjective:
@@ -47,26 +45,28 @@ class SFTObjective:
 
     unit = "tokens"
 
+    def __init__(self, passes: Layout):
+        self.passes = passes
+
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def __call__(
         self, model: Any, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        return token_nll(model, batch)[0], {}
+        return token_nll(model, batch, self.passes)[0], {}
 
 
 @torch.no_grad()
-def held_out_perplexity(
-    model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int, device: Any
-) -> dict[str, float]:
+def held_out_perplexity(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
+                        device: Any, passes: Layout) -> dict[str, float]:  # fmt: skip
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {
             k: v.to(device) for k, v in collate_sft(examples[i : i + batch_size], pad_id).items()
         }
-        nll, n = token_nll(model, batch)
+        nll, n = token_nll(model, batch, passes)
         total += float(nll)
         count += int(n)
     model.train()
@@ -117,24 +117,25 @@ def run(cfg: SFTConfig, folder: RunFolder) -> dict[str, Any]:
     )  # too little data for one batch: say so before loading models
     trainable = load_trainable_lm(cfg.model, cfg.lora, keep_dropout=cfg.keep_dropout)
     pad_id = tokenizer.pad_token_id
+    passes = Layout.of(cfg.model)
     evaluate = None
     if held_out:
 
         def evaluate(m: Any) -> dict[str, float]:
             return held_out_perplexity(
-                m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device
+                m, held_out, pad_id, cfg.train.micro_batch_size * 4, engine.device, passes
             )
 
     out = engine.begin()
     model, final = engine.fit(
-        trainable.model,
+        Runner(trainable.model),  # trained through ops (models/forward.run_op)
         train,
         lambda ex: collate_sft(ex, pad_id),
-        SFTObjective(),
+        SFTObjective(passes),
         resume=cfg.resume,
         evaluate=evaluate,
     )
-    trainable.save(model, tokenizer, out, engine.accelerator, cfg.lora)
+    trainable.save(model, tokenizer, out, engine.accelerator, cfg.lora, part="model")
 
     summary: dict[str, Any] = {"stage": "sft", **final, "data": {"train": train_report.to_dict()}}
     if eval_report is not None:

@@ -109,12 +109,12 @@ def load_adapter_folder(section: Any, folder: str | Path, load_base: Callable[[A
 
 class AdapterOff:
     """pi_ref of a LoRA policy trained from the reference: the same model with its adapter
-    disabled, which computes exactly the frozen base. Called like a model (no_grad is the
-    caller's)."""
+    disabled, which computes exactly the frozen base. Runs an op (models/forward.run_op) with
+    the adapter off (no_grad is the caller's)."""
 
     def __init__(self, peft_model: Any):
         self.model = peft_model
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, op: Any, *args: Any, **kwargs: Any) -> Any:
         with self.model.disable_adapter():
-            return self.model(*args, **kwargs)
+            return op(self.model, *args, **kwargs)
