@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: whenever a GPU is at hand (CI has none), run every stage in bf16 for a few steps on a
 # Llama-shaped model of about 1B parameters built here with random weights (no download), and
-# report generated tokens/s, training tokens/s and peak GPU memory (PPO and RTO, and the other
-# stages' time and throughput; where vLLM is installed, RTO again with vLLM rollouts). At most 8 minutes on one GPU; the table for the README is written
+# report generated tokens/s, training tokens/s and peak GPU memory (PPO and RTO, RTO again padded
+# to compare with padding-free passes, and the other stages' time and throughput; where vLLM is installed, RTO again with vLLM rollouts). At most 8 minutes on one GPU; the table for the README is written
 # to benchmarks/_runs/gpu_check/gpu_check.md, with the card named.
 #
 #   bash benchmarks/gpu_check.sh                  # one GPU, about 1B parameters

