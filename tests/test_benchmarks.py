@@ -1,6 +1,6 @@
-"""The paper-in-miniature benchmark's bookkeeping: its recipe is a valid pipeline, and the report
-reads per-seed results into the right verdicts (checked on made-up eval files, no training); the
-benchmarks import one another one way only, and none patches sys.path."""
+"""The measurement scripts' bookkeeping: they import one another one way only and none patches
+sys.path; the memory report, the GPU check at tiny size and the before/after comparison of two
+runs do what their pages say."""
 
 from __future__ import annotations
 
@@ -28,16 +28,6 @@ def load_script(name: str):
         mp.syspath_prepend(str(BENCHMARKS))
         spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("paper_miniature")
-
-
-@pytest.fixture(scope="module")
-def common():
-    return load_script("bench_common")  # the helpers the benchmarks share
 
 
 def imported_modules(tree: ast.AST) -> set[str]:
@@ -87,7 +77,7 @@ def test_benchmark_imports_form_no_circle_and_never_patch_sys_path() -> None:
     first on sys.path), downward only: shared helpers below the scripts that use them."""
     trees = {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(BENCHMARKS.glob("*.py"))}
     graph = {name: imported_modules(tree) & set(trees) - {name} for name, tree in trees.items()}
-    assert graph["token_reward_study"], "no sibling import found: the parser misses imports"
+    assert graph["padding_free"], "no sibling import found: the parser misses imports"
     assert find_cycle(graph) is None, f"benchmarks import in a circle: {find_cycle(graph)}"
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
 
@@ -106,160 +96,6 @@ def test_benchmark_imports_form_no_circle_and_never_patch_sys_path() -> None:
             if sys_path or from_sys or site:
                 patches.append(f"benchmarks/{name}.py:{node.lineno}")
     assert not patches, f"sys.path touched in {patches}: import siblings by name instead"
-
-
-def test_recipe_is_a_valid_pipeline_with_every_method(bench, tmp_path: Path) -> None:
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(bench.recipe_for(0, tmp_path / "seed0"), sort_keys=False))
-    planned, _ = plan(str(recipe))
-    names = [p.name for p in planned]
-    assert names[:2] == ["task", "sft"] and names[-1] == "eval"
-    policies = dict(s.split("=", 1) for s in planned[-1].config.policies)
-    expected = set(bench.TABLE1) | set(bench.ABLATIONS) | set(bench.ppo_names())
-    expected |= {f"rto_{t}" for t in bench.BUDGETS} | {f"rto_beta{b}" for b in bench.BETAS}
-    assert expected <= set(policies)
-    assert policies["rto_beta0.01"].endswith("rl_rto_beta_0p01")
-    assert policies["ppo_kl0.05"].endswith("rl_ppo_kl_0p05")
-    # the recipe's DPO model is the better-fit one (lr 1e-3); the earlier rate gets its own stage,
-    # evaluated, and the token reward of one RTO run
-    stages = {p.name: p for p in planned}
-    assert stages["dpo"].config.train.lr == 1e-3
-    assert stages["dpo_lr2e-4"].config.train.lr == bench.DPO_EARLIER_LR == 2e-4
-    assert stages["rl_rto_dpo_lr2e-4"].config.dpo_model.endswith("dpo_lr2e-4")
-    assert stages["rl_rto"].config.dpo_model.endswith("/dpo")
-    assert policies["dpo_lr2e-4"].endswith("dpo_lr2e-4") and "rto_dpo_lr2e-4" in policies
-
-
-def test_interpolation_and_sample_efficiency(common) -> None:
-    assert common.interpolate([(0.0, 0.0), (2.0, 1.0)], 1.0) == 0.5
-    assert common.interpolate([(0.0, 0.0), (2.0, 1.0)], 3.0) is None
-    curve = {1 / 8: 0.1, 1 / 4: 0.2, 1 / 2: 0.4, 1.0: 0.6}
-    assert common.efficiency(curve, 0.3) == pytest.approx(0.375)
-    assert common.efficiency(curve, 0.05) == 1 / 8
-    assert common.efficiency(curve, 0.7) is None
-
-
-def test_verdicts_account_for_seed_noise(common) -> None:
-    assert common.verdict(common.mean_sd([0.10, 0.11, 0.12])) == "yes"
-    assert common.verdict(common.mean_sd([0.20, -0.05, 0.01])) == "weak"
-    assert common.verdict(common.mean_sd([-0.1, -0.2, 0.0])) == "no"
-    assert common.weakest("yes", "weak") == "weak"
-
-
-def fake_seed(bench, runs: Path, seed: int, rto_gain: float, earlier_layout: bool = True) -> None:
-    """A finished seed whose RTO runs beat PPO's by rto_gain at every budget. earlier_layout: as
-    runs made before the recipe's DPO learning rate went from 2e-4 to 1e-3 (a `dpo_fit` stage at
-    1e-3 beside the recipe's `dpo`); else today's (the recipe's `dpo` beside `dpo_lr2e-4`)."""
-    methods = {}
-    for name, gold, kl in [("sft", 0.0, 0.0), ("dpo", 0.8, 10.0), ("rdpo", 0.8, 10.0),
-                           ("simpo", 0.6, 9.0), ("tdpo", 0.7, 3.0), ("semi_rto", 0.45, 1.4),
-                           ("ddpo", 0.42, 1.3), ("rs_ppo", 0.48, 1.4), ("rpp", 0.3, 0.8),
-                           ("rto_rpp", 0.35, 0.8), ("ppo_kl0.07", 0.45, 1.6),
-                           ("ppo_kl0.05", 0.5, 2.2)]:  # fmt: skip
-        methods[name] = {"gold_reward_mean": gold, "kl_mean": kl}
-    for tag, gold, kl in [
-        ("_b8", 0.1, 0.05),
-        ("_b4", 0.15, 0.1),
-        ("_b2", 0.25, 0.4),
-        ("", 0.4, 1.2),
-    ]:
-        methods[f"ppo{tag}"] = {"gold_reward_mean": gold, "kl_mean": kl}
-        methods[f"rto{tag}"] = {"gold_reward_mean": gold + rto_gain, "kl_mean": kl}
-    if earlier_layout:
-        methods["dpo_fit"] = {"gold_reward_mean": 0.9, "kl_mean": 13.0}
-        methods["rto_dpo_fit"] = {"gold_reward_mean": 0.43 + rto_gain, "kl_mean": 1.2}
-    else:  # the recipe's RTO has the better DPO model; the less-fit one's RTO is 0.03 lower
-        methods["dpo_lr2e-4"] = {"gold_reward_mean": 0.85, "kl_mean": 10.0}
-        methods["rto_dpo_lr2e-4"] = {"gold_reward_mean": 0.37 + rto_gain, "kl_mean": 1.2}
-    for b in bench.BETAS:
-        methods[f"rto_beta{b}"] = {"gold_reward_mean": 0.4, "kl_mean": 1.5}
-    folder = runs / f"seed{seed}" / "eval"
-    folder.mkdir(parents=True)
-    (folder / "eval.json").write_text(json.dumps({"methods": methods}))
-    env = {
-        "cpu": "Test CPU",
-        "cpu_capability": "AVX2",
-        "python": "3.11.7",
-        "packages": {"torch": "2.13.0"},
-    }
-    (folder / "summary.json").write_text(json.dumps({"stage": "eval", "environment": env}))
-    worse, better = ("dpo", "dpo_fit") if earlier_layout else ("dpo_lr2e-4", "dpo")
-    for stage, summary in [("rm", {"eval/accuracy": 0.8, "eval/gold_accuracy": 0.95}),
-                           (worse, {"eval/rewards/accuracies": 0.75 + seed / 100}),
-                           (better, {"eval/rewards/accuracies": 0.85})]:  # fmt: skip
-        (runs / f"seed{seed}" / stage).mkdir()
-        (runs / f"seed{seed}" / stage / "summary.json").write_text(json.dumps(summary))
-    for stage, lr in ((worse, 2e-4), (better, 1e-3)):
-        (runs / f"seed{seed}" / stage / "config.yaml").write_text(
-            yaml.safe_dump({"train": {"lr": lr}})
-        )
-
-
-def test_report_turns_seed_results_into_claims(bench, tmp_path: Path) -> None:
-    for seed, gain in enumerate([0.05, 0.06, 0.07]):
-        fake_seed(bench, tmp_path / "runs", seed, gain)
-    bench.main(
-        ["--report-only", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out")]
-    )
-    res = json.loads((tmp_path / "out" / "paper_miniature.json").read_text())
-    verdicts = {c["claim"]: c["verdict"] for c in res["claims"]}
-    assert verdicts["RTO > PPO > SFT"] == "yes"
-    assert verdicts["RTO-RPP > RPP"] == "yes"
-    # RTO at 1/2 of the budget (0.25 + gain) never reaches PPO's 0.4 before the full budget
-    assert verdicts["RTO needs about 1/8 of PPO's data to match PPO's final gold reward"] == "no"
-    # at RTO's KL (1.2) PPO's frontier is 0.4, so RTO is ahead by the gain in every seed
-    assert res["rto_minus_ppo_at_equal_kl"] == pytest.approx([0.05, 0.06, 0.07])
-    md = (tmp_path / "out" / "paper_miniature.md").read_text()
-    assert "| ppo_kl0.05 | 0.500 ± 0.000" in md and "paper_miniature_scaling_beta.png" in md
-    # a better-fit DPO model: RTO gains 0.03 in every seed, and stays above PPO at equal KL
-    assert verdicts["(our check) a DPO model fit closer to the ceiling makes RTO better"] == "yes"
-    assert res["rto_dpo_fit_minus_ppo_at_equal_kl"] == pytest.approx([0.08, 0.09, 0.10])
-    assert res["heldout_accuracy"]["dpo"]["values"] == pytest.approx([0.75, 0.76, 0.77])
-    assert "DPO held-out accuracy 0.760 -> 0.850" in json.dumps(res["claims"])
-    assert "gold reward (ceiling) 0.950 ± 0.000, reward model 0.800 ± 0.000" in md
-    # the learning rates come from the runs, not from today's recipe
-    assert "`dpo_fit` is DPO trained at learning rate 0.001, `dpo` at 0.0002" in md
-    # the report says where the runs were made (read from the runs, not from this process)
-    assert res["environment"]["cpu"] == "Test CPU" and "Made on: Test CPU (AVX2)" in md
-
-
-def test_report_reads_todays_layout_where_the_recipe_has_the_better_fit_dpo(
-    bench, tmp_path: Path
-) -> None:
-    for seed, gain in enumerate([0.05, 0.06, 0.07]):
-        fake_seed(bench, tmp_path / "runs", seed, gain, earlier_layout=False)
-    bench.main(
-        ["--report-only", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out")]
-    )
-    res = json.loads((tmp_path / "out" / "paper_miniature.json").read_text())
-    verdicts = {c["claim"]: c["verdict"] for c in res["claims"]}
-    assert verdicts["(our check) a DPO model fit closer to the ceiling makes RTO better"] == "yes"
-    assert "rto - rto_dpo_lr2e-4 +0.030" in json.dumps(res["claims"], ensure_ascii=False)
-    # RTO with the less-fit model: 0.37 + gain at KL 1.2, where PPO's frontier is 0.4
-    assert res["rto_dpo_lr2e-4_minus_ppo_at_equal_kl"] == pytest.approx([0.02, 0.03, 0.04])
-    assert verdicts["(our check) RTO with the less-fit DPO model > PPO at equal KL"] == "yes"
-    md = (tmp_path / "out" / "paper_miniature.md").read_text()
-    assert "`dpo` is DPO trained at learning rate 0.001, `dpo_lr2e-4` at 0.0002" in md
-    assert "| rto_dpo_lr2e-4 | 0.430 ± 0.010" in md
-
-
-def test_report_only_rebuilds_the_published_report_from_its_json(bench, tmp_path: Path) -> None:
-    """The runs behind benchmarks/results/ need not be kept: --report-only rebuilds the report
-    from the saved JSON, and today's rules give the published verdicts."""
-    published = ROOT / "benchmarks" / "results" / "paper_miniature.json"
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "paper_miniature.json").write_text(published.read_text())
-    bench.main(
-        ["--report-only", "--runs", str(tmp_path / "none"), "--results", str(tmp_path / "out")]
-    )
-    before = {c["claim"]: c["verdict"] for c in json.loads(published.read_text())["claims"]}
-    res = json.loads((tmp_path / "out" / "paper_miniature.json").read_text())
-    assert {c["claim"]: c["verdict"] for c in res["claims"]} == before
-    assert res["command"] == "python benchmarks/paper_miniature.py --seeds 0 1 2"
-    md = (tmp_path / "out" / "paper_miniature.md").read_text()
-    assert "`dpo` is DPO trained at learning rate 0.001, `dpo_lr2e-4` at 0.0002" in md
-    assert md == (ROOT / "benchmarks" / "results" / "paper_miniature.md").read_text()
-    assert (tmp_path / "out" / "paper_miniature_methods.png").stat().st_size > 10_000
 
 
 def test_memory_report_compares_memory_above_the_process_baseline(
@@ -326,12 +162,14 @@ def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
 
 
 def test_same_results_tells_a_changed_number_from_a_changed_time(tmp_path: Path) -> None:
-    """benchmarks/same_results.py (the before/after check of a refactor): runs that differ only
+    """tools/same_results.py (the before/after check of a refactor): runs that differ only
     in times and in their own folder agree; a changed metric, weight or text is a difference."""
     import torch
     from safetensors.torch import save_file
 
-    same_results = load_script("same_results")
+    spec = importlib.util.spec_from_file_location("same_results", ROOT / "tools" / "same_results.py")
+    same_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same_results)
 
     def run(root: Path, loss: float, weight: float, seconds: float, text: str) -> Path:
         (root / "sft").mkdir(parents=True)

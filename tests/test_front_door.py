@@ -19,12 +19,8 @@ TESTS = ". .venv/bin/activate && python -m pytest"
 
 
 def load_script(name: str):  # type: ignore[no-untyped-def]
-    """A benchmarks/ script as a module (its siblings importable, as when run as a script)."""
-    import sys
-
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    """A tools/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -121,34 +117,3 @@ def test_every_relative_link_reaches_a_file_and_heading(page: Path) -> None:
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target}: no such heading")
     assert not broken, f"{page.name}: " + "; ".join(broken)
-
-
-def test_the_readme_states_the_group_study_as_its_results_file() -> None:
-    study = load_script("group_study")
-    res = study.json.loads((ROOT / "benchmarks" / "results" / "group_study.json").read_text())
-    assert study.readme_with(res, README) == README, (
-        "run python benchmarks/group_study.py --report-only"
-    )
-    assert len(res["seeds"]) == 3  # the README speaks of three seeds
-
-
-def test_the_readme_states_the_paper_miniature_as_its_results_file() -> None:
-    mini = load_script("paper_miniature")
-    res = mini.json.loads((ROOT / "benchmarks" / "results" / "paper_miniature.json").read_text())
-    assert mini.readme_with(res, README) == README, (
-        "run python benchmarks/paper_miniature.py --report-only"
-    )
-    assert len(res["seeds"]) == 3 and res["claims"]
-
-
-def test_the_readme_states_the_reward_model_share_report_as_its_results_file() -> None:
-    report = load_script("token_reward_report")
-    res = report.json.loads(
-        (ROOT / "benchmarks" / "results" / "token_reward_rm_share.json").read_text()
-    )
-    assert report.readme_with(res, README) == README, (
-        "run python benchmarks/token_reward_study.py --units short rm_same "
-        "--stem token_reward_rm_share --earlier benchmarks/results/token_reward_study.json --report-only"
-    )
-    assert len(res["seeds"]) == 3
-    assert "rm_noise_same_share" in {c["id"] for c in res["claims"]}

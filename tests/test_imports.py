@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "rto.commands": 10,
     "rto.pipeline": 11,
     "rto.reference": 11,
+    "rto.study": 11,
     "rto.cli": 12,
     "rto.__main__": 12,
 }

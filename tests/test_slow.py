@@ -7,14 +7,13 @@
 * the demo end to end, with the files it promises, and to the last digit the README's table
   (benchmarks/results/demo.json) where the machine kind and library versions are the same: run
   it before a change to training, scoring or sampling lands;
-* the token-reward study at toy size (`benchmarks/token_reward_study.py --smoke`), end to end.
+* the token-reward study file (studies/token_reward.yaml) at toy size, end to end.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -115,9 +114,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert (out / "report" / f).is_file()
     # the README's table (benchmarks/results/demo.json): to the last digit on the machine kind
     # and library versions it was made with; elsewhere the digits may move, and are only shown
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its siblings
     spec = importlib.util.spec_from_file_location(
-        "demo_results", ROOT / "benchmarks" / "demo_results.py"
+        "demo_results", ROOT / "tools" / "demo_results.py"
     )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
@@ -129,28 +127,35 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     else:
         assert not differ, (
             "this code moves the demo's numbers: rerun `rto demo`, then `python "
-            "benchmarks/demo_results.py --save runs/demo --write` and say why in the commit:\n"
+            "tools/demo_results.py --save runs/demo --write` and say why in the commit:\n"
             + "\n".join(differ)
         )
 
 
-def test_token_reward_study_smoke_runs_end_to_end(tmp_path: Path) -> None:
-    """Every unit of the study at toy size (one seed), then its report and plots (4 minutes on 2
-    cores beside two other jobs), so the study cannot rot between its full runs."""
-    import subprocess
-    import sys
+def test_the_token_reward_study_file_runs_at_toy_size(tmp_path: Path) -> None:
+    """studies/token_reward.yaml, every condition and amendment, with the toy study's sizes and
+    one seed (about 5 minutes on 2 cores), so the published study file cannot rot between its
+    full runs: every condition is evaluated and every claim read."""
+    import yaml
+
+    from conftest import rto as rto_cli
 
     root = Path(__file__).resolve().parent.parent
-    runs, out = tmp_path / "runs", tmp_path / "report"
-    subprocess.run([sys.executable, str(root / "benchmarks" / "token_reward_study.py"), "--smoke",
-                    "--runs", str(runs), "--results", str(out)], check=True, timeout=900)  # fmt: skip
-    res = json.loads((out / "token_reward_study.json").read_text())
-    assert {"short", "medium", "long", "rm_1/8", "rm_1/4", "rm_1/2", "rm_same_1/8"} <= set(
-        res["points"]
-    )
-    assert [c["id"] for c in res["claims"]] == [
-        "length", "rm_noise", "rm_noise_same_share", "oracle_credit", "oracle_judge", "efficiency"]  # fmt: skip
-    for name in ("samples", "kl", "delta"):
-        assert (out / f"token_reward_study_{name}.png").is_file()
-    task = json.loads((runs / "seed0" / "long" / "task" / "task.json").read_text())
+    raw = yaml.safe_load((root / "studies" / "token_reward.yaml").read_text())
+    toy = yaml.safe_load((root / "studies" / "toy.yaml").read_text())
+    raw["recipe_overrides"] = toy["recipe_overrides"]
+    raw["recipe_overrides"]["stages"]["task"]["review_length"] = "short"
+    raw["recipe"], raw["seeds"] = "sentiment_quick", [0]
+    spec = tmp_path / "token_reward.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert rto_cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out")) == 0
+    res = json.loads((tmp_path / "out" / "token_reward.json").read_text())
+    assert set(res["per_seed"]) == set(raw["conditions"]) | {"rm_same_1/8", "rm_same_1/4", "rm_same_1/2"}
+    assert all(res["per_seed"][c].get("0") for c in res["per_seed"]), "a condition was not evaluated"
+    assert "ppo_kl0.0125" in res["per_seed"]["long"]["0"] and "ppo_kl0.0125" not in res["per_seed"]["short"]["0"]
+    assert [c["id"] for c in res["claims"]] == ["length", "rm_noise", "oracle_credit", "oracle_judge",
+                                                "efficiency", "rm_noise_same_share", "efficiency_same_share"]  # fmt: skip
+    assert all(c["verdict"] == "n/a" for c in res["claims"])  # one seed: cannot tell
+    assert res["curves"]["long"]["0"]["rto"], "the RL arms' rollout curves are read"
+    task = json.loads((tmp_path / "runs" / "seed0" / "task_long" / "task.json").read_text())
     assert task["review_length"] == "long" and task["fluency"] == "sentiment_long"

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Run the larger recipe (sentiment_full) instead of the quick one.",
     )
     _add_pipeline_options(demo)
+    from rto.study import add_parser as add_study_parser
+
+    add_study_parser(sub)
     ref = sub.add_parser(
         "reference",
         help="Write the config reference (every option of every stage) as Markdown.",
@@ -272,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ConfigError(f"unknown option {unknown[0]}; see rto reference --help")
             return run_reference(args)
+        if args.stage == "study":
+            if unknown:
+                raise ConfigError(f"unknown option {unknown[0]}; see rto study --help")
+            from rto.study import main as study_main
+
+            return study_main(args)
         if args.stage in ("pipeline", "demo"):
             if unknown:
                 raise ConfigError(f"unknown option {unknown[0]}; see rto {args.stage} --help")

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rto.errors import ConfigError
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     """Write to a temporary file, flush it to disk, then rename over `path`."""
@@ -40,3 +42,12 @@ def _jsonable(value: Any) -> Any:
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+
+
+def replace_marked(text: str, start: str, end: str, block: str, where: str) -> str:
+    """`text` with what lies between the markers `start` and `end` replaced by `block` (a README
+    block written from a results file); ConfigError naming `where` when a marker is missing."""
+    if start not in text or end not in text:
+        raise ConfigError(f"{where} has no {start} ... {end} block to write into")
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"

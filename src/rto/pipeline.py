@@ -88,11 +88,11 @@ def _substitute(value: Any, folders: dict[str, str], where: str, deps: set[str])
     return value
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -178,7 +178,7 @@ def plan(
             raise ConfigError(
                 f"pipeline stage '{name}': unknown stage kind {kind!r}; use task, {', '.join(kinds)}"
             )
-        values = _merge(defaults.get(kind, {}) or {}, spec)
+        values = deep_merge(defaults.get(kind, {}) or {}, spec)
         keys = {f.name for f in dataclasses.fields(cls)}
         if "seed" in keys:
             values.setdefault("seed", recipe.get("seed", 0))

@@ -64,7 +64,12 @@ def plot(
     curves: dict[str, list[dict[str, float]]],
     out: Path,
     title: str,
+    prefix: str = "",
+    frontiers: dict[str, list[str]] | None = None,
 ) -> list[str]:
+    """gold_vs_samples.png (the RL curves, when any) and gold_vs_kl.png (every method; each of
+    `frontiers`, a list of methods, drawn as a line through them in order of KL), the file names
+    after `prefix`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,9 +105,9 @@ def plot(
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "gold_vs_samples.png", dpi=120)
+        fig.savefig(out / f"{prefix}gold_vs_samples.png", dpi=120)
         plt.close(fig)
-        files.append("gold_vs_samples.png")
+        files.append(f"{prefix}gold_vs_samples.png")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, rows in enumerate(curves.values()):
         ax.plot(
@@ -112,6 +117,14 @@ def plot(
             alpha=0.5,
             linewidth=1,
         )
+    for i, (label, names) in enumerate((frontiers or {}).items()):
+        pts = sorted((methods[n]["kl"], methods[n]["gold_reward_mean"]) for n in names
+                     if n in methods and None not in (methods[n]["kl"], methods[n]["gold_reward_mean"]))  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts), color=colors[(i + len(curves)) % len(colors)], alpha=0.6,
+                    label=f"{label} frontier")  # fmt: skip
+    if frontiers:
+        ax.legend(fontsize=8)
     for k, (name, m) in enumerate(methods.items()):
         if m["gold_reward_mean"] is None or m["kl"] is None:
             continue
@@ -133,9 +146,9 @@ def plot(
     ax.set_title(f"{title}: reward against KL")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "gold_vs_kl.png", dpi=120)
+    fig.savefig(out / f"{prefix}gold_vs_kl.png", dpi=120)
     plt.close(fig)
-    files.append("gold_vs_kl.png")
+    files.append(f"{prefix}gold_vs_kl.png")
     return files
 
 

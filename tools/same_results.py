@@ -1,6 +1,6 @@
 """Do two runs of the same pipeline hold the same results, to the last digit?
 
-    python benchmarks/same_results.py RUN_A RUN_B
+    python tools/same_results.py RUN_A RUN_B
 
 Walks every file of RUN_A (an `rto demo` / `rto pipeline` output folder, or one stage's) and
 compares it with the same file in RUN_B:

@@ -1,11 +1,11 @@
 """The demo's published numbers: one committed file, the tables written from it, and a check that
 a fresh `rto demo` still gives them.
 
-    python benchmarks/demo_results.py --save runs/demo    # a finished demo -> results/demo.json
-    python benchmarks/demo_results.py --write             # README.md and docs/results/demo.md
+    python tools/demo_results.py --save runs/demo    # a finished demo -> results/demo.json
+    python tools/demo_results.py --write             # README.md and docs/results/demo.md
                                                           # tables from results/demo.json
-    python benchmarks/demo_results.py --check             # are they current? (a test runs it)
-    python benchmarks/demo_results.py --compare runs/demo # does a fresh demo give the
+    python tools/demo_results.py --check             # are they current? (a test runs it)
+    python tools/demo_results.py --compare runs/demo # does a fresh demo give the
                                                           # committed numbers? (a slow test)
 
 README.md holds the table between the markers `<!-- demo table -->` and `<!-- end demo table -->`;
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_common import replace_marked
+from rto.files import replace_marked
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVED = ROOT / "benchmarks" / "results" / "demo.json"
@@ -138,7 +138,7 @@ def demo_page(saved: dict) -> str:
             "staying close to it (a KL of a few nats) and mostly fluent. One seed cannot rank PPO and "
             "RTO: their difference here is within about one standard error and at different KLs; the "
             "equal-KL comparison over seeds is the paper miniature's "
-            "([benchmarks/results/paper_miniature.md](../../benchmarks/results/paper_miniature.md)). DPO "
+            "([studies/results/paper_miniature.md](../../studies/results/paper_miniature.md)). DPO "
             "reaches a higher gold reward by moving much further from the reference, and about half "
             "of its responses are no longer well-formed reviews, which the gold reward does not punish.",
             "",
@@ -157,7 +157,7 @@ def demo_page(saved: dict) -> str:
             "On the machine kind and library versions above, a fresh clone's `rto demo` prints this "
             "table to the last digit (`python -m pytest -m slow -k demo` reruns it and compares with "
             "`benchmarks/results/demo.json`, from which this page and the README's table are written "
-            "by `python benchmarks/demo_results.py --write`). Library versions alone need not move "
+            "by `python tools/demo_results.py --write`). Library versions alone need not move "
             "them: with transformers 5.24 / accelerate 1.15 in place of 5.25 / 1.16 the demo printed "
             "this table to the last digit. On another CPU kind (another vector capability), another "
             "thread count or other library builds, float rounding differs, the difference grows "
@@ -172,19 +172,21 @@ def demo_page(saved: dict) -> str:
 def seed_spread_text() -> str:
     """The measured spread over seeds of the same recipe (the paper miniature's runs), which bounds
     how far the demo's gold rewards move where float rounding differs."""
-    f = ROOT / "benchmarks" / "results" / "paper_miniature.json"
+    f = ROOT / "studies" / "results" / "paper_miniature.json"
     if not f.is_file():
         return "The paper miniature's standard deviations over seeds show its size."
+    import statistics
+
     mini = json.loads(f.read_text())
-    methods = mini["methods"]
+    per_seed = mini["per_seed"]["main"]
     parts = []
     for name in ("sft", "dpo", "ppo", "rto"):
-        g = (methods.get(name) or {}).get("gold_reward_mean") or {}
-        if g.get("sd") is not None:
-            parts.append(f"{name} {g['sd']:.3f}")
+        gold = [r[name]["gold_reward_mean"] for r in per_seed.values() if name in r]
+        if len(gold) > 1:
+            parts.append(f"{name} {statistics.stdev(gold):.3f}")
     return (
         f"Its measured size: over {len(mini['seeds'])} seeds of the same recipe (the paper "
-        "miniature, [benchmarks/results/paper_miniature.md](../../benchmarks/results/paper_miniature.md)), "
+        "miniature, [studies/results/paper_miniature.md](../../studies/results/paper_miniature.md)), "
         "the standard deviation of the held-out gold reward is " + ", ".join(parts) + "."
     )
 
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "stale demo table in "
                 + ", ".join(stale)
-                + ": run python benchmarks/demo_results.py --write"
+                + ": run python tools/demo_results.py --write"
             )
             return 1
         print("the demo tables are current")
