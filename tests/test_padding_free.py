@@ -234,3 +234,36 @@ def test_a_fixed_seed_rl_run_gives_the_padded_runs_first_iteration(
     assert {"rollout/score", "rollout/kl", "policy/loss", "policy/entropy"} <= set(compared)
     for k in compared:
         assert packed[k] == pytest.approx(padded[k], rel=1e-5, abs=1e-6), k
+
+
+def test_soft_capped_tied_logits_give_the_same_numbers(capsys: pytest.CaptureFixture) -> None:
+    """A tiny Gemma2 (tied embeddings, final-logit soft-capping, set low enough to bend these
+    logits): the chunked output layer applies the cap as the model's forward does, so log-probs,
+    entropies and gradients equal the model's own full-logit pass, and nothing is said."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          final_logit_softcapping=0.5, attn_implementation="eager")  # fmt: skip
+    model = Gemma2ForCausalLM(config).float()
+    assert model.config.tie_word_embeddings
+    ids = torch.randint(5, 300, (2, 6))
+    capped = model(ids).logits
+    model.config.final_logit_softcapping = None
+    assert (model(ids).logits - capped).abs().max() > 0.05  # the cap bends these logits
+    model.config.final_logit_softcapping = 0.5
+    b = rl_batch()
+
+    def loss(layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lp, ent = response_logprobs(model, *b.values(), temperature=1.0, layout=layout, entropy="grad")
+        return lp, ent, lp.sum() + ent.sum()
+
+    lp, ent, total = loss(PADDED)
+    reference = grads(total, model)
+    for layout in (Layout(False, 4), Layout(True, 4)):
+        lp2, ent2, total2 = loss(layout)
+        close(lp2, lp)
+        close(ent2, ent)
+        same_grads(reference, grads(total2, model))
+    assert "output layer does more" not in capsys.readouterr().err
