@@ -383,3 +383,18 @@ def test_the_guides_worked_study_is_the_committed_file() -> None:
     committed = (STUDIES / "rto_vs_ppo.yaml").read_text()
     assert committed.split("\n", 1)[1] == block
     spec_mod.load(STUDIES / "rto_vs_ppo.yaml")  # a valid study
+
+
+def test_a_study_over_a_users_own_recipe_checks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The guide's second step: the same study pointed at examples/smollm2_cpu.yaml (a hub model
+    and dataset, the reward model as judge), its claim on the reward model's score."""
+    raw = {"name": "mine", "recipe": str(ROOT / "examples" / "smollm2_cpu.yaml"), "seeds": [0, 1],
+           "shared": ["sft", "rm", "dpo"], "evaluate": "eval",
+           "arms": {"sft": {"model": "sft"}, "ppo": {"preset": "ppo"}, "ppo_kl0.02": {"preset": "ppo", "rl": {"kl": {"coef": 0.02}}},
+                    "rto": {"preset": "rto"}},
+           "frontiers": {"ppo": ["ppo", "ppo_kl0.02"]},
+           "claims": [{"id": "rm", "claim": "RTO scores above PPO's frontier at equal KL (reward model as judge).",
+                       "measure": {"equal_kl": "rto", "frontier": "ppo", "metric": "rm_score_mean"}}]}  # fmt: skip
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(raw))
+    code, output = cli(capsys, "study", str(tmp_path / "mine.yaml"), "--check", "--runs", str(tmp_path / "r"))
+    assert code == 0 and "4 arms x 2 seeds; 6 stages to train per seed" in output, output
