@@ -136,10 +136,10 @@ def demo_page(saved: dict) -> str:
             "",
             "How to read it: both RL methods raise the gold reward far above the SFT policy while "
             "staying close to it (a KL of a few nats) and mostly fluent. One seed cannot rank PPO and "
-            "RTO: their difference here is within about one standard error and at different KLs; the "
+            "RTO: their difference here is within two standard errors and at different KLs; the "
             "equal-KL comparison over seeds is the paper miniature's "
             "([studies/results/paper_miniature.md](../../studies/results/paper_miniature.md)). DPO "
-            "reaches a higher gold reward by moving much further from the reference, and about half "
+            "reaches a higher gold reward by moving much further from the reference, and more than half "
             "of its responses are no longer well-formed reviews, which the gold reward does not punish.",
             "",
             "## The stages",

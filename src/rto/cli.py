@@ -135,7 +135,7 @@ PIPELINE_HELP = (
 )
 DEMO_HELP = (
     "The pipeline on the built-in sentiment task: task -> sft -> pairs -> rm -> dpo -> rl (ppo, rto) -> eval -> "
-    "report. Writes results.json, results.md and plots into OUT/report. About 6 minutes on 2 CPU cores (--full: 11 to 14)."
+    "report. Writes results.json, results.md and plots into OUT/report. About 5 minutes on 2 CPU cores (--full: 11 to 14)."
 )
 
 
