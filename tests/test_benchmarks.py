@@ -104,9 +104,10 @@ def test_memory_report_compares_memory_above_the_process_baseline(
     """benchmarks/memory.py's table on made-up measurements: ratios to full-model RTO and to
     LoRA PPO use the memory above what Python and the libraries take before any model is
     loaded."""
-    spec = importlib.util.spec_from_file_location("memory", ROOT / "benchmarks" / "memory.py")
+    spec = importlib.util.spec_from_file_location("memory", BENCHMARKS / "memory.py")
     memory = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "memory", memory)  # its dataclasses look their module up
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its sibling measure.py by name
     spec.loader.exec_module(memory)
     run = {"rss_before_models_mb": 500.0, "rss_models_loaded_mb": 2000.0}
     results = {
@@ -141,7 +142,8 @@ def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
     recipe = tmp_path / "1b.yaml"
     recipe.write_text(yaml.safe_dump(gpu_check.recipe("1b", tmp_path / "1b"), sort_keys=False))
     planned, _ = plan(str(recipe))
-    assert [p.name for p in planned] == ["task", "sft", "pairs", "rm", "dpo", "ppo", "rto"]
+    assert [p.name for p in planned] == ["task", "sft", "pairs", "rm", "dpo", "ppo", "rto", "rto_padded"]
+    assert not planned[-1].config.model.padding_free and not planned[-1].config.model.logit_chunk
     task = planned[0].config
     mlp = task.hidden_size * 8 // 3
     per_layer = 4 * task.hidden_size**2 + 3 * task.hidden_size * mlp
@@ -153,7 +155,7 @@ def test_gpu_check_runs_at_tiny_size(tmp_path: Path) -> None:
                            str(tmp_path / "tiny")], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "tiny" / "gpu_check.json").read_text())
-    for stage in ("ppo", "rto"):
+    for stage in ("ppo", "rto", "rto_padded"):  # RTO padding-free (the default) and padded
         assert result["stages"][stage]["generated_tokens_per_second"] > 0
         assert result["stages"][stage]["train_tokens_per_second"] > 0
     assert all(result["stages"][s]["train_tokens_per_second"] > 0 for s in ("sft", "rm", "dpo"))
