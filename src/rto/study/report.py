@@ -52,8 +52,9 @@ def claim_text(judged: dict[str, Any], seeds: list) -> str:
     return text
 
 
-def key_number(judged: dict[str, Any]) -> str:
-    """The headline number of a claim for the README: its first reading's mean ± se."""
+def key_number(judged: dict[str, Any], what: str = "") -> str:
+    """The headline number of a claim for the README: its first reading's mean ± se, then what
+    it is (`what`, the claim's `number`)."""
     label = ""
     while "parts" in judged:
         judged = judged["parts"][0]
@@ -62,9 +63,10 @@ def key_number(judged: dict[str, Any]) -> str:
     if not s["n"]:
         return f"{label} not read".strip()
     value = f"{label} {number(s['mean'], s.get('kind') != 'share')}".strip()
-    if s["se"] is None:
-        return f"{value} ({s['n']} {unit}{'s' * (s['n'] > 1)})"
-    return f"{value} ± {s['se']:.3f} (se over {s['n']} {unit}s)"
+    value += f" ± {s['se']:.3f}" if s["se"] is not None else ""
+    value += f" {what}" if what else ""
+    n = f"{s['n']} {unit}{'s' * (s['n'] > 1)}"
+    return f"{value} ({'se over ' if s['se'] is not None else ''}{n})"
 
 
 def table(per_seed: dict[str, dict], arms: list[str], seeds: list) -> list[str]:
@@ -167,6 +169,7 @@ def readme_block(spec: Any, results: dict[str, Any], page: str) -> str:
     lines = [f"- **{spec.question or spec.name}** ([report]({page}); `{results['command']}`)"]
     for c in results["claims"]:
         judged = c.get("amended") if c["verdict"] != c["registered"]["verdict"] else c["registered"]
-        what = f" ({c['number']})" if c.get("number") else ""
-        lines.append(f"  - {c['claim']} {VERDICT_TEXT[c['verdict']]}: {key_number(judged)}{what}")
+        lines.append(
+            f"  - {c['claim']} {VERDICT_TEXT[c['verdict']]}: {key_number(judged, c.get('number', ''))}"
+        )
     return "\n".join(lines)
