@@ -41,7 +41,7 @@ from rto.files import read_json, write_atomic, write_json
 
 RECIPES = Path(__file__).parent / "recipes"
 STATE_FILE = "pipeline.json"
-_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
+STAGE_REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _substitute(value: Any, folders: dict[str, str], where: str, deps: set[str])
                 deps.add(ref)
             return folders[ref]
 
-        return _REF.sub(repl, value)
+        return STAGE_REF.sub(repl, value)
     return value
 
 

@@ -20,10 +20,9 @@ from typing import Any
 
 import yaml
 
-from rto.pipeline import deep_merge
+from rto.pipeline import STAGE_REF, deep_merge
 from rto.study.spec import Spec
 
-REF = re.compile(r"\{([A-Za-z_][A-Za-z0-9_\-]*)\}")
 METRICS = ("gold_reward_mean", "kl_mean", "fluency_rate", "length_mean", "win_rate_vs_sft",
            "rm_score_mean", "distinct_2")  # fmt: skip
 
@@ -81,7 +80,7 @@ def seed_recipe(
     for condition in spec.conditions:
         rename: dict[str, str] = {}
         for name, stage in condition_stages(spec, condition, seed).items():
-            text = REF.sub(lambda m, r=rename: "{" + r.get(m.group(1), m.group(1)) + "}",
+            text = STAGE_REF.sub(lambda m, r=rename: "{" + r.get(m.group(1), m.group(1)) + "}",
                            json.dumps(stage, sort_keys=True))  # fmt: skip
             if text in by_content:
                 rename[name] = by_content[text]
